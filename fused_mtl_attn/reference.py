@@ -1,0 +1,45 @@
+"""The eager reference of the global-context attention core: the one oracle every backend is tested against.
+
+Math (../shared/spec/attention-op.md): q = softplus(qp), k = softplus(kp), S = v k^T, z = sum_j k_j,
+out_p = S q_p / max(z . q_p, eps). Autograd of these few torch calls gives the backward of the spec
+(including the zero gradient of the denominator where the clamp is active).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-12
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Linear attention on post-softplus features: q [..., d, Nq], k [..., d, Nk], v [..., m, Nk] -> [..., m, Nq]."""
+    context = torch.matmul(v, k.transpose(-1, -2))  # S: [..., m, d]
+    z = k.sum(dim=-1, keepdim=True)  # [..., d, 1]
+    den = (z * q).sum(dim=-2, keepdim=True).clamp_min(EPS)  # [..., 1, Nq]
+    return torch.matmul(context, q) / den
+
+
+def cross_task_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Stacked pairs: q, k [B, P, d, N] logits, v [B, P, m, N] -> [B, P, m, N]; pair p attends its own k, v."""
+    return attend(F.softplus(q), F.softplus(k), v)
+
+
+def cross_scale_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: Sequence[int]
+) -> torch.Tensor:
+    """One query [B, d, Nq] against J gathered sources k [B, d, Ntot], v [B, m, Ntot] -> [B, J, m, Nq].
+
+    Source j occupies positions offsets[j]:offsets[j+1]; each source gets its own S and z.
+    """
+    offsets = [int(o) for o in offsets]
+    batch, _, n_query = q.shape
+    q = F.softplus(q)
+    pieces = [
+        attend(q, F.softplus(k[..., lo:hi]), v[..., lo:hi]) for lo, hi in zip(offsets[:-1], offsets[1:])
+    ]
+    if not pieces:
+        return q.new_zeros(batch, 0, v.shape[1], n_query)
+    return torch.stack(pieces, dim=1)

@@ -1,0 +1,82 @@
+"""Input checks shared by every backend: one place that turns bad input into an error naming the argument."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensor(name: str, t, rank: int, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(t).__name__}")
+    if t.dim() != rank:
+        raise ValueError(f"{name} must have rank {rank} ({layout}), got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
+
+
+def _check_same(q: torch.Tensor, **others: torch.Tensor) -> None:
+    for name, t in others.items():
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; all inputs must share one dtype")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all inputs must share one device")
+
+
+def check_cross_task(q, k, v) -> None:
+    """q, k: [B, P, d, N]; v: [B, P, m, N]."""
+    _check_tensor("q", q, 4, "[B, P, d, N]")
+    _check_tensor("k", k, 4, "[B, P, d, N]")
+    _check_tensor("v", v, 4, "[B, P, m, N]")
+    _check_same(q, k=k, v=v)
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)} ([B, P, d, N]), got {tuple(k.shape)}")
+    b, p, _, n = q.shape
+    if (v.shape[0], v.shape[1], v.shape[3]) != (b, p, n):
+        raise ValueError(
+            f"v must be [B={b}, P={p}, m, N={n}] to match q, got {tuple(v.shape)}"
+        )
+
+
+def normalize_offsets(offsets) -> list[int]:
+    """Accept a list/tuple of ints or a 1-D integer tensor; return a list of Python ints."""
+    if isinstance(offsets, torch.Tensor):
+        if offsets.dim() != 1 or offsets.is_floating_point() or offsets.is_complex():
+            raise TypeError(f"offsets must be a 1-D integer tensor or a sequence of ints, got {offsets.dtype} "
+                            f"tensor of shape {tuple(offsets.shape)}")
+        return [int(o) for o in offsets.tolist()]
+    if not isinstance(offsets, Sequence) or isinstance(offsets, (str, bytes)):
+        raise TypeError(f"offsets must be a sequence of ints, got {type(offsets).__name__}")
+    out = []
+    for i, o in enumerate(offsets):
+        if isinstance(o, bool) or not isinstance(o, (int, torch.SymInt)) and not hasattr(o, "__index__"):
+            raise TypeError(f"offsets[{i}] must be an int, got {type(o).__name__}")
+        out.append(o if isinstance(o, torch.SymInt) else int(o))
+    return out
+
+
+def check_cross_scale(q, k, v, offsets: Sequence[int]) -> None:
+    """q: [B, d, Nq]; k: [B, d, Ntot]; v: [B, m, Ntot]; offsets: J+1 non-decreasing ints from 0 to Ntot."""
+    _check_tensor("q", q, 3, "[B, d, Nq]")
+    _check_tensor("k", k, 3, "[B, d, Ntot]")
+    _check_tensor("v", v, 3, "[B, m, Ntot]")
+    _check_same(q, k=k, v=v)
+    b, d, _ = q.shape
+    if (k.shape[0], k.shape[1]) != (b, d):
+        raise ValueError(f"k must be [B={b}, d={d}, Ntot] to match q, got {tuple(k.shape)}")
+    n_total = k.shape[2]
+    if (v.shape[0], v.shape[2]) != (b, n_total):
+        raise ValueError(f"v must be [B={b}, m, Ntot={n_total}] to match k, got {tuple(v.shape)}")
+    if len(offsets) < 1:
+        raise ValueError("offsets must hold J+1 >= 1 values (0, end of source 1, ..., Ntot), got an empty list")
+    if offsets[0] != 0:
+        raise ValueError(f"offsets must start at 0, got offsets[0] = {offsets[0]}")
+    for i in range(1, len(offsets)):
+        if offsets[i] < offsets[i - 1]:
+            raise ValueError(
+                f"offsets must be non-decreasing, got offsets[{i - 1}] = {offsets[i - 1]} > offsets[{i}] = {offsets[i]}"
+            )
+    if offsets[-1] != n_total:
+        raise ValueError(f"offsets must end at the gathered length Ntot = {n_total} of k and v, got {offsets[-1]}")
