@@ -1,5 +1,67 @@
-"""Build of fused_mtl_attn. Install with `pip install --no-build-isolation -e .` after requirements.txt."""
+"""Build of fused_mtl_attn. Install with `pip install --no-build-isolation -e .` after requirements.txt.
+
+The C++ extension `fused_mtl_attn._C` is always built with the CPU kernels; the CUDA kernels are added when torch
+is a CUDA build and nvcc is found (CUDA_HOME, else /usr/local/cuda). FORCE_CUDA=1 / FORCE_CPU=1 override the choice.
+Without a visible GPU the CUDA architectures default to TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX".
+FUSED_MTL_ATTN_CPU_ARCH (default "native") is the -march of the CPU kernels: the extension is built on the machine
+that runs it (`make setup`, CI, benchmarks/gpu_check.sh); set it to "" for a portable build.
+"""
+import glob
+import os
+import platform
+
 from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "0") not in ("", "0", "false", "False")
+
+
+def _cuda_home():
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if not home and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        home = "/usr/local/cuda"  # the nvcc on PATH may be a wrapper script; prefer the toolkit itself
+    return home if home and os.path.exists(os.path.join(home, "bin", "nvcc")) else None
+
+
+def _extensions():
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:  # metadata-only runs (no torch yet): the package still installs, without kernels
+        return [], {}
+    cuda_home = _cuda_home()
+    with_cuda = not _flag("FORCE_CPU") and (_flag("FORCE_CUDA") or (torch.version.cuda is not None and cuda_home))
+    sources = [os.path.join("csrc", "attention.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cxx = ["-O3"]  # the C++ standard comes from torch (C++17 or C++20 by version)
+    arch = os.environ.get("FUSED_MTL_ATTN_CPU_ARCH", "native")
+    if arch and platform.machine() in ("x86_64", "AMD64"):
+        cxx.append(f"-march={arch}")
+    include_dirs = [os.path.join(HERE, "csrc")]
+    if not with_cuda:
+        ext = cpp_extension.CppExtension("fused_mtl_attn._C", sources, include_dirs=include_dirs,
+                                         extra_compile_args={"cxx": cxx})
+        return [ext], {"build_ext": cpp_extension.BuildExtension}
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home
+        cpp_extension.CUDA_HOME = cuda_home
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+    # ATen/cuda/CUDAContext.h needs the cuBLAS/cuSPARSE headers that torch's nvidia wheels ship
+    for sub in ("cu13", "cu12"):
+        for base in glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", sub, "include")):
+            include_dirs.append(os.path.abspath(base))
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    ext = cpp_extension.CUDAExtension(
+        "fused_mtl_attn._C", sources, include_dirs=include_dirs, define_macros=[("WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+    )
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
 
 setup(
     name="fused_mtl_attn",
@@ -8,4 +70,6 @@ setup(
     packages=find_packages(include=["fused_mtl_attn", "fused_mtl_attn.*", "model", "model.*"]),
     package_data={"model": ["configs/*.yaml", "db_info/*.json"]},
     python_requires=">=3.10",
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

@@ -1,0 +1,118 @@
+"""The C++/CUDA backend: loads the compiled extension `fused_mtl_attn._C`, registers the fake (meta) functions and
+the autograd formulas of its ops, and exposes the `CPU` and `CUDA` Backend objects used by backends.py.
+
+Ops (schema in csrc/attention.cpp): `cross_task(q, k, v) -> (out, context)` and
+`cross_scale(q, k, v, offsets) -> (out, context)`, where context [..., m+1, d] holds S = v k^T and z = sum k in the
+accumulation dtype; autograd saves q, k, v, out and context, and the backward ops recompute softplus and the
+denominators from them.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .backends import Backend
+
+try:
+    from . import _C  # noqa: F401  (loading it registers the ops)
+
+    _LOAD_ERROR = None
+except ImportError as exc:  # not built: the backend reports it, the package still imports
+    _C = None
+    _LOAD_ERROR = f"the C++ extension fused_mtl_attn._C is not built ({exc}); run `pip install --no-build-isolation -e .`"
+
+_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_CUDA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _context_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+if _C is not None:
+    ops = torch.ops.fused_mtl_attn
+
+    @torch.library.register_fake("fused_mtl_attn::cross_task")
+    def _cross_task_fake(q, k, v):
+        b, p, d, n = q.shape
+        m = v.shape[2]
+        return q.new_empty((b, p, m, n)), q.new_empty((b, p, m + 1, d), dtype=_context_dtype(q.dtype))
+
+    @torch.library.register_fake("fused_mtl_attn::cross_scale")
+    def _cross_scale_fake(q, k, v, offsets):
+        b, d, nq = q.shape
+        m = v.shape[1]
+        j = len(offsets) - 1
+        return q.new_empty((b, j, m, nq)), q.new_empty((b, j, m + 1, d), dtype=_context_dtype(q.dtype))
+
+    @torch.library.register_fake("fused_mtl_attn::cross_task_backward")
+    def _cross_task_backward_fake(grad, q, k, v, out, context):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    @torch.library.register_fake("fused_mtl_attn::cross_scale_backward")
+    def _cross_scale_backward_fake(grad, q, k, v, out, context, offsets):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def _setup_context(ctx, inputs, output):
+        q, k, v = inputs[:3]
+        out, context = output
+        ctx.offsets = list(inputs[3]) if len(inputs) > 3 else None
+        ctx.save_for_backward(q, k, v, out, context)
+        ctx.mark_non_differentiable(context)  # an internal by-product; the public functions return `out` only
+
+    def _cross_task_backward(ctx, grad_out, grad_context):
+        q, k, v, out, context = ctx.saved_tensors
+        return ops.cross_task_backward(grad_out, q, k, v, out, context)
+
+    def _cross_scale_backward(ctx, grad_out, grad_context):
+        q, k, v, out, context = ctx.saved_tensors
+        dq, dk, dv = ops.cross_scale_backward(grad_out, q, k, v, out, context, ctx.offsets)
+        return dq, dk, dv, None
+
+    torch.library.register_autograd("fused_mtl_attn::cross_task", _cross_task_backward, setup_context=_setup_context)
+    torch.library.register_autograd("fused_mtl_attn::cross_scale", _cross_scale_backward,
+                                    setup_context=_setup_context)
+
+
+def cross_task_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q, k [B, P, d, N] logits, v [B, P, m, N] -> [B, P, m, N] (inputs checked by backends.py)."""
+    return torch.ops.fused_mtl_attn.cross_task(q, k, v)[0]
+
+
+def cross_scale_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: Sequence[int]) -> torch.Tensor:
+    """q [B, d, Nq], k [B, d, Ntot], v [B, m, Ntot], offsets J+1 -> [B, J, m, Nq] (inputs checked by backends.py)."""
+    return torch.ops.fused_mtl_attn.cross_scale(q, k, v, list(offsets))[0]
+
+
+def _cpu_availability() -> list:
+    return [_LOAD_ERROR] if _LOAD_ERROR else []
+
+
+def _cuda_availability() -> list:
+    if _LOAD_ERROR:
+        return [_LOAD_ERROR]
+    reasons = []
+    if not getattr(_C, "built_with_cuda", 0):
+        reasons.append("the C++ extension was built without its CUDA kernels (torch without CUDA, or nvcc not found; "
+                       "rebuild with CUDA_HOME set or FORCE_CUDA=1)")
+    if not torch.cuda.is_available():
+        reasons.append("no CUDA GPU is visible")
+    return reasons
+
+
+def _unsupported(device_type: str, dtypes: tuple):
+    def reasons(q: torch.Tensor) -> list:
+        out = []
+        if q.device.type != device_type:
+            out.append(f"input is on {q.device}, the {device_type} kernels need {device_type} tensors")
+        if q.dtype not in dtypes:
+            out.append(f"dtype {q.dtype} is not supported (supported: {', '.join(str(t) for t in dtypes)})")
+        return out
+
+    return reasons
+
+
+CPU = Backend("cpu", _cpu_availability, _unsupported("cpu", _CPU_DTYPES), cross_task_attention, cross_scale_attention)
+CUDA = Backend("cuda", _cuda_availability, _unsupported("cuda", _CUDA_DTYPES), cross_task_attention,
+               cross_scale_attention)
