@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from model.data import DatasetError, build_dataset, collate, num_outputs, render_scene
-from model.data.pascal import normals_valid_classes, thin
+from model.data.pascal import DB_INFO, normals_valid_classes, thin
 from model.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RandomHorizontalFlip, scale_rotate
 
 H, W = 12, 16
@@ -82,6 +82,10 @@ def test_nyud_errors_say_what_was_expected_where(tmp_path):
         build_dataset("cityscapes", tmp_path)
 
 
+def _context_classes():
+    return json.loads((DB_INFO / "context_classes.json").read_text())
+
+
 def _anno(objects):
     """A PASCAL-Part `anno` struct as savemat writes it: objects of (class, class_ind, mask, parts)."""
     objs = np.zeros((1, len(objects)), dtype=[("class", "O"), ("class_ind", "O"), ("mask", "O"), ("parts", "O")])
@@ -99,8 +103,7 @@ def _anno(objects):
 
 
 def _write_pascal(root):
-    context = json.loads((__import__("model.data.pascal", fromlist=["DB_INFO"]).DB_INFO / "context_classes.json")
-                         .read_text())
+    context = _context_classes()
     bed, plane = context["bed"], context["aeroplane"]    # bed is also an NYU class, aeroplane is not
     for d in ("JPEGImages", "ImageSets/Context", "semseg/VOC12", "semseg/pascal-context", "human_parts",
               "pascal-context/trainval", "normals_distill", "sal_distill"):
@@ -168,8 +171,7 @@ def test_pascal_errors(tmp_path):
 
 def test_normals_classes_are_nyu_names_plus_tvmonitor():
     valid = set(normals_valid_classes().tolist())
-    context = json.loads((__import__("model.data.pascal", fromlist=["DB_INFO"]).DB_INFO / "context_classes.json")
-                         .read_text())
+    context = _context_classes()
     assert context["tvmonitor"] in valid and context["bed"] in valid and context["aeroplane"] not in valid
 
 
@@ -222,7 +224,7 @@ def test_synthetic_renders_fast_enough():
     t = time.perf_counter()
     for i in range(5):
         render_scene(0, i, 256)
-    assert (time.perf_counter() - t) / 5 < 0.25   # ~30 ms typical; loose for slow CI
+    assert (time.perf_counter() - t) / 5 < 0.5   # ~30 ms on an idle core; loose for busy CI machines
 
 
 def _sample():
