@@ -1,0 +1,377 @@
+// CUDA kernels of the gathered core (see ../attention.h). Two shared-memory tile shapes do all the work:
+// reduce_kernel sums X(r,t) Y(c,t) over a chunk of positions into one partial per chunk (no atomics: the partials
+// are then summed in chunk order, so results are bitwise reproducible), and apply_tile contracts a small matrix with
+// a tile of positions. Softplus, sigmoid, the clamp and the division are applied while loading or storing tiles.
+// Accumulation is fp32 (fp64 for fp64 inputs); every index is 64-bit.
+#include "../attention.h"
+#include "../attention_math.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+
+namespace fused_mtl_attn {
+namespace {
+
+constexpr int TILE = 32;   // rows, columns and positions of a tile
+constexpr int ROWS = 8;    // threadIdx.y; each thread owns TILE / ROWS rows
+constexpr int PER = TILE / ROWS;
+constexpr int64_t CHUNK = 1024;  // positions per partial sum
+
+__host__ __device__ inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------- tile primitives
+// acc[s] += sum_k A(ty + ROWS*s, k) * Y(k, tx) over k < K (A and Y return 0 out of range)
+template <typename T, typename ALoad, typename YLoad>
+__device__ __forceinline__ void apply_tile(T (&acc)[PER], int64_t K, const ALoad& A, const YLoad& Y,
+                                           T (&As)[TILE][TILE + 1], T (&Ys)[TILE][TILE + 1]) {
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  for (int64_t k0 = 0; k0 < K; k0 += TILE) {
+    for (int s = 0; s < PER; ++s) {
+      const int rr = ty + ROWS * s;
+      As[rr][tx] = A(rr, k0 + tx);
+      Ys[rr][tx] = Y(k0 + rr, tx);
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int kk = 0; kk < TILE; ++kk) {
+      const T y = Ys[kk][tx];
+      for (int s = 0; s < PER; ++s) acc[s] += As[ty + ROWS * s][kk] * y;
+    }
+    __syncthreads();
+  }
+}
+
+// partial[chunk, g][r][c] = sum_{t in chunk} X(g, seg, r, t) * Y(g, c, t), rows r < R, columns c < C
+// grid: x = chunk, y = row tile * column tiles, z = group; chunks: (segment, lo, hi) triplets
+template <typename T, typename XLoad, typename YLoad>
+__global__ void reduce_kernel(const int64_t* chunks, int64_t R, int64_t C, XLoad X, YLoad Y, T* partial) {
+  __shared__ T Xs[TILE][TILE + 1], Ys[TILE][TILE + 1];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t g = blockIdx.z, col_tiles = cdiv(C, TILE);
+  const int64_t r0 = (blockIdx.y / col_tiles) * TILE, c0 = (blockIdx.y % col_tiles) * TILE;
+  const int64_t seg = chunks[3 * blockIdx.x], lo = chunks[3 * blockIdx.x + 1], hi = chunks[3 * blockIdx.x + 2];
+  T acc[PER] = {};
+  for (int64_t t0 = lo; t0 < hi; t0 += TILE) {
+    const int64_t t = t0 + tx;
+    for (int s = 0; s < PER; ++s) {
+      const int64_t rr = ty + ROWS * s;
+      Xs[rr][tx] = (t < hi && r0 + rr < R) ? X(g, seg, r0 + rr, t) : T(0);
+      Ys[rr][tx] = (t < hi && c0 + rr < C) ? Y(g, c0 + rr, t) : T(0);
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int tt = 0; tt < TILE; ++tt) {
+      const T y = Ys[tx][tt];
+      for (int s = 0; s < PER; ++s) acc[s] += Xs[ty + ROWS * s][tt] * y;
+    }
+    __syncthreads();
+  }
+  T* dst = partial + (static_cast<int64_t>(blockIdx.x) * gridDim.z + g) * R * C;
+  for (int s = 0; s < PER; ++s) {
+    const int64_t r = r0 + ty + ROWS * s, c = c0 + tx;
+    if (r < R && c < C) dst[r * C + c] = acc[s];
+  }
+}
+
+// dst[g, j][e] = sum over the chunks of segment j, in order, of partial[chunk, g][e]  (e < E)
+template <typename T>
+__global__ void sum_chunks_kernel(const T* partial, const int64_t* first, int64_t G, int64_t J, int64_t E, T* dst) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= G * J * E) return;
+  const int64_t e = idx % E, gj = idx / E, j = gj % J, g = gj / J;
+  T s = T(0);
+  for (int64_t ch = first[j]; ch < first[j + 1]; ++ch) s += partial[(ch * G + g) * E + e];
+  dst[idx] = s;
+}
+
+// ---------------------------------------------------------------- loaders
+template <typename scalar_t, typename T>
+struct Rows {  // plain rows of a [G, R, N] tensor
+  const scalar_t* p; int64_t R, N;
+  __device__ T operator()(int64_t g, int64_t r, int64_t t) const { return static_cast<T>(p[(g * R + r) * N + t]); }
+};
+template <typename scalar_t, typename T>
+struct SoftplusRows {  // softplus of the rows of a [G, C, N] tensor of logits
+  const scalar_t* p; int64_t C, N;
+  __device__ T operator()(int64_t g, int64_t c, int64_t t) const {
+    return softplus(static_cast<T>(p[(g * C + c) * N + t]));
+  }
+};
+template <typename scalar_t, typename T>
+struct ValuesAndOnes {  // forward reduction rows: v (S = v k^T) then a row of ones (z = sum k)
+  Rows<scalar_t, T> v;
+  __device__ T operator()(int64_t g, int64_t, int64_t r, int64_t t) const { return r < v.R ? v(g, r, t) : T(1); }
+};
+template <typename scalar_t, typename T>
+struct GradRows {  // backward reduction rows: a = g / den (dS), then b (dz)
+  const scalar_t* grad; const T* rden; const T* b; int64_t J, m, nq;
+  __device__ T operator()(int64_t g, int64_t j, int64_t r, int64_t t) const {
+    const int64_t gj = g * J + j;
+    return r < m ? static_cast<T>(grad[(gj * m + r) * nq + t]) * rden[gj * nq + t] : b[gj * nq + t];
+  }
+};
+// backward reduction: segment j's chunks cover virtual positions [j nq, (j+1) nq) of the one shared query range
+template <typename XLoad>
+struct QueryRowsOfSegment {
+  XLoad x; int64_t nq;
+  __device__ auto operator()(int64_t g, int64_t j, int64_t r, int64_t t) const { return x(g, j, r, t - j * nq); }
+};
+template <typename YLoad>
+struct QueryColumns {
+  YLoad y; int64_t nq;
+  __device__ auto operator()(int64_t g, int64_t c, int64_t t) const { return y(g, c, t % nq); }
+};
+
+// ---------------------------------------------------------------- forward
+// den[g, j, p] = z_j . softplus(q[g, :, p]) (raw, before the clamp)
+template <typename scalar_t, typename T>
+__global__ void den_kernel(const scalar_t* q, const T* ctx, int64_t G, int64_t J, int64_t d, int64_t m, int64_t nq,
+                           T* den) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= G * J * nq) return;
+  const int64_t p = idx % nq, gj = idx / nq, g = gj / J;
+  const T* z = ctx + (gj * (m + 1) + m) * d;
+  T s = T(0);
+  for (int64_t c = 0; c < d; ++c) s += z[c] * softplus(static_cast<T>(q[(g * d + c) * nq + p]));
+  den[idx] = s;
+}
+
+// out[g, j, i, p] = (S_j q_p)_i / max(den, eps); grid x = position tile, y = row tile, z = g * J + j
+template <typename scalar_t, typename T>
+__global__ void forward_apply_kernel(const scalar_t* q, const T* ctx, const T* den, int64_t J, int64_t d, int64_t m,
+                                     int64_t nq, scalar_t* out) {
+  __shared__ T As[TILE][TILE + 1], Ys[TILE][TILE + 1];
+  const int64_t gj = blockIdx.z, g = gj / J, p0 = static_cast<int64_t>(blockIdx.x) * TILE, r0 = blockIdx.y * TILE;
+  const T* s = ctx + gj * (m + 1) * d;
+  auto A = [&](int rr, int64_t c) { return (r0 + rr < m && c < d) ? s[(r0 + rr) * d + c] : T(0); };
+  auto Y = [&](int64_t c, int tt) {
+    return (c < d && p0 + tt < nq) ? softplus(static_cast<T>(q[(g * d + c) * nq + p0 + tt])) : T(0);
+  };
+  T acc[PER] = {};
+  apply_tile(acc, d, A, Y, As, Ys);
+  const int64_t p = p0 + threadIdx.x;
+  if (p >= nq) return;
+  const T dn = clamp_den(den[gj * nq + p]);
+  for (int k = 0; k < PER; ++k) {
+    const int64_t i = r0 + threadIdx.y + ROWS * k;
+    if (i < m) out[(gj * m + i) * nq + p] = static_cast<scalar_t>(acc[k] / dn);
+  }
+}
+
+// ---------------------------------------------------------------- backward
+// rden = 1 / max(den, eps); b = -(g . out) / max(den, eps), zero where the clamp is active
+template <typename scalar_t, typename T>
+__global__ void backward_scalars_kernel(const scalar_t* grad, const scalar_t* out, int64_t GJ, int64_t m, int64_t nq,
+                                        T* den_rden, T* b) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= GJ * nq) return;
+  const int64_t p = idx % nq, gj = idx / nq;
+  T dot = T(0);
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t at = (gj * m + i) * nq + p;
+    dot += static_cast<T>(grad[at]) * static_cast<T>(out[at]);
+  }
+  const T dn = den_rden[idx];
+  const T r = T(1) / clamp_den(dn);
+  b[idx] = den_passes_grad(dn) ? -dot * r : T(0);
+  den_rden[idx] = r;
+}
+
+// dq[g, c, p] = sigmoid(qp) * sum_j (S_j^T g_j,p)_c / den_j,p + b_j,p z_j,c; grid x = position tile, y = row tile, z = g
+template <typename scalar_t, typename T>
+__global__ void dq_kernel(const scalar_t* grad, const scalar_t* q, const T* ctx, const T* rden, const T* b, int64_t J,
+                          int64_t d, int64_t m, int64_t nq, scalar_t* dq) {
+  __shared__ T As[TILE][TILE + 1], Ys[TILE][TILE + 1];
+  const int64_t g = blockIdx.z, p0 = static_cast<int64_t>(blockIdx.x) * TILE, c0 = blockIdx.y * TILE;
+  const int64_t p = p0 + threadIdx.x;
+  T total[PER] = {};
+  for (int64_t j = 0; j < J; ++j) {
+    const int64_t gj = g * J + j;
+    const T* s = ctx + gj * (m + 1) * d;
+    auto A = [&](int rr, int64_t i) { return (c0 + rr < d && i < m) ? s[i * d + c0 + rr] : T(0); };
+    auto Y = [&](int64_t i, int tt) {
+      return (i < m && p0 + tt < nq) ? static_cast<T>(grad[(gj * m + i) * nq + p0 + tt]) : T(0);
+    };
+    T acc[PER] = {};
+    apply_tile(acc, m, A, Y, As, Ys);
+    if (p < nq) {
+      const T r = rden[gj * nq + p], bb = b[gj * nq + p];
+      for (int k = 0; k < PER; ++k) {
+        const int64_t c = c0 + threadIdx.y + ROWS * k;
+        if (c < d) total[k] += acc[k] * r + bb * s[m * d + c];
+      }
+    }
+  }
+  if (p >= nq) return;
+  for (int k = 0; k < PER; ++k) {
+    const int64_t c = c0 + threadIdx.y + ROWS * k;
+    if (c < d) {
+      const int64_t at = (g * d + c) * nq + p;
+      dq[at] = static_cast<scalar_t>(total[k] * softplus_grad(static_cast<T>(q[at])));
+    }
+  }
+}
+
+// dk = (dS^T v + dz) * sigmoid(kp) (rows c) or dv = dS softplus(k) (rows i), over one tile of a segment;
+// grid x = tile (segment, lo, hi), y = row tile, z = g
+template <typename scalar_t, typename T, bool KEYS>
+__global__ void source_kernel(const int64_t* tiles, const scalar_t* k, const scalar_t* v, const T* dctx, int64_t J,
+                              int64_t d, int64_t m, int64_t nk, scalar_t* dst) {
+  __shared__ T As[TILE][TILE + 1], Ys[TILE][TILE + 1];
+  const int64_t g = blockIdx.z, r0 = blockIdx.y * TILE;
+  const int64_t seg = tiles[3 * blockIdx.x], lo = tiles[3 * blockIdx.x + 1], hi = tiles[3 * blockIdx.x + 2];
+  const T* ds = dctx + (g * J + seg) * (m + 1) * d;
+  const int64_t rows = KEYS ? d : m, inner = KEYS ? m : d;
+  auto A = [&](int rr, int64_t x) {
+    if (r0 + rr >= rows || x >= inner) return T(0);
+    return KEYS ? ds[x * d + r0 + rr] : ds[(r0 + rr) * d + x];
+  };
+  auto Y = [&](int64_t x, int tt) {
+    if (x >= inner || lo + tt >= hi) return T(0);
+    return KEYS ? static_cast<T>(v[(g * m + x) * nk + lo + tt]) : softplus(static_cast<T>(k[(g * d + x) * nk + lo + tt]));
+  };
+  T acc[PER] = {};
+  apply_tile(acc, inner, A, Y, As, Ys);
+  const int64_t t = lo + threadIdx.x;
+  if (t >= hi) return;
+  for (int s = 0; s < PER; ++s) {
+    const int64_t r = r0 + threadIdx.y + ROWS * s;
+    if (r >= rows) continue;
+    const int64_t at = (g * rows + r) * nk + t;
+    if (KEYS) {
+      dst[at] = static_cast<scalar_t>((acc[s] + ds[m * d + r]) * softplus_grad(static_cast<T>(k[at])));
+    } else {
+      dst[at] = static_cast<scalar_t>(acc[s]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- host side
+// (segment, lo, hi) pieces of at most `size` positions per segment, and where each segment's pieces start
+Tensor spans(const std::vector<int64_t>& offsets, int64_t size, const at::Device& device,
+             std::vector<int64_t>* first = nullptr) {
+  std::vector<int64_t> table;
+  for (size_t j = 0; j + 1 < offsets.size(); ++j) {
+    if (first) first->push_back(static_cast<int64_t>(table.size() / 3));
+    for (int64_t lo = offsets[j]; lo < offsets[j + 1]; lo += size) {
+      table.insert(table.end(), {static_cast<int64_t>(j), lo, std::min(lo + size, offsets[j + 1])});
+    }
+  }
+  if (first) first->push_back(static_cast<int64_t>(table.size() / 3));
+  return at::tensor(table.empty() ? std::vector<int64_t>{0} : table, at::kLong).to(device);
+}
+
+// sum of reduce_kernel partials per (group, segment) into dst [G, J, R, C]
+template <typename T, typename XLoad, typename YLoad>
+void reduce(const std::vector<int64_t>& offsets, int64_t G, int64_t R, int64_t C, XLoad X, YLoad Y, T* dst,
+            const at::Device& device, cudaStream_t stream) {
+  std::vector<int64_t> first;
+  const Tensor chunks = spans(offsets, CHUNK, device, &first);
+  const int64_t n_chunks = first.back(), J = static_cast<int64_t>(offsets.size()) - 1;
+  const at::ScalarType acc_type = sizeof(T) == 8 ? at::kDouble : at::kFloat;
+  Tensor partial = at::empty({std::max<int64_t>(n_chunks, 1), G, R, C}, at::TensorOptions(acc_type).device(device));
+  if (n_chunks > 0 && G > 0 && R * C > 0) {
+    const dim3 grid(n_chunks, cdiv(R, TILE) * cdiv(C, TILE), G);
+    reduce_kernel<T><<<grid, dim3(TILE, ROWS), 0, stream>>>(chunks.const_data_ptr<int64_t>(), R, C, X, Y,
+                                                            partial.mutable_data_ptr<T>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const int64_t total = G * J * R * C;
+  if (total == 0) return;
+  const Tensor first_d = at::tensor(first, at::kLong).to(device);
+  sum_chunks_kernel<T><<<cdiv(total, 256), 256, 0, stream>>>(partial.const_data_ptr<T>(),
+                                                             first_d.const_data_ptr<int64_t>(), G, J, R * C, dst);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<Tensor, Tensor> forward_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
+                                        const std::vector<int64_t>& offsets) {
+  TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor for the cuda kernels, got ", q.device());
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t J = static_cast<int64_t>(offsets.size()) - 1;
+  const int64_t G = q.size(0), d = q.size(1), nq = q.size(2), m = v.size(1), nk = k.size(2);
+  Tensor out = at::empty({G, J, m, nq}, q.options());
+  Tensor ctx = at::empty({G, J, m + 1, d}, q.options().dtype(accumulation_dtype(q.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_mtl_attn_forward_cuda", [&] {
+    using T = at::opmath_type<scalar_t>;
+    ValuesAndOnes<scalar_t, T> x{{v.const_data_ptr<scalar_t>(), m, nk}};
+    SoftplusRows<scalar_t, T> y{k.const_data_ptr<scalar_t>(), d, nk};
+    reduce<T>(offsets, G, m + 1, d, x, y, ctx.mutable_data_ptr<T>(), q.device(), stream);
+    if (out.numel() == 0) return;
+    Tensor den = at::empty({G, J, nq}, ctx.options());
+    den_kernel<scalar_t, T><<<cdiv(G * J * nq, 256), 256, 0, stream>>>(
+        q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(), G, J, d, m, nq, den.mutable_data_ptr<T>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    forward_apply_kernel<scalar_t, T><<<dim3(cdiv(nq, TILE), cdiv(m, TILE), G * J), dim3(TILE, ROWS), 0, stream>>>(
+        q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(), den.const_data_ptr<T>(), J, d, m, nq,
+        out.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, ctx};
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tensor& q, const Tensor& k,
+                                                 const Tensor& v, const Tensor& out, const Tensor& ctx,
+                                                 const std::vector<int64_t>& offsets) {
+  TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor for the cuda kernels, got ", q.device());
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t J = static_cast<int64_t>(offsets.size()) - 1;
+  const int64_t G = q.size(0), d = q.size(1), nq = q.size(2), m = v.size(1), nk = k.size(2);
+  Tensor dq = at::zeros_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  if (J == 0 || G == 0) return {dq, dk, dv};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_mtl_attn_backward_cuda", [&] {
+    using T = at::opmath_type<scalar_t>;
+    Tensor rden = at::empty({G, J, nq}, ctx.options()), b = at::empty({G, J, nq}, ctx.options());
+    Tensor dctx = at::empty({G, J, m + 1, d}, ctx.options());
+    if (nq > 0) {
+      den_kernel<scalar_t, T><<<cdiv(G * J * nq, 256), 256, 0, stream>>>(
+          q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(), G, J, d, m, nq, rden.mutable_data_ptr<T>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      backward_scalars_kernel<scalar_t, T><<<cdiv(G * J * nq, 256), 256, 0, stream>>>(
+          grad.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(), G * J, m, nq, rden.mutable_data_ptr<T>(),
+          b.mutable_data_ptr<T>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (d > 0) {
+        dq_kernel<scalar_t, T><<<dim3(cdiv(nq, TILE), cdiv(d, TILE), G), dim3(TILE, ROWS), 0, stream>>>(
+            grad.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(),
+            rden.const_data_ptr<T>(), b.const_data_ptr<T>(), J, d, m, nq, dq.mutable_data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
+    // dS, dz of every segment reduce over all query positions: the query range is "segment" 0 of each j
+    std::vector<int64_t> query_offsets(J + 1);
+    for (int64_t j = 0; j <= J; ++j) query_offsets[j] = j * nq;  // chunk table indexes segment j at [j nq, (j+1) nq)
+    GradRows<scalar_t, T> x{grad.const_data_ptr<scalar_t>(), rden.const_data_ptr<T>(), b.const_data_ptr<T>(), J, m, nq};
+    SoftplusRows<scalar_t, T> y{q.const_data_ptr<scalar_t>(), d, nq};
+    reduce<T>(query_offsets, G, m + 1, d, QueryRowsOfSegment<decltype(x)>{x, nq}, QueryColumns<decltype(y)>{y, nq},
+              dctx.mutable_data_ptr<T>(), q.device(), stream);
+    const Tensor tiles = spans(offsets, TILE, q.device());
+    const int64_t n_tiles = tiles.numel() / 3;
+    if (nk > 0 && n_tiles > 0) {
+      if (d > 0) {
+        source_kernel<scalar_t, T, true><<<dim3(n_tiles, cdiv(d, TILE), G), dim3(TILE, ROWS), 0, stream>>>(
+            tiles.const_data_ptr<int64_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+            dctx.const_data_ptr<T>(), J, d, m, nk, dk.mutable_data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      if (m > 0) {
+        source_kernel<scalar_t, T, false><<<dim3(n_tiles, cdiv(m, TILE), G), dim3(TILE, ROWS), 0, stream>>>(
+            tiles.const_data_ptr<int64_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+            dctx.const_data_ptr<T>(), J, d, m, nk, dv.mutable_data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+FUSED_MTL_ATTN_REGISTER(CUDA, forward_cuda, backward_cuda)
+
+}  // namespace fused_mtl_attn
