@@ -115,69 +115,80 @@ void softplus_inplace(double* x, double* sig, int64_t n) {
 }
 
 // ---------------------------------------------------------------- micro-kernels
-// C[r][0:dp] += sum_{p < len} X[r*ldx + p] * Y[p*dp + 0:dp]   (a reduction over positions, outer-product form)
-template <typename T, int RB>
+// C[r][0:dp] += sum_{p < len} X[r*ldx + p] * Y[p*dp + 0:dp]   (a reduction over positions, outer-product form);
+// one block holds RB rows x NV vectors of C in registers
+template <typename T, int RB, int NV>
 inline void outer_block(const T* X, int64_t ldx, const T* Y, int64_t dp, int64_t len, int64_t c0, T* C) {
   constexpr int W = Vec<T>::W;
-  V<T> acc[RB][2];
-  for (int r = 0; r < RB; ++r) {
-    acc[r][0] = vload(C + r * dp + c0);
-    acc[r][1] = vload(C + r * dp + c0 + W);
-  }
+  V<T> acc[RB][NV];
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = vload(C + r * dp + c0 + v * W);
   for (int64_t p = 0; p < len; ++p) {
-    const V<T> y0 = vload(Y + p * dp + c0), y1 = vload(Y + p * dp + c0 + W);
+    V<T> y[NV];
+    for (int v = 0; v < NV; ++v) y[v] = vload(Y + p * dp + c0 + v * W);
     for (int r = 0; r < RB; ++r) {
       const T a = X[r * ldx + p];
-      acc[r][0] += a * y0;
-      acc[r][1] += a * y1;
+      for (int v = 0; v < NV; ++v) acc[r][v] += a * y[v];
     }
   }
-  for (int r = 0; r < RB; ++r) {
-    vstore(C + r * dp + c0, acc[r][0]);
-    vstore(C + r * dp + c0 + W, acc[r][1]);
-  }
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < NV; ++v) vstore(C + r * dp + c0 + v * W, acc[r][v]);
+}
+
+template <typename T, int NV>
+inline void outer_columns(const T* X, int64_t rows, int64_t ldx, const T* Y, int64_t dp, int64_t len, int64_t c0,
+                          T* C) {
+  constexpr int RB = 6;
+  int64_t r = 0;
+  for (; r + RB <= rows; r += RB) outer_block<T, RB, NV>(X + r * ldx, ldx, Y, dp, len, c0, C + r * dp);
+  for (; r < rows; ++r) outer_block<T, 1, NV>(X + r * ldx, ldx, Y, dp, len, c0, C + r * dp);
 }
 
 template <typename T>
 void outer_accumulate(const T* X, int64_t rows, int64_t ldx, const T* Y, int64_t dp, int64_t len, T* C) {
-  constexpr int RB = 6;
-  for (int64_t c0 = 0; c0 < dp; c0 += 2 * Vec<T>::W) {
-    int64_t r = 0;
-    for (; r + RB <= rows; r += RB) outer_block<T, RB>(X + r * ldx, ldx, Y, dp, len, c0, C + r * dp);
-    for (; r < rows; ++r) outer_block<T, 1>(X + r * ldx, ldx, Y, dp, len, c0, C + r * dp);
-  }
+  constexpr int W = Vec<T>::W;
+  int64_t c0 = 0;
+  for (; c0 + 4 * W <= dp; c0 += 4 * W) outer_columns<T, 4>(X, rows, ldx, Y, dp, len, c0, C);
+  for (; c0 < dp; c0 += 2 * W) outer_columns<T, 2>(X, rows, ldx, Y, dp, len, c0, C);
 }
 
-// O[r*ldo + t] = sum_{c < K} A[r*ar + c*ac] * Y[c*ldy + t] for t < tp   (an application to a tile of positions)
-template <typename T, int RB>
+// O[r*ldo + t] = sum_{c < K} A[r*ar + c*ac] * Y[c*ldy + t] for t < tp   (an application to a tile of positions);
+// one block holds RB rows x NV vectors of O in registers
+template <typename T, int RB, int NV>
 inline void apply_block(const T* A, int64_t ar, int64_t ac, int64_t K, const T* Y, int64_t ldy, int64_t t0, T* O,
                         int64_t ldo) {
   constexpr int W = Vec<T>::W;
-  V<T> acc[RB][2];
-  for (int r = 0; r < RB; ++r) acc[r][0] = acc[r][1] = vsplat(T(0));
+  V<T> acc[RB][NV];
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = vsplat(T(0));
   for (int64_t c = 0; c < K; ++c) {
-    const V<T> y0 = vload(Y + c * ldy + t0), y1 = vload(Y + c * ldy + t0 + W);
+    V<T> y[NV];
+    for (int v = 0; v < NV; ++v) y[v] = vload(Y + c * ldy + t0 + v * W);
     for (int r = 0; r < RB; ++r) {
       const T a = A[r * ar + c * ac];
-      acc[r][0] += a * y0;
-      acc[r][1] += a * y1;
+      for (int v = 0; v < NV; ++v) acc[r][v] += a * y[v];
     }
   }
-  for (int r = 0; r < RB; ++r) {
-    vstore(O + r * ldo + t0, acc[r][0]);
-    vstore(O + r * ldo + t0 + W, acc[r][1]);
-  }
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < NV; ++v) vstore(O + r * ldo + t0 + v * W, acc[r][v]);
+}
+
+template <typename T, int NV>
+inline void apply_positions(const T* A, int64_t rows, int64_t ar, int64_t ac, int64_t K, const T* Y, int64_t ldy,
+                            int64_t t0, T* O, int64_t ldo) {
+  constexpr int RB = 6;
+  int64_t r = 0;
+  for (; r + RB <= rows; r += RB) apply_block<T, RB, NV>(A + r * ar, ar, ac, K, Y, ldy, t0, O + r * ldo, ldo);
+  for (; r < rows; ++r) apply_block<T, 1, NV>(A + r * ar, ar, ac, K, Y, ldy, t0, O + r * ldo, ldo);
 }
 
 template <typename T>
 void apply(const T* A, int64_t rows, int64_t ar, int64_t ac, int64_t K, const T* Y, int64_t ldy, int64_t tp, T* O,
            int64_t ldo) {
-  constexpr int RB = 6;
-  for (int64_t t0 = 0; t0 < tp; t0 += 2 * Vec<T>::W) {
-    int64_t r = 0;
-    for (; r + RB <= rows; r += RB) apply_block<T, RB>(A + r * ar, ar, ac, K, Y, ldy, t0, O + r * ldo, ldo);
-    for (; r < rows; ++r) apply_block<T, 1>(A + r * ar, ar, ac, K, Y, ldy, t0, O + r * ldo, ldo);
-  }
+  constexpr int W = Vec<T>::W;
+  int64_t t0 = 0;
+  for (; t0 + 4 * W <= tp; t0 += 4 * W) apply_positions<T, 4>(A, rows, ar, ac, K, Y, ldy, t0, O, ldo);
+  for (; t0 < tp; t0 += 2 * W) apply_positions<T, 2>(A, rows, ar, ac, K, Y, ldy, t0, O, ldo);
 }
 
 // buf[r*ld + t] = src[r*n + lo + t] for r < rows, t < len (converted to the accumulation type)
@@ -211,7 +222,7 @@ Geometry geometry(const Tensor& q, const Tensor& v, int64_t nk, int64_t segments
   const int64_t two_vec = 2 * Vec<T>::W;
   g.dp = round_up(std::max<int64_t>(g.d, 1), two_vec);
   const int64_t rows = 5 * g.d + 2 * g.m + 1 + g.dp;  // the backward query pass holds the most
-  g.tile = std::clamp<int64_t>((196608 / static_cast<int64_t>(sizeof(T)) / rows) / two_vec * two_vec, two_vec, 512);
+  g.tile = std::clamp<int64_t>((196608 / static_cast<int64_t>(sizeof(T)) / rows) / two_vec * two_vec, 2 * two_vec, 512);
   g.chunk = g.tile * std::max<int64_t>(1, 2048 / g.tile);
   return g;
 }
