@@ -1,0 +1,23 @@
+"""Shared test setup: Triton kernels run through the interpreter where there is no GPU, and `gpu` tests skip.
+
+TRITON_INTERPRET must be set before any module defining @triton.jit kernels is imported (triton decides at
+decoration time), so it is set here, at conftest import, and only without a CUDA GPU: on a GPU machine the
+same tests run the compiled kernels for real.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
