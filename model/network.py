@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.hrnet import HighResolutionNetFeatures, cfg_cls
 
+from .fused import cross_task_fused, head_fused
 from .modules import BasicBlock, GlobalContextAttention, SqueezeExcitation, SwinLayer, conv1x1
 
 NYUD_TASKS = {"semseg": 40, "depth": 1, "normals": 3, "edge": 1}
@@ -218,11 +219,11 @@ class SCAMTL(nn.Module):
         self.fused = False
         self.set_fused(fused)
 
-    def set_fused(self, flag: bool = True) -> "SCAMTL":
-        """Select the execution path; both paths share every parameter and buffer."""
-        if flag:
-            raise NotImplementedError("the fused path is not built yet; use fused=False")
+    def set_fused(self, flag: bool = True, backend: str = "auto") -> "SCAMTL":
+        """Select the execution path; both paths share every parameter and buffer. `backend` picks the
+        attention kernels of the fused path (see fused_mtl_attn.available_backends())."""
         self.fused = bool(flag)
+        self.backend = backend
         return self
 
     def _check_input(self, x):
@@ -258,12 +259,19 @@ class SCAMTL(nn.Module):
             for t in names:
                 inp = feats[k] if k == 3 else torch.cat([feats[k], up(propagated[t], feats[k].shape[-2:])], dim=1)
                 task_features[t], supervision[k][t] = self.initial[k][t](inp)
-            per_scale[k] = self.cross_task[k](task_features)
+            if self.fused:
+                per_scale[k] = cross_task_fused(self.cross_task[k], task_features, self.backend)
+            else:
+                per_scale[k] = self.cross_task[k](task_features)
             if k > 0:
                 propagated = self.propagation[k](per_scale[k])
         out = {}
         for t in names:
-            pred = self.heads[t]([per_scale[k][t] for k in range(4)])
+            features = [per_scale[k][t] for k in range(4)]
+            if self.fused:
+                pred = head_fused(self.heads[t], features, self.widths, self.backend)
+            else:
+                pred = self.heads[t](features)
             out[t] = up(pred, x.shape[-2:])[..., :height, :width]
         out["deep_supervision"] = {
             k: {t: p[..., : -(-height // STRIDES[k]), : -(-width // STRIDES[k])] for t, p in preds.items()}

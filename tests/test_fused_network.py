@@ -1,0 +1,103 @@
+"""The fused network path computes the reference's function from the same parameters: outputs (all tasks and
+deep supervision), gradients of every parameter and of the input, and BatchNorm running statistics after two
+optimizer steps, in train and eval mode."""
+import copy
+
+import pytest
+import torch
+
+from model import NYUD_TASKS, PASCAL_TASKS, build_model
+
+SMALL = (12, 24, 48, 96)
+CONFIGS = {
+    "nyud2": {t: NYUD_TASKS[t] for t in ("semseg", "depth")},
+    "nyud4": dict(NYUD_TASKS),
+    "pascal5": dict(PASCAL_TASKS),
+}
+RTOL = {torch.float32: 1e-4, torch.float64: 1e-9}
+
+
+def _loss(out, tasks):
+    loss = sum(out[t].square().mean() for t in tasks)
+    return loss + sum(p.square().mean() for preds in out["deep_supervision"].values() for p in preds.values())
+
+
+def _flat_outputs(out):
+    flat = {t: v for t, v in out.items() if t != "deep_supervision"}
+    flat.update({f"ds{k}.{t}": p for k, preds in out["deep_supervision"].items() for t, p in preds.items()})
+    return flat
+
+
+def _assert_close(name, got, want, scale, rtol):
+    """|got - want| <= RTOL * (|want| + scale): relative, with a floor at the magnitude of the tensor family
+    (a gradient that is zero in exact arithmetic, e.g. a conv bias before BatchNorm, is pure rounding noise)."""
+    err = (got - want).abs()
+    bound = rtol * (want.abs() + scale)
+    if not bool((err <= bound).all()):
+        i = int((err - bound).argmax())
+        pytest.fail(f"{name}: worst |diff| {err.flatten()[i].item():.3e} at value {want.flatten()[i].item():.3e} "
+                    f"(bound {bound.flatten()[i].item():.3e}, max |diff| {err.max().item():.3e})")
+
+
+# float64 shows that both paths are the same function (to rounding) through two optimizer steps; float32
+# checks the production dtype on one step. Two float32 steps are not a fair test at these tiny sizes: BatchNorm
+# over a dozen values per channel amplifies float32 rounding chaotically once weights move.
+# eval mode: one step (running statistics stay put there; fresh ones make a second step blow up)
+CASES = ([(c, True, torch.float64, 2) for c in CONFIGS] + [(c, False, torch.float64, 1) for c in CONFIGS]
+         + [(c, True, torch.float32, 1) for c in ("nyud2", "pascal5")])
+
+
+@pytest.mark.parametrize(
+    "config, train, dtype, steps", CASES,
+    ids=[f"{c}-{'train' if tr else 'eval'}-{str(dt)[6:]}-{n}step" for c, tr, dt, n in CASES],
+)
+def test_fused_matches_reference(config, train, dtype, steps):
+    tasks = CONFIGS[config]
+    rtol = RTOL[dtype]
+    torch.manual_seed(0)
+    ref = build_model(tasks, widths=SMALL).to(dtype)
+    fused = copy.deepcopy(ref).set_fused(True)
+    assert fused.fused and not ref.fused
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01) for m in (ref, fused)]
+    x = torch.randn(2, 3, 64, 64, dtype=dtype)
+    for step in range(steps):  # optimizer steps, so running statistics and weights evolve identically
+        outs, grads_x = [], []
+        for net, opt in zip((ref, fused), opts):
+            net.train(train)
+            xi = x.clone().requires_grad_(True)
+            torch.manual_seed(10 + step)  # drop path draws the same masks on both paths
+            out = net(xi)
+            opt.zero_grad()
+            _loss(out, tasks).backward()
+            outs.append(_flat_outputs(out))
+            grads_x.append(xi.grad)
+        for name, want in outs[0].items():
+            _assert_close(f"step {step} output {name}", outs[1][name].detach(), want.detach(), want.abs().max(), rtol)
+        _assert_close(f"step {step} input grad", grads_x[1], grads_x[0], grads_x[0].abs().max(), rtol)
+        scale = max(p.grad.abs().max() for p in ref.parameters())
+        for (name, p_ref), p_fused in zip(ref.named_parameters(), fused.parameters()):
+            # gradient floor: the largest gradient of that tensor's module family, or 1e-3 of the global one
+            _assert_close(f"step {step} grad {name}", p_fused.grad, p_ref.grad,
+                          torch.maximum(p_ref.grad.abs().max(), 1e-3 * scale), rtol)
+        for opt in opts:
+            opt.step()
+    for (name, b_ref), b_fused in zip(ref.named_buffers(), fused.buffers()):
+        if b_ref.is_floating_point():
+            # running means of BN inputs that are zero-mean by construction sit at rounding level: floor at 1e-3
+            _assert_close(f"buffer {name}", b_fused, b_ref, torch.clamp(b_ref.abs().max(), min=1e-3), rtol)
+        else:
+            assert torch.equal(b_fused, b_ref), f"buffer {name}: {b_fused} != {b_ref}"
+
+
+def test_checkpoint_moves_between_paths():
+    tasks = CONFIGS["nyud2"]
+    torch.manual_seed(0)
+    fused = build_model(tasks, widths=SMALL, fused=True).eval()
+    ref = build_model(tasks, widths=SMALL).eval()
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        a, b = fused(x), ref(x)
+    for t in tasks:
+        _assert_close(f"output {t}", a[t], b[t], b[t].abs().max(), RTOL[torch.float32])
+    assert ref.set_fused(True) is ref and ref.fused
