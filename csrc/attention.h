@@ -8,6 +8,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -18,9 +19,10 @@ using at::Tensor;
 // forward core: (q, k, v, offsets) -> (out, context); inputs contiguous, checked
 using ForwardCore = std::tuple<Tensor, Tensor> (*)(const Tensor&, const Tensor&, const Tensor&,
                                                    const std::vector<int64_t>&);
-// backward core: (grad, q, k, v, out, context, offsets) -> (dq, dk, dv); inputs contiguous, checked
+// backward core: (grad, q, k, v, out (optional), context, offsets) -> (dq, dk, dv); inputs contiguous, checked
+using OptionalTensor = std::optional<Tensor>;
 using BackwardCore = std::tuple<Tensor, Tensor, Tensor> (*)(const Tensor&, const Tensor&, const Tensor&,
-                                                            const Tensor&, const Tensor&, const Tensor&,
+                                                            const Tensor&, const OptionalTensor&, const Tensor&,
                                                             const std::vector<int64_t>&);
 
 inline at::ScalarType accumulation_dtype(at::ScalarType t) {
@@ -48,18 +50,27 @@ inline std::vector<int64_t> checked_offsets(c10::IntArrayRef offsets, int64_t n_
 }
 
 // grad [G, J, m, Nq], out the same, context [G, J, m+1, d]
-inline void check_backward(const Tensor& grad, const Tensor& out, const Tensor& context, c10::IntArrayRef out_shape,
-                           c10::IntArrayRef context_shape, const Tensor& q) {
+inline void check_backward(const Tensor& grad, const OptionalTensor& out, const Tensor& context,
+                           c10::IntArrayRef out_shape, c10::IntArrayRef context_shape, const Tensor& q) {
   TORCH_CHECK(grad.sizes() == out_shape, "grad must have the output's shape ", out_shape, ", got ", grad.sizes());
-  TORCH_CHECK(out.sizes() == out_shape, "out must have the output's shape ", out_shape, ", got ", out.sizes());
+  if (out.has_value()) {
+    TORCH_CHECK(out->sizes() == out_shape, "out must have the output's shape ", out_shape, ", got ", out->sizes());
+    TORCH_CHECK(out->scalar_type() == q.scalar_type() && out->device() == q.device(), "out must have q's dtype ",
+                q.scalar_type(), " and device ", q.device());
+  }
   TORCH_CHECK(context.sizes() == context_shape, "context must have shape ", context_shape, ", got ",
               context.sizes());
-  TORCH_CHECK(grad.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
-              "grad and out must have q's dtype ", q.scalar_type());
+  TORCH_CHECK(grad.scalar_type() == q.scalar_type(), "grad must have q's dtype ", q.scalar_type(), ", got ",
+              grad.scalar_type());
   TORCH_CHECK(context.scalar_type() == accumulation_dtype(q.scalar_type()), "context must have dtype ",
               accumulation_dtype(q.scalar_type()), ", got ", context.scalar_type());
-  TORCH_CHECK(grad.device() == q.device() && out.device() == q.device() && context.device() == q.device(),
-              "grad, out and context must be on q's device ", q.device());
+  TORCH_CHECK(grad.device() == q.device() && context.device() == q.device(),
+              "grad and context must be on q's device ", q.device());
+}
+
+// a contiguous view of `out` with the core's shape, if given
+inline OptionalTensor core_out(const OptionalTensor& out, c10::IntArrayRef shape) {
+  return out.has_value() ? OptionalTensor(out->contiguous().view(shape)) : std::nullopt;
 }
 
 // ---- CTAM: q, k [B, P, d, N], v [B, P, m, N] ----
@@ -83,13 +94,14 @@ std::tuple<Tensor, Tensor> cross_task_forward(const Tensor& q, const Tensor& k, 
 
 template <BackwardCore F>
 std::tuple<Tensor, Tensor, Tensor> cross_task_backward(const Tensor& grad, const Tensor& q, const Tensor& k,
-                                                       const Tensor& v, const Tensor& out, const Tensor& context) {
+                                                       const Tensor& v, const OptionalTensor& out,
+                                                       const Tensor& context) {
   check_cross_task(q, k, v);
   const int64_t b = q.size(0), p = q.size(1), d = q.size(2), n = q.size(3), m = v.size(2);
   check_backward(grad, out, context, {b, p, m, n}, {b, p, m + 1, d}, q);
   auto res = F(grad.contiguous().view({b * p, 1, m, n}), q.contiguous().view({b * p, d, n}),
                k.contiguous().view({b * p, d, n}), v.contiguous().view({b * p, m, n}),
-               out.contiguous().view({b * p, 1, m, n}), context.contiguous().view({b * p, 1, m + 1, d}), {0, n});
+               core_out(out, {b * p, 1, m, n}), context.contiguous().view({b * p, 1, m + 1, d}), {0, n});
   return {std::get<0>(res).view(q.sizes()), std::get<1>(res).view(k.sizes()), std::get<2>(res).view(v.sizes())};
 }
 
@@ -115,14 +127,14 @@ std::tuple<Tensor, Tensor> cross_scale_forward(const Tensor& q, const Tensor& k,
 
 template <BackwardCore F>
 std::tuple<Tensor, Tensor, Tensor> cross_scale_backward(const Tensor& grad, const Tensor& q, const Tensor& k,
-                                                        const Tensor& v, const Tensor& out, const Tensor& context,
-                                                        c10::IntArrayRef offsets) {
+                                                        const Tensor& v, const OptionalTensor& out,
+                                                        const Tensor& context, c10::IntArrayRef offsets) {
   auto offs = check_cross_scale(q, k, v, offsets);
   const int64_t b = q.size(0), d = q.size(1), nq = q.size(2), m = v.size(1);
   const int64_t j = static_cast<int64_t>(offs.size()) - 1;
   check_backward(grad, out, context, {b, j, m, nq}, {b, j, m + 1, d}, q);
-  return F(grad.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), context.contiguous(),
-           offs);
+  return F(grad.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), core_out(out, {b, j, m, nq}),
+           context.contiguous(), offs);
 }
 
 // registers the four ops of one device with its two cores

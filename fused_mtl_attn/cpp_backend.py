@@ -3,7 +3,7 @@ the autograd formulas of its ops, and exposes the `CPU` and `CUDA` Backend objec
 
 Ops (schema in csrc/attention.cpp): `cross_task(q, k, v) -> (out, context)` and
 `cross_scale(q, k, v, offsets) -> (out, context)`, where context [..., m+1, d] holds S = v k^T and z = sum k in the
-accumulation dtype; autograd saves q, k, v, out and context, and the backward ops recompute softplus and the
+accumulation dtype; autograd saves q, k, v, context (and out for CUDA), and the backward ops recompute softplus and the
 denominators from them.
 """
 from __future__ import annotations
@@ -58,7 +58,8 @@ if _C is not None:
         q, k, v = inputs[:3]
         out, context = output
         ctx.offsets = list(inputs[3]) if len(inputs) > 3 else None
-        ctx.save_for_backward(q, k, v, out, context)
+        # only the CUDA backward reads `out`; the CPU one gets g . out from S^T g, so it is not kept alive for it
+        ctx.save_for_backward(q, k, v, out if q.device.type == "cuda" else None, context)
         ctx.mark_non_differentiable(context)  # an internal by-product; the public functions return `out` only
 
     def _cross_task_backward(ctx, grad_out, grad_context):

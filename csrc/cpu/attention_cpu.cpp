@@ -432,7 +432,7 @@ std::tuple<Tensor, Tensor> forward_cpu(const Tensor& q, const Tensor& k, const T
 }
 
 std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad, const Tensor& q, const Tensor& k, const Tensor& v,
-                                                const Tensor& /*out: not needed, b comes from S^T g*/,
+                                                const OptionalTensor& /*out: unused, b comes from S^T g*/,
                                                 const Tensor& context, const std::vector<int64_t>& offsets) {
   TORCH_CHECK(q.device().is_cpu(), "q must be a CPU tensor for the cpu kernels, got ", q.device());
   const int64_t J = static_cast<int64_t>(offsets.size()) - 1;

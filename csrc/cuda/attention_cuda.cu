@@ -315,9 +315,11 @@ std::tuple<Tensor, Tensor> forward_cuda(const Tensor& q, const Tensor& k, const 
 }
 
 std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tensor& q, const Tensor& k,
-                                                 const Tensor& v, const Tensor& out, const Tensor& ctx,
+                                                 const Tensor& v, const OptionalTensor& out_opt, const Tensor& ctx,
                                                  const std::vector<int64_t>& offsets) {
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor for the cuda kernels, got ", q.device());
+  TORCH_CHECK(out_opt.has_value(), "out must be given to the CUDA backward (it gives b = -(g . out) / den)");
+  const Tensor& out = *out_opt;
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t J = static_cast<int64_t>(offsets.size()) - 1;

@@ -1,0 +1,64 @@
+"""Shared benchmark helpers: timing (torch.utils.benchmark on CPU, triton.testing.do_bench or CUDA events on GPU),
+memory saved for backward, and the environment fields every result row carries."""
+from __future__ import annotations
+
+import platform
+import subprocess
+
+import torch
+
+
+def environment(device: str) -> dict:
+    """Device name, library versions and git commit, for each JSON row."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=False).stdout.strip() or None
+    except OSError:
+        commit = None
+    name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    return {"device": device, "device_name": name, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "triton": triton_version, "commit": commit}
+
+
+def median_ms(fn, device: str, min_run_time: float) -> float:
+    """Median wall time of fn() in milliseconds after warm-up."""
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        try:
+            from triton.testing import do_bench
+
+            return float(do_bench(fn, warmup=25, rep=max(int(min_run_time * 1000), 50), return_mode="median"))
+        except ImportError:
+            times = []
+            for _ in range(20):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            return sorted(times)[len(times) // 2]
+    from torch.utils import benchmark
+
+    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def saved_bytes(forward) -> int:
+    """Bytes of the unique storages autograd saves for backward while forward() runs."""
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages[(s.data_ptr(), s.device)] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(storages.values())
