@@ -1,0 +1,277 @@
+"""The Triton backend against the eager reference: both layouts, forward and backward, edge cases, determinism,
+strides, custom-op registration. Without a GPU the kernels run under TRITON_INTERPRET=1 (set by conftest.py),
+with small shapes; the `gpu` tests repeat the sweep at the network's sizes on a real GPU, bf16 included."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fused_mtl_attn
+from fused_mtl_attn import reference
+
+HAS_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_GPU else "cpu"
+
+pytestmark = pytest.mark.skipif(not fused_mtl_attn.available_backends()["triton"][0],
+                                reason=f"triton backend unavailable: {fused_mtl_attn.available_backends()['triton'][1]}")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _task(q, k, v, backend="triton"):
+    return fused_mtl_attn.cross_task_attention(q, k, v, backend=backend)
+
+
+def _scale(offsets):
+    def run(q, k, v, backend="triton"):
+        return fused_mtl_attn.cross_scale_attention(q, k, v, offsets, backend=backend)
+    return run
+
+
+def _task_inputs(B, P, d, m, N, dtype=torch.float32, scale=3.0, seed=0, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, P, d, N, generator=g) * scale
+    k = torch.randn(B, P, d, N, generator=g) * scale
+    v = torch.rand(B, P, m, N, generator=g)
+    return [t.to(device=device, dtype=dtype) for t in (q, k, v)]
+
+
+def _scale_inputs(B, d, m, Nq, offsets, dtype=torch.float32, scale=3.0, seed=0, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, d, Nq, generator=g) * scale
+    k = torch.randn(B, d, offsets[-1], generator=g) * scale
+    v = torch.rand(B, m, offsets[-1], generator=g)
+    return [t.to(device=device, dtype=dtype) for t in (q, k, v)]
+
+
+def _run(fn, inputs, grad, **kw):
+    """Output and gradients of fn at inputs (leaves made here) for upstream gradient `grad`."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    out = fn(*leaves, **kw)
+    grads = torch.autograd.grad(out, leaves, grad.to(out.dtype), allow_unused=True) if out.numel() else [None] * 3
+    grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(leaves, grads)]
+    return [out.detach(), *grads]
+
+
+NAMES = ("out", "dq", "dk", "dv")
+
+
+def _rel_errors(got, want, floor=1e-3):
+    """Max abs error over max abs value (in float64) of each of out, dq, dk, dv. The floor of the scale keeps
+    gradients that vanish analytically (N = 1: out = v whatever q and k) from dividing rounding noise by ~0;
+    the inputs here are O(1), so their gradients are too."""
+    return [float((a.double() - b.double()).abs().max()) / max(float(b.double().abs().max()), floor)
+            if b.numel() else 0.0 for a, b in zip(got, want)]
+
+
+def _against_reference(fn, inputs, rtol_out, rtol_grad, seed=1):
+    """Triton in the inputs' dtype against the reference in float64 on the same (rounded) inputs."""
+    wide = [t.double() for t in inputs]
+    want = _run(fn, wide, _grad_for(fn, wide, seed), backend="eager")
+    got = _run(fn, inputs, _grad_for(fn, wide, seed))
+    errs = _rel_errors(got, want)
+    bad = [f"{n}: rel err {e:.3e} > {tol:.0e}" for n, e, tol in zip(NAMES, errs, (rtol_out,) + (rtol_grad,) * 3)
+           if not e <= tol]
+    assert not bad, f"{inputs[0].dtype} shapes {[tuple(t.shape) for t in inputs]}: " + "; ".join(bad)
+    return got, want
+
+
+def _grad_for(fn, wide, seed):
+    with torch.no_grad():
+        shape = fn(*wide, backend="eager").shape
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(wide[0].device)
+
+
+TOL = {torch.float32: (1e-5, 1e-4), torch.float64: (1e-12, 1e-11)}
+
+# small shapes, odd on purpose; N=300 cuts the reductions into several partial sums, d=70 into two channel blocks
+TASK_SHAPES = [  # B, P, d, m, N
+    (2, 3, 5, 6, 7),
+    (1, 1, 4, 4, 1),
+    (2, 2, 3, 9, 33),
+    (1, 2, 20, 40, 300),
+    (1, 1, 70, 36, 50),
+]
+SCALE_SHAPES = [  # B, d, m, Nq, offsets
+    (2, 5, 3, 7, [0, 4, 4, 11]),
+    (1, 4, 6, 1, [0, 1]),
+    (2, 3, 4, 5, [0]),
+    (1, 6, 5, 9, [0, 0, 0]),
+    (1, 20, 17, 40, [0, 150, 150, 300]),
+    (2, 7, 9, 13, [0, 5, 12, 30, 31]),
+]
+
+
+# ------------------------------------------------------------------------------------------- correctness
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", TASK_SHAPES, ids=str)
+def test_cross_task_matches_reference(shape, dtype):
+    _against_reference(_task, _task_inputs(*shape, dtype=dtype), *TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", SCALE_SHAPES, ids=str)
+def test_cross_scale_matches_reference(shape, dtype):
+    *dims, offsets = shape
+    _against_reference(_scale(offsets), _scale_inputs(*dims, offsets, dtype=dtype), *TOL[dtype])
+
+
+def _low_precision_check(fn, inputs, dtype):
+    """Error against float64 at most 2x eager PyTorch's in the same dtype, plus a floor of a few ulps."""
+    low = [t.to(dtype) for t in inputs]
+    wide = [t.double() for t in low]
+    grad = _grad_for(fn, wide, 3)
+    want = _run(fn, wide, grad, backend="eager")
+    eager = _rel_errors(_run(fn, low, grad, backend="eager"), want)
+    got = _rel_errors(_run(fn, low, grad), want)
+    floor = 4 * torch.finfo(dtype).eps
+    bad = [f"{n}: triton {g:.2e} vs eager {e:.2e}" for n, g, e in zip(NAMES, got, eager) if not g <= 2 * e + floor]
+    assert not bad, f"{dtype}: " + "; ".join(bad)
+
+
+# bf16 is checked too: the kernels only run tl.dot in fp32, never the interpreter's inexact bf16 dot
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_within_twice_eager_error(dtype):
+    _low_precision_check(_task, _task_inputs(2, 2, 12, 10, 40), dtype)
+    # no empty source here: eager fp16 rounds eps = 1e-12 to 0 and gives 0/0 = nan there
+    _low_precision_check(_scale([0, 20, 33, 45]), _scale_inputs(2, 12, 10, 30, [0, 20, 33, 45]), dtype)
+
+
+def test_gradcheck_float64_both_layouts():
+    # fast mode (random projections of the Jacobian): the interpreter costs ~0.1 s per call
+    inputs = [t.requires_grad_() for t in _task_inputs(1, 2, 3, 4, 5, dtype=torch.float64, scale=1.0)]
+    assert torch.autograd.gradcheck(_task, inputs, fast_mode=True)
+    inputs = [t.requires_grad_() for t in _scale_inputs(2, 3, 2, 4, [0, 4, 4, 9], dtype=torch.float64, scale=1.0)]
+    assert torch.autograd.gradcheck(_scale([0, 4, 4, 9]), inputs, fast_mode=True)
+
+
+# ------------------------------------------------------------------------------------------------ edge cases
+
+
+def test_logits_beyond_softplus_threshold():
+    q, k, v = _task_inputs(2, 2, 6, 5, 17, dtype=torch.float32, scale=1.0)
+    sign = torch.where(torch.rand(q.shape, generator=torch.Generator().manual_seed(5)) > 0.5, 1.0, -1.0).to(q)
+    q = q + 25 * sign  # every logit beyond +-20
+    k = k * 12  # mixed: some beyond +-20, some not
+    _against_reference(_task, [q, k, v], *TOL[torch.float32])
+    qs, ks, vs = _scale_inputs(1, 6, 5, 8, [0, 7, 19], scale=30.0)
+    _against_reference(_scale([0, 7, 19]), [qs, ks, vs], *TOL[torch.float32])
+
+
+def test_all_zero_values_give_zero_output():
+    q, k, v = _task_inputs(1, 2, 5, 4, 9)
+    v = torch.zeros_like(v)
+    got, _ = _against_reference(_task, [q, k, v], *TOL[torch.float32])
+    assert torch.all(got[0] == 0)
+
+
+def test_empty_source_gives_zero_output_and_no_source_gives_empty():
+    offsets = [0, 6, 6, 10]
+    q, k, v = _scale_inputs(2, 4, 3, 5, offsets)
+    out = _scale(offsets)(q, k, v)
+    assert out.shape == (2, 3, 3, 5) and torch.all(out[:, 1] == 0), "an empty source has z = 0, den = eps, out = 0"
+    q, k, v = _scale_inputs(2, 4, 3, 5, [0])
+    assert _scale([0])(q, k, v).shape == (2, 0, 3, 5)
+
+
+# --------------------------------------------------------------------------------- determinism, strides, ops
+
+
+def test_deterministic_bitwise():
+    inputs = _task_inputs(1, 2, 20, 24, 300)
+    grad = torch.randn(1, 2, 24, 300, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    first, second = _run(_task, inputs, grad), _run(_task, inputs, grad)
+    for n, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), f"{n} differs between two runs (max diff {(a - b).abs().max():.3e})"
+    fn, dims = _scale([0, 150, 150, 300]), (1, 20, 17, 40, [0, 150, 150, 300])
+    inputs = _scale_inputs(*dims)
+    grad = _grad_for(fn, [t.double() for t in inputs], 8).float()
+    for n, a, b in zip(NAMES, _run(fn, inputs, grad), _run(fn, inputs, grad)):
+        assert torch.equal(a, b), f"cross_scale {n} differs between two runs"
+
+
+def test_non_contiguous_inputs():
+    g = torch.Generator().manual_seed(9)
+    # q: every other channel of a bigger buffer; k: channels-last ([B, P, N, d] transposed); v: a slice in N
+    q = (torch.randn(2, 3, 10, 11, generator=g) * 3).to(DEVICE)[:, :, ::2]
+    k = (torch.randn(2, 3, 11, 5, generator=g) * 3).to(DEVICE).transpose(-1, -2)
+    v = torch.rand(2, 3, 4, 20, generator=g).to(DEVICE)[..., 3:14]
+    assert not any(t.is_contiguous() for t in (q, k, v))
+    _against_reference(_task, [q, k, v], *TOL[torch.float32])
+    offsets = [0, 6, 6, 15]
+    q = (torch.randn(2, 9, 5, generator=g) * 3).to(DEVICE).transpose(-1, -2)  # [B, d=5, Nq=9] with stride_n = 5
+    k = (torch.randn(2, 5, 30, generator=g) * 3).to(DEVICE)[..., ::2]
+    v = torch.rand(2, 15, 3, generator=g).to(DEVICE).transpose(-1, -2)
+    _against_reference(_scale(offsets), [q, k, v], *TOL[torch.float32])
+
+
+def test_custom_ops_pass_opcheck():
+    from fused_mtl_attn.triton_backend import _ops
+
+    ops = _ops()
+    torch.library.opcheck(ops.cross_task, [t.requires_grad_() for t in _task_inputs(1, 2, 3, 4, 5)])
+    torch.library.opcheck(ops.cross_scale, (*[t.requires_grad_() for t in _scale_inputs(2, 3, 4, 6, [0, 4, 4, 9])],
+                                            [0, 4, 4, 9]))
+
+
+def test_torch_compile_fullgraph_traces_both_ops():
+    # under the interpreter the ops are opaque to inductor, so aot_eager; on a GPU inductor compiles the kernels
+    backend = "inductor" if HAS_GPU else "aot_eager"
+    offsets = [0, 4, 4, 9]
+
+    def both(q, k, v, qs, ks, vs):
+        return _task(q, k, v).sum() + _scale(offsets)(qs, ks, vs).square().sum()
+
+    inputs = [t.requires_grad_() for t in _task_inputs(1, 2, 3, 4, 5) + _scale_inputs(2, 3, 4, 6, offsets)]
+    compiled = torch.compile(both, fullgraph=True, backend=backend)
+    want = torch.autograd.grad(both(*inputs), inputs)
+    got = torch.autograd.grad(compiled(*inputs), inputs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the CPU-only report")
+def test_unavailable_without_gpu_or_interpreter_says_why():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import fused_mtl_attn as f; print(f.available_backends()['triton'])"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "(False, ['no CUDA GPU is visible and TRITON_INTERPRET is not set" in result.stdout, result.stdout
+
+
+# -------------------------------------------------------------------------------------- GPU (real kernels)
+
+
+NETWORK_CHANNELS = (36, 72, 144, 288)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels", NETWORK_CHANNELS)
+def test_gpu_network_sizes(channels, dtype):
+    shape = (2, 6, channels, channels, 48 * 64)
+    offsets = [0, 24 * 32, 24 * 32 + 12 * 16, 24 * 32 + 12 * 16 + 6 * 8]
+    scale_dims = (2, channels, channels, 48 * 64, offsets)
+    if dtype == torch.float32:
+        _against_reference(_task, _task_inputs(*shape), *TOL[dtype])
+        _against_reference(_scale(offsets), _scale_inputs(*scale_dims), *TOL[dtype])
+    else:
+        _low_precision_check(_task, _task_inputs(*shape), dtype)
+        _low_precision_check(_scale(offsets), _scale_inputs(*scale_dims), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_indexing_past_2_to_the_31():
+    n = (1 << 26) + 3  # 32 channels x n positions > 2^31 elements per tensor
+    q, k, v = [torch.randn(1, 1, 32, n, device="cuda", dtype=torch.float16) for _ in range(3)]
+    out = _task(q, k, v)
+    tail = slice(n - 1000, n)
+    want = reference.attend(torch.nn.functional.softplus(q[..., tail].float()),
+                            torch.nn.functional.softplus(k.float()), v.float())
+    torch.testing.assert_close(out[..., tail].float(), want, rtol=2e-2, atol=2e-2)
