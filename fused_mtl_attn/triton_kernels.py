@@ -49,6 +49,15 @@ def _softplus_grad(x):
 
 
 @triton.jit
+def _dot(a, b, acc):
+    # fp32 through tensor cores at ~fp32 accuracy (3 TF32 products); plain TF32 would miss the 1e-5 contract
+    if a.dtype == tl.float64:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision="tf32x3")
+
+
+@triton.jit
 def _tile(rows, cols, s_r, s_c):
     # 64-bit element offsets of a [rows x cols] tile: B*C*N may pass 2^31
     return rows.to(tl.int64)[:, None] * s_r + cols.to(tl.int64)[None, :] * s_c
@@ -98,7 +107,7 @@ def _reduce_kernel(
             zacc += tl.sum(x * bvec[None, :], axis=1)
         else:
             zacc += tl.sum(x, axis=1)
-        acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
+        acc = _dot(w, tl.trans(x), acc)
     part = (b * P + p) * n_split + split
     tl.store(s_ptr + part * m * d + _tile(rm, rd, d, 1), acc, mask=m_mask[:, None] & d_mask[None, :])
     if mb == 0:
@@ -135,7 +144,7 @@ def _apply_kernel(
         x = tl.load(x_base + _tile(rc, rn, xs_c, xs_n), mask=xmask, other=0.0).to(acc_ty)
         x = tl.where(xmask, _softplus(x), 0.0)
         w = tl.load(w_base + _tile(rr, rc, C, 1), mask=r_mask[:, None] & c_mask[None, :], other=0.0)
-        acc = tl.dot(w, x, acc, input_precision="ieee")
+        acc = _dot(w, x, acc)
         if NORMALIZE:
             z = tl.load(z_ptr + (b * P + p) * C + rc, mask=c_mask, other=0.0)
             den += tl.sum(z[:, None] * x, axis=0)
@@ -217,7 +226,7 @@ def _apply_grad_kernel(
                         mask=r_mask[:, None] & c_mask[None, :], other=0.0)
             a = tl.load(a_ptr + b * as_b + p * as_p + _tile(rr, rn, as_r, as_n),
                         mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(acc_ty)
-            term = tl.dot(tl.trans(w), a, term, input_precision="ieee")
+            term = _dot(tl.trans(w), a, term)
         wz = tl.load(wz_ptr + (b * P + p) * C + rc, mask=c_mask, other=0.0)
         if HAS_COLS:
             row = (b * P + p) * n_pos + rn
@@ -233,11 +242,13 @@ def _apply_grad_kernel(
 
 
 INTERPRETED = not isinstance(_reduce_kernel, triton.runtime.JITFunction)
+# for the ahead-of-time compile check: name -> (kernel, its pointers in the accumulation dtype (the others are
+# in the input dtype), the flag values it is launched with)
 KERNELS = {
-    "reduce": _reduce_kernel,
-    "apply": _apply_kernel,
-    "row_stats": _row_stats_kernel,
-    "apply_grad": _apply_grad_kernel,
+    "reduce": (_reduce_kernel, ("rden_ptr", "bvec_ptr", "s_ptr", "z_ptr"), {"BACKWARD": (False, True)}),
+    "apply": (_apply_kernel, ("w_ptr", "z_ptr"), {"NORMALIZE": (True, False)}),
+    "row_stats": (_row_stats_kernel, ("z_ptr", "rden_ptr", "bvec_ptr"), {}),
+    "apply_grad": (_apply_grad_kernel, ("w_ptr", "wz_ptr", "rden_ptr", "bvec_ptr"), {"HAS_COLS": (True, False)}),
 }
 
 
@@ -248,17 +259,22 @@ class Config(NamedTuple):
     block_c: int  # block of every channel axis (d and m): a power of two >= 16 for tl.dot
     block_n: int  # block of positions
     num_warps: int
+    # 1: the loaded tiles go through softplus in registers before tl.dot, and deeper software pipelining
+    # keeps several of them live: with 2-3 stages 64-wide tiles spill (tests/test_triton_compile.py)
+    num_stages: int = 1
 
 
-# the configs a GPU launch can use (the compile check builds each of them)
-GPU_CONFIGS = (Config(32, 64, 4), Config(64, 64, 4))
+# the configs a GPU launch can use; the compile check builds each, spill-free on sm_80 and sm_90
+GPU_CONFIGS = (Config(32, 64, 8), Config(64, 32, 8))
 
 
 def pick_config(d: int, m: int, n: int) -> Config:
     """Blocks for channel sizes d, m and n positions: GPU_CONFIGS on a GPU; one big block in the interpreter."""
     if INTERPRETED:  # each interpreted program costs milliseconds: as few programs as possible
         return Config(min(64, max(16, triton.next_power_of_2(max(d, m)))), min(128, max(16, triton.next_power_of_2(n))), 4)
-    return GPU_CONFIGS[0] if max(d, m) <= 32 else GPU_CONFIGS[1]
+    # 64-wide channel blocks only where they pad no more than 32-wide ones (C = 36..64, 100..128, ...)
+    c = max(d, m)
+    return GPU_CONFIGS[1] if c > 32 and triton.cdiv(c, 64) * 64 == triton.cdiv(c, 32) * 32 else GPU_CONFIGS[0]
 
 
 def _strides(t: torch.Tensor) -> tuple:
@@ -322,7 +338,7 @@ def _reduce(x, w, groups: _Groups, d: int, m: int, cfg: Config, rows=None):
                 x, *_strides(x), w, *_strides(w), rden, bvec, s_part, z_part,
                 d, m, n_pos, P, p_base, lo, hi, span, n_split,
                 BLOCK_M=cfg.block_c, BLOCK_D=cfg.block_c, BLOCK_N=cfg.block_n, BACKWARD=rows is not None,
-                num_warps=cfg.num_warps)
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     # fixed-order sum of the partials: deterministic
     return s_part.sum(dim=2), z_part.sum(dim=2)
 
@@ -335,7 +351,7 @@ def _apply(W, z, x, y, groups: _Groups, cfg: Config, normalize: bool) -> None:
         _launch(_apply_kernel, grid, W, z, x, *_strides(x), y, *_strides(y),
                 R, C, P, p_base, lo, hi,
                 BLOCK_R=cfg.block_c, BLOCK_C=cfg.block_c, BLOCK_N=cfg.block_n, NORMALIZE=normalize,
-                num_warps=cfg.num_warps)
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _apply_grad(W, wz, a, cols, logits, y, groups: _Groups, n_inner: int, cfg: Config) -> None:
@@ -348,7 +364,7 @@ def _apply_grad(W, wz, a, cols, logits, y, groups: _Groups, n_inner: int, cfg: C
                 logits, *_strides(logits), y, *_strides(y),
                 R, C, n_pos, P, p_base, n_inner, lo, hi,
                 BLOCK_R=cfg.block_c, BLOCK_C=cfg.block_c, BLOCK_N=cfg.block_n, HAS_COLS=cols is not None,
-                num_warps=cfg.num_warps)
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def forward(q, k, v, offsets: Optional[Sequence[int]] = None):
@@ -378,7 +394,7 @@ def backward(grad, q, k, v, out, S, z, offsets: Optional[Sequence[int]] = None):
     bvec = torch.empty_like(rden)
     _launch(_row_stats_kernel, (triton.cdiv(n_q, cfg.block_n), P, B), z, q, *_strides(q),
             grad, *_strides(grad), out, *_strides(out), rden, bvec, d, m, n_q, P,
-            BLOCK_C=cfg.block_c, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+            BLOCK_C=cfg.block_c, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     rows = (rden, bvec, n_q)
     dS, dz = _reduce(q, grad, queries, d, m, cfg, rows=rows)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
