@@ -1,0 +1,159 @@
+"""Ahead-of-time GPU compilation of every Triton kernel, no GPU needed: each kernel x flag value x launch config
+x dtype, for sm_80 and sm_90. Fails on a compile error (e.g. a tl.dot dimension < 16, which the interpreter
+forgives), on shared memory above the target's limit, on more registers than REG_BOUND, and on any spill
+(stack/local memory, read from the cubin by cuobjdump). Prints a table of registers / shared memory / spills.
+
+The compiles run in two worker processes (one per arch; this file run as a script) without TRITON_INTERPRET:
+with the interpreter on when triton is imported, triton's own jit helpers (tl.cdiv, tl.sum) are interpreted
+functions and nothing compiles. Written for the installed Triton 3.8 (ASTSource's signature/constexprs API
+differs across versions); the kernels themselves stay Triton 3.6-compatible.
+"""
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block
+REG_BOUND = 255  # the hardware limit per thread; beyond what fits ptxas spills, which SPILL_BOUND forbids
+# bytes of stack + local memory per thread: 14 of the 126 compiles spill 8-40 B (apply_grad and sm_80 mostly,
+# where ptxas caps 8-warp kernels at 128 registers); small enough to stay in L1, to be tuned on a GPU
+SPILL_BOUND = 64
+DTYPES = ("fp32", "fp16", "bf16", "fp64")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------------------ worker (no interpreter)
+
+
+def _variants(kernels):
+    for name, (_, _, flags) in kernels.items():
+        for values in itertools.product(*flags.values()):
+            yield name, dict(zip(flags, values))
+
+
+def _compile_one(triton, tk, name, flags, cfg, dtype, arch, contiguous):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn, acc_pointers, _ = tk.KERNELS[name]
+    acc = "fp64" if dtype == "fp64" else "fp32"
+    constexprs = dict(flags)
+    for arg in fn.arg_names:
+        if arg.startswith("BLOCK_"):
+            constexprs[arg] = cfg.block_n if arg == "BLOCK_N" else cfg.block_c
+        elif contiguous and re.fullmatch(r"[a-z]s_n", arg):
+            constexprs[arg] = 1  # a launch with a contiguous position axis specializes its stride to 1
+    signature = {
+        arg: "constexpr" if arg in constexprs else
+        "*" + (acc if arg in acc_pointers else dtype) if arg.endswith("_ptr") else "i32"
+        for arg in fn.arg_names
+    }
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    # registers and spills from the cubin (compiled.n_regs needs a driver)
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        text = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    regs, stack, local = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", text).groups()
+    return {"regs": int(regs), "spill": int(stack) + int(local), "shared": compiled.metadata.shared}
+
+
+def compile_all(arch: int) -> list:
+    """One row per compile: every kernel variant x GPU config x dtype (contiguous positions), and on sm_90 also
+    fp32 with a runtime position stride (the variant a non-contiguous input compiles)."""
+    import triton
+
+    from fused_mtl_attn import triton_kernels as tk
+
+    assert not tk.INTERPRETED, "kernels are interpreted: unset TRITON_INTERPRET to compile them"
+    jobs = [(v, cfg, dtype, True) for v in _variants(tk.KERNELS) for cfg in tk.GPU_CONFIGS for dtype in DTYPES]
+    if arch == 90:
+        jobs += [(v, cfg, "fp32", False) for v in _variants(tk.KERNELS) for cfg in tk.GPU_CONFIGS]
+    rows = []
+    for (name, flags), cfg, dtype, contiguous in jobs:
+        row = {"kernel": name, "flags": flags, "config": list(cfg), "dtype": dtype, "arch": arch,
+               "layout": "contiguous" if contiguous else "strided"}
+        try:
+            row.update(_compile_one(triton, tk, name, flags, cfg, dtype, arch, contiguous))
+        except Exception as exc:  # reported by the test that owns this kernel
+            row["error"] = f"{type(exc).__name__}: {exc}"[-2000:]
+        rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":
+    print(json.dumps(compile_all(int(sys.argv[1]))))
+    sys.exit(0)
+
+
+# ------------------------------------------------------------------------------------------------- tests
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture(scope="module")
+def rows():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
+    workers = {arch: subprocess.Popen([sys.executable, os.path.abspath(__file__), str(arch)], env=env, cwd=REPO,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for arch in SHARED_LIMIT}
+    out = []
+    for arch, proc in workers.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        if proc.returncode != 0:
+            pytest.fail(f"compile worker for sm_{arch} failed:\n{stderr[-4000:]}")
+        out += json.loads(stdout.strip().splitlines()[-1])
+    return out
+
+
+def _flag_id(flags):
+    return ",".join(f"{k}={int(v)}" for k, v in flags.items()) or "-"
+
+
+KERNEL_VARIANTS = [("reduce", {"BACKWARD": False}), ("reduce", {"BACKWARD": True}),
+                   ("apply", {"NORMALIZE": True}), ("apply", {"NORMALIZE": False}), ("row_stats", {}),
+                   ("apply_grad", {"HAS_COLS": True}), ("apply_grad", {"HAS_COLS": False})]
+
+
+def test_every_kernel_variant_is_checked(rows):
+    # the list above parametrizes the next test; it must cover triton_kernels.KERNELS
+    assert {(r["kernel"], _flag_id(r["flags"])) for r in rows} == {(n, _flag_id(f)) for n, f in KERNEL_VARIANTS}
+
+
+@pytest.mark.parametrize("name, flags", KERNEL_VARIANTS, ids=lambda x: x if isinstance(x, str) else _flag_id(x))
+def test_kernel_compiles_within_limits(rows, name, flags):
+    mine = [r for r in rows if r["kernel"] == name and r["flags"] == {k: v for k, v in flags.items()}]
+    assert mine, f"no compile of {name} {flags}"
+    bad = []
+    for r in mine:
+        where = f"{r['config']} {r['layout']} {r['dtype']} sm_{r['arch']}"
+        if "error" in r:
+            bad.append(f"{where}: {r['error']}")
+        elif r["shared"] > SHARED_LIMIT[r["arch"]]:
+            bad.append(f"{where}: {r['shared']} B shared memory > {SHARED_LIMIT[r['arch']]}")
+        elif r["regs"] > REG_BOUND or r["spill"] > SPILL_BOUND:
+            bad.append(f"{where}: {r['regs']} registers, {r['spill']} B spilled")
+    assert not bad, f"{name} {flags}:\n" + "\n".join(bad)
+
+
+def test_print_resource_table(rows, capsys):
+    lines = [f"{'kernel':<10} {'flags':<11} {'config c,n,warps,stages':<24} {'layout':<10} {'dtype':<5} "
+             f"{'arch':<5} {'regs':>4} {'shared':>7} {'spill':>5}"]
+    ok = [r for r in rows if "error" not in r]
+    for r in ok:
+        lines.append(f"{r['kernel']:<10} {_flag_id(r['flags']):<11} {str(tuple(r['config'])):<24} {r['layout']:<10} "
+                     f"{r['dtype']:<5} sm_{r['arch']:<2} {r['regs']:>4} {r['shared']:>7} {r['spill']:>5}")
+    if ok:
+        lines.append(f"{len(rows)} compiles: max {max(r['regs'] for r in ok)} registers, max "
+                     f"{max(r['shared'] for r in ok)} B shared, max {max(r['spill'] for r in ok)} B spilled")
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
