@@ -12,13 +12,17 @@ import torch
 import torch.nn.functional as F
 
 EPS = 1e-12
+# 1e-12 underflows to 0 in float16, which would turn an empty source's 0/eps into 0/0: there the clamp uses
+# float16's smallest positive value instead (no non-zero float16 denominator is smaller)
+FLOAT16_EPS = 2.0**-24
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Linear attention on post-softplus features: q [..., d, Nq], k [..., d, Nk], v [..., m, Nk] -> [..., m, Nq]."""
     context = torch.matmul(v, k.transpose(-1, -2))  # S: [..., m, d]
     z = k.sum(dim=-1, keepdim=True)  # [..., d, 1]
-    den = (z * q).sum(dim=-2, keepdim=True).clamp_min(EPS)  # [..., 1, Nq]
+    eps = FLOAT16_EPS if q.dtype == torch.float16 else EPS
+    den = (z * q).sum(dim=-2, keepdim=True).clamp_min(eps)  # [..., 1, Nq]
     return torch.matmul(context, q) / den
 
 

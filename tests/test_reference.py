@@ -141,3 +141,10 @@ def test_unknown_backend_and_available_backends():
         assert ok == (not reasons), f"{name}: available={ok} but reasons={reasons}"
     if not torch.cuda.is_available():
         assert not table["cuda"][0] and table["cuda"][1], "without a GPU the cuda backend must say why"
+
+
+def test_empty_source_gives_zero_in_float16():
+    q, k, v = torch.randn(1, 3, 4, dtype=torch.float16), torch.randn(1, 3, 5, dtype=torch.float16), torch.rand(1, 2, 5, dtype=torch.float16)
+    out = reference.cross_scale_attention(q, k, v, [0, 0, 5])
+    assert torch.all(out[:, 0] == 0), f"empty source must give 0 in float16, got {out[:, 0]}"
+    assert torch.isfinite(out).all()
