@@ -182,72 +182,147 @@ def _aggregation_weights(head, widths):
     return [torch.cat(ws, dim=1)[..., None, None] for ws in per_scale]
 
 
-class _NormReluConv(torch.autograd.Function):
-    """conv1x1(ReLU(BN(h))) that saves only h (and per-channel statistics) and recomputes the activations in
-    backward, instead of storing three full-resolution tensors as the module chain does. Works on [B, C, N]
-    views with in-place updates and per-sample matrix products, so each full-resolution pass is one sweep."""
+class _Aggregation(torch.autograd.Function):
+    """The aggregation head after CSAM, conv_out(ReLU(BN(h))) with h = sum_k up(W_k x_k) + bias, computed block
+    of channels by block of channels: BatchNorm is per channel, so each block of h is built, normalised and
+    folded into the output before the next, and no 1080-channel full-resolution tensor ever exists. Backward
+    rebuilds each block of h from the small per-scale inputs (the only tensors saved) and sends its gradient
+    straight back to them. Loops run in a fixed order, so results are deterministic."""
 
     @staticmethod
-    def forward(ctx, h, gamma, beta, weight, bias, mean, invstd, batch_stats: bool):
-        ctx.batch_stats = batch_stats
-        ctx.save_for_backward(h, gamma, beta, weight, mean, invstd)
-        act = _pre_activation(h, gamma, beta, mean, invstd).clamp_(min=0)
-        w = weight.flatten(1)
-        out = torch.stack([torch.addmm(bias[:, None], w, a) for a in act])
-        return out.view(h.shape[0], -1, *h.shape[2:])
+    def forward(ctx, eps, sizes, running_mean, running_var, x0, x1, x2, x3, w0, w1, w2, w3, bias, gamma, beta,
+                w_out, b_out):
+        ctx.sizes, ctx.input_shapes = sizes, [x.shape for x in (x0, x1, x2, x3)]
+        running = None if running_mean is None else (running_mean, running_var)
+        xs = [x.flatten(2) for x in (x0, x1, x2, x3)]
+        ws = [w0, w1, w2, w3]
+        batch, channels, n0 = xs[0].shape[0], ws[0].shape[0], xs[0].shape[2]
+        geometry = ctx.geometry = _geometry(ctx, xs)
+        block = ctx.block = _channel_block(batch, channels, n0, xs[0].device)
+        mean, var = (torch.empty(channels, dtype=xs[0].dtype, device=xs[0].device) for _ in range(2))
+        if running is not None:
+            mean.copy_(running[0])
+            var.copy_(running[1])
+        out = b_out[None, :, None].expand(batch, -1, n0).contiguous()
+        for c0 in range(0, channels, block):
+            sl = slice(c0, min(c0 + block, channels))
+            h = _build_block(xs, ws, bias, sl, geometry)
+            if running is None:
+                mean[sl], var[sl] = _channel_stats(h)
+            scale = gamma[sl] * torch.rsqrt(var[sl] + eps)
+            act = h.mul_(scale[:, None]).add_((beta[sl] - mean[sl] * scale)[:, None]).clamp_(min=0)
+            for b in range(batch):
+                out[b].addmm_(w_out[:, sl], act[b])
+        ctx.eps, ctx.batch_stats = eps, running is None
+        ctx.save_for_backward(*xs, *ws, bias, gamma, beta, w_out, mean, var)
+        return out.view(batch, -1, *geometry[0]), mean, var
 
     @staticmethod
-    def backward(ctx, grad_out):
-        h, gamma, beta, weight, mean, invstd = ctx.saved_tensors
-        h3, g3 = h.flatten(2), grad_out.flatten(2)
-        w = weight.flatten(1)
-        act = _pre_activation(h, gamma, beta, mean, invstd)
-        active = act > 0
-        act.clamp_(min=0)
-        grad_weight = sum(torch.mm(g, a.t()) for g, a in zip(g3, act)).view_as(weight)
-        grad_bias = g3.sum(2).sum(0)
-        del act
-        grad = torch.stack([torch.mm(w.t(), g) for g in g3]).mul_(active)  # dL/d(BN output)
-        grad_beta = grad.sum(2).sum(0)
-        # sum(grad * xhat) with xhat = (h - mean) * invstd, without materialising xhat
-        grad_gamma = (torch.linalg.vecdot(grad, h3, dim=2).sum(0) - mean * grad_beta) * invstd
-        scale = gamma * invstd
-        grad.mul_(scale[:, None])
-        if ctx.batch_stats:  # the batch mean and variance depend on h too
-            n = h3.shape[0] * h3.shape[2]
-            coef = scale * invstd * grad_gamma / n
-            grad.addcmul_(h3, -coef[:, None]).add_((coef * mean - scale * grad_beta / n)[:, None])
-        return grad.view_as(h), grad_gamma, grad_beta, grad_weight, grad_bias, None, None, None
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
+        saved = ctx.saved_tensors
+        xs, ws = list(saved[:4]), list(saved[4:8])
+        bias, gamma, beta, w_out, mean, var = saved[8:]
+        batch, n0 = xs[0].shape[0], xs[0].shape[2]
+        channels, geometry = ws[0].shape[0], ctx.geometry
+        g = grad_out.flatten(2)
+        grad_xs = [torch.zeros_like(x) for x in xs]
+        grad_ws = [torch.zeros_like(w) for w in ws]
+        grad_bias, grad_gamma, grad_beta = (torch.zeros_like(gamma) for _ in range(3))
+        grad_w_out = torch.zeros_like(w_out)
+        n = batch * n0
+        for c0 in range(0, channels, ctx.block):
+            sl = slice(c0, min(c0 + ctx.block, channels))
+            invstd = torch.rsqrt(var[sl] + ctx.eps)
+            xhat = _build_block(xs, ws, bias, sl, geometry).sub_(mean[sl, None]).mul_(invstd[:, None])
+            pre = torch.addcmul(beta[sl, None], xhat, gamma[sl, None])
+            active = pre > 0
+            act = pre.clamp_(min=0)
+            for b in range(batch):
+                grad_w_out[:, sl].addmm_(g[b], act[b].t())
+            grad = act  # reuse the buffer: dL/d(BN output)
+            for b in range(batch):
+                torch.mm(w_out[:, sl].t(), g[b], out=grad[b])
+            grad.mul_(active)
+            grad_beta[sl] = grad.sum(2).sum(0)
+            grad_gamma[sl] = torch.linalg.vecdot(grad, xhat, dim=2).sum(0)
+            if ctx.batch_stats:  # the batch mean and variance depend on h too
+                grad.sub_((grad_beta[sl] / n)[:, None]).addcmul_(xhat, -(grad_gamma[sl] / n)[:, None])
+            grad.mul_((gamma[sl] * invstd)[:, None])  # dL/dh of this block
+            grad_bias[sl] = grad.sum(2).sum(0)
+            for b in range(batch):
+                _block_backward(grad[b], xs, ws, b, sl, geometry, grad_xs, grad_ws)
+        grad_b_out = g.sum(2).sum(0)
+        grad_xs = [gx.view(shape) for gx, shape in zip(grad_xs, ctx.input_shapes)]
+        return (None, None, None, None, *grad_xs, *grad_ws, grad_bias, grad_gamma, grad_beta, grad_w_out,
+                grad_b_out)
 
 
-def _pre_activation(h, gamma, beta, mean, invstd):
-    """BN output (h - mean) * invstd * gamma + beta in one pass, as [B, C, N]."""
-    scale = invstd * gamma
-    return torch.addcmul((beta - mean * scale)[:, None], h.flatten(2), scale[:, None])
+def _geometry(ctx, xs):
+    """Sizes of scale 0 and, per coarser scale, its size and the two interpolation matrices to scale 0."""
+    size0 = ctx.sizes[0]
+    scales = []
+    for x, size in zip(xs[1:], ctx.sizes[1:]):
+        scales.append((size, _interpolation_matrix(size[0], size0[0], x), _interpolation_matrix(size[1], size0[1], x)))
+    return size0, scales
+
+
+def _channel_block(batch: int, channels: int, positions: int, device) -> int:
+    """Channels per block: a few MB of activations on a CPU (stays in cache, reuses allocator blocks)."""
+    budget = (1 << 20) if device.type == "cpu" else (1 << 27)
+    return int(max(8, min(channels, budget // max(batch * positions, 1))))
+
+
+def _build_block(xs, ws, bias, sl, geometry):
+    """Channels `sl` of h = W_0 x_0 + sum_k up(W_k x_k) + bias, as [B, c, N0]."""
+    (height, width), scales = geometry
+    batch, n0 = xs[0].shape[0], xs[0].shape[2]
+    c = sl.stop - sl.start
+    h = torch.empty(batch, c, n0, dtype=xs[0].dtype, device=xs[0].device)
+    for b in range(batch):
+        torch.addmm(bias[sl, None], ws[0][sl], xs[0][b], out=h[b])
+        plane = h[b].view(c, height, width)
+        for x, w, ((hk, wk), rows, cols) in zip(xs[1:], ws[1:], scales):
+            z = torch.mm(w[sl], x[b]).view(c * hk, wk)
+            plane.baddbmm_(rows.expand(c, -1, -1), torch.mm(z, cols.t()).view(c, hk, width))
+    return h
+
+
+def _block_backward(grad_h, xs, ws, b, sl, geometry, grad_xs, grad_ws):
+    """Accumulate into grad_xs / grad_ws the gradients from dL/dh of channels `sl` of sample b ([c, N0])."""
+    (height, width), scales = geometry
+    c = sl.stop - sl.start
+    grad_xs[0][b].addmm_(ws[0][sl].t(), grad_h)
+    grad_ws[0][sl].addmm_(grad_h, xs[0][b].t())
+    for k, ((hk, wk), rows, cols) in enumerate(scales, start=1):
+        t = torch.matmul(rows.t(), grad_h.view(c, height, width))  # adjoint of the row interpolation
+        grad_z = torch.mm(t.view(c * hk, width), cols).view(c, hk * wk)
+        grad_xs[k][b].addmm_(ws[k][sl].t(), grad_z)
+        grad_ws[k][sl].addmm_(grad_z, xs[k][b].t())
 
 
 def _channel_stats(h: torch.Tensor):
-    """Per-channel mean and biased variance of h [B, C, ...], two-pass (as accurate as BatchNorm's own)."""
-    h3 = h.flatten(2)
-    n = h3.shape[0] * h3.shape[2]
-    mean = h3.sum(2).sum(0) / n
-    centred = h3 - mean[:, None]
+    """Per-channel mean and biased variance of h [B, C, N], two-pass (as accurate as BatchNorm's own)."""
+    n = h.shape[0] * h.shape[2]
+    mean = h.sum(2).sum(0) / n
+    centred = h - mean[:, None]
     return mean, torch.linalg.vecdot(centred, centred, dim=2).sum(0) / n
 
 
-def _norm_relu_conv(h: torch.Tensor, norm: nn.BatchNorm2d, conv: nn.Conv2d) -> torch.Tensor:
-    """conv(ReLU(norm(h))) with the statistics and running-statistics update of one reference call."""
+def aggregate(head, pieces: list, widths) -> torch.Tensor:
+    """head.aggregate(cat(up(pieces))) from per-scale inputs [Y_k, S_k<-j ...]; running statistics as one call."""
+    norm, conv_out = head.aggregate[1], head.aggregate[3]
+    xs = [torch.cat(p, dim=1) if len(p) > 1 else p[0] for p in pieces]
+    weights = [w[..., 0, 0] for w in _aggregation_weights(head, widths)]
     batch_stats = _uses_batch_stats(norm)
-    with torch.no_grad():
-        if batch_stats:
-            mean, var = _channel_stats(h)
-            if norm.track_running_stats:
-                n = h.numel() // h.shape[1]
-                _update_running_stats(norm, mean, var * n / max(n - 1, 1))
-        else:
-            mean, var = norm.running_mean, norm.running_var
-        invstd = torch.rsqrt(var + norm.eps)
-    return _NormReluConv.apply(h, norm.weight, norm.bias, conv.weight, conv.bias, mean, invstd, batch_stats)
+    running = (None, None) if batch_stats else (norm.running_mean, norm.running_var)
+    sizes = tuple(tuple(x.shape[-2:]) for x in xs)
+    out, mean, var = _Aggregation.apply(norm.eps, sizes, *running, *xs, *weights, head.aggregate[0].bias,
+                                        norm.weight, norm.bias, conv_out.weight[..., 0, 0], conv_out.bias)
+    if batch_stats and norm.track_running_stats:
+        n = out.shape[0] * out.shape[2] * out.shape[3]
+        with torch.no_grad():
+            _update_running_stats(norm, mean, var * n / max(n - 1, 1))
+    return out
 
 
 class _Upsample(torch.autograd.Function):
@@ -299,11 +374,4 @@ def head_fused(head, features: list, widths, backend: str = "auto") -> torch.Ten
     for k in range(3):
         attended = cross_scale_fused(head, features, k, backend)
         per_scale[k] += list(attended.unbind(1))
-    size = features[0].shape[-2:]
-    weights = _aggregation_weights(head, widths)
-    # accumulate in place into the scale-0 conv output (autograd needs none of the summands)
-    h = F.conv2d(torch.cat(per_scale[0], dim=1), weights[0], head.aggregate[0].bias)
-    for k in range(1, 4):
-        part = F.conv2d(torch.cat(per_scale[k], dim=1) if len(per_scale[k]) > 1 else per_scale[k][0], weights[k])
-        h = h.add_(upsample(part, size))
-    return _norm_relu_conv(h, head.aggregate[1], head.aggregate[3])
+    return aggregate(head, per_scale, widths)

@@ -101,3 +101,16 @@ def test_checkpoint_moves_between_paths():
     for t in tasks:
         _assert_close(f"output {t}", a[t], b[t], b[t].abs().max(), RTOL[torch.float32])
     assert ref.set_fused(True) is ref and ref.fused
+
+
+@pytest.mark.parametrize("src, dst", [((4, 5), (32, 40)), ((7, 9), (13, 30)), ((16, 20), (16, 20)), ((3, 3), (2, 5))])
+def test_matmul_upsample_is_pytorch_bilinear(src, dst):
+    from model.fused import upsample
+
+    x = torch.randn(2, 3, *src, dtype=torch.float64, requires_grad=True)
+    want = torch.nn.functional.interpolate(x, size=dst, mode="bilinear", align_corners=False)
+    got = upsample(x, dst)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0],
+                               rtol=1e-12, atol=1e-12)
