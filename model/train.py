@@ -99,7 +99,11 @@ def setup_distributed():
 def wrap_model(net, cfg, device, world):
     """Move to `device`; under several processes: optional SyncBatchNorm, then DistributedDataParallel."""
     if world > 1 and cfg["sync_bn"]:
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        if device.type == "cuda":
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        else:
+            say("warning: sync_bn needs GPUs (PyTorch's SyncBatchNorm is CUDA-only); BatchNorm stays per process",
+                dist.get_rank())
     net = net.to(device)
     if world > 1:
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -263,6 +267,12 @@ class Trainer:
             return self.step % every_steps == 0
         return epoch_end and every_epochs and self.epoch % every_epochs == 0
 
+    def _past(self, deadline):
+        late = torch.tensor(float(time.perf_counter() > deadline))
+        if self.world > 1:      # every rank stops at the same step
+            dist.all_reduce(late, op=dist.ReduceOp.MAX)
+        return bool(late.item())
+
     # training -----------------------------------------------------------------------------------------
     def train_step(self, batch):
         batch = to_device(batch, self.device)
@@ -302,6 +312,7 @@ class Trainer:
         self.net.train()
         bar = progress(self.stop_at * bs, "train", self.rank, initial=self.step * bs)
         sums, n_logged, tick = {}, 0, time.perf_counter()
+        deadline = tick + self.args.time_limit if self.args.time_limit else None
         while self.step < self.stop_at:
             for batch in self.loader():
                 total, parts = self.train_step(batch)
@@ -332,6 +343,9 @@ class Trainer:
                         self.save()
                 elif self.due_for_eval(epoch_end=False):
                     self.evaluate()
+                if deadline is not None and self._past(deadline):
+                    say(f"time limit of {self.args.time_limit:g} s reached at step {self.step}", self.rank)
+                    self.stop_at = self.step
                 if self.step >= self.stop_at:
                     break
         bar.close()
@@ -349,6 +363,8 @@ def parse_args(argv):
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt "
                    "(OUT: --out, else the newest runs/<config>-*)")
     p.add_argument("--max-steps", type=int, help="stop after this many steps (the lr schedule still spans the epochs)")
+    p.add_argument("--time-limit", type=float, metavar="SECONDS",
+                   help="stop (evaluate, checkpoint) after this much training time")
     p.add_argument("--out", help="run directory (default runs/<config>-<timestamp>)")
     return p.parse_args(argv)
 
