@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.hrnet import HighResolutionNetFeatures, cfg_cls
 
-from .fused import cross_task_fused, head_fused, upsample
+from .fused import cross_task_fused, head_fused, recompute_in_backward, upsample
 from .modules import BasicBlock, GlobalContextAttention, SqueezeExcitation, SwinLayer, conv1x1
 
 NYUD_TASKS = {"semseg": 40, "depth": 1, "normals": 3, "edge": 1}
@@ -219,11 +219,16 @@ class SCAMTL(nn.Module):
         self.fused = False
         self.set_fused(fused)
 
-    def set_fused(self, flag: bool = True, backend: str = "auto") -> "SCAMTL":
+    def set_fused(self, flag: bool = True, backend: str = "auto", recompute_encoder: bool = True) -> "SCAMTL":
         """Select the execution path; both paths share every parameter and buffer. `backend` picks the
-        attention kernels of the fused path (see fused_mtl_attn.available_backends())."""
+        attention kernels of the fused path (see fused_mtl_attn.available_backends()); `recompute_encoder`
+        lets the fused path keep only the image for the backbone and Swin layers and recompute them in
+        backward (less memory for about one more encoder forward; same results and running statistics)."""
+        if backend != "auto" and backend not in ("eager", "cpu", "cuda", "triton"):
+            raise ValueError(f"backend must be 'auto', 'eager', 'cpu', 'cuda' or 'triton', got {backend!r}")
         self.fused = bool(flag)
         self.backend = backend
+        self.recompute_encoder = bool(recompute_encoder)
         return self
 
     def _check_input(self, x):
@@ -239,6 +244,12 @@ class SCAMTL(nn.Module):
             raise TypeError(f"input must be a floating tensor, got {x.dtype}")
 
     def encode(self, x: torch.Tensor) -> list:
+        """Backbone maps fused with their self-attention: [ATT(F_k), F_k] per scale."""
+        if self.fused and self.recompute_encoder and torch.is_grad_enabled():
+            return recompute_in_backward(self._encode, x, modules=(self.backbone, self.self_attention))
+        return self._encode(x)
+
+    def _encode(self, x: torch.Tensor) -> list:
         feats = self.backbone(x)
         return [torch.cat([att(f), f], dim=1) for att, f in zip(self.self_attention, feats)]
 
