@@ -50,13 +50,16 @@ def median_ms(fn, device: str, min_run_time: float) -> float:
     return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
-def saved_bytes(forward) -> int:
-    """Bytes of the unique storages autograd saves for backward while forward() runs."""
+def saved_bytes(forward, exclude=()) -> int:
+    """Bytes of the unique storages autograd saves for backward while forward() runs, leaving out the storages
+    of the tensors in `exclude` (e.g. parameters, to count activations only)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
     storages = {}
 
     def pack(t):
         s = t.untyped_storage()
-        storages[(s.data_ptr(), s.device)] = s.nbytes()
+        if s.data_ptr() not in skip:
+            storages[(s.data_ptr(), s.device)] = s.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

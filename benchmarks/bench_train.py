@@ -1,0 +1,158 @@
+"""One SCA-MTL training step (forward, loss with deep supervision, backward, Adam step): the reference path vs
+the fused path (and optionally torch.compile of the reference), measured side by side in one run.
+
+Reports the median step time, the activation bytes autograd saves for backward (parameters excluded) and, on a
+GPU, the peak allocated memory; ratios are fused / reference. Example:
+
+    python benchmarks/bench_train.py --quick            # CPU: NYUD 2-task 256x320 and PASCAL 5-task 256x256, batch 2
+    python benchmarks/bench_train.py --device cuda      # GPU: NYUD 480x640 and PASCAL 512x512, batch 8, fp32 + bf16
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import environment, saved_bytes  # noqa: E402
+from model import NYUD_TASKS, PASCAL_TASKS, build_model  # noqa: E402
+from model.losses import MultiTaskLoss  # noqa: E402
+
+CONFIGS = {
+    "nyud2": ({t: NYUD_TASKS[t] for t in ("semseg", "depth")}, {"semseg": 1.44, "depth": 1.15}),
+    "pascal3": ({t: PASCAL_TASKS[t] for t in ("semseg", "human_parts", "sal")}, {"semseg": 1, "human_parts": 2, "sal": 5}),
+    "pascal5": (dict(PASCAL_TASKS), None),
+}
+SIZES = {"cpu": {"nyud2": (256, 320), "pascal3": (256, 256), "pascal5": (256, 256)},
+         "cuda": {"nyud2": (480, 640), "pascal3": (512, 512), "pascal5": (512, 512)}}
+
+
+def random_batch(tasks: dict, batch: int, size, device) -> dict:
+    """Labels of the right kind for every task (class maps with ignored pixels, valid depth, unit normals...)."""
+    g = torch.Generator().manual_seed(0)
+    h, w = size
+    out = {"image": torch.randn(batch, 3, h, w, generator=g)}
+    for t, n in tasks.items():
+        if t in ("semseg", "human_parts"):
+            lab = torch.randint(0, n, (batch, h, w), generator=g)
+            lab[:, :4] = 255
+            out[t] = lab
+        elif t == "depth":
+            out[t] = torch.rand(batch, 1, h, w, generator=g) * 5
+        elif t == "normals":
+            out[t] = torch.nn.functional.normalize(torch.randn(batch, 3, h, w, generator=g), dim=1)
+        else:  # edge, sal: binary maps
+            out[t] = (torch.rand(batch, 1, h, w, generator=g) > 0.8).float()
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def measure(net, loss_fn, batch, device, amp, repeats: int) -> dict:
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4, weight_decay=1e-4)
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=amp)
+
+    def forward_loss():
+        with autocast:
+            out = net(batch["image"])
+        return loss_fn({k: (v.float() if torch.is_tensor(v) else {s: {t: p.float() for t, p in d.items()}
+                                                                for s, d in v.items()})
+                        for k, v in out.items()}, batch)[0]
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        forward_loss().backward()
+        opt.step()
+
+    step()  # warm-up (and compilation, when the net is compiled)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    row = {"step_ms": sorted(times)[len(times) // 2] * 1e3, "steps_timed": repeats,
+           "images_per_s": batch["image"].shape[0] / (sorted(times)[len(times) // 2])}
+    opt.zero_grad(set_to_none=True)
+    row["saved_bytes"] = saved_bytes(forward_loss, exclude=list(net.parameters()))
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        sync()
+        row["peak_bytes"] = torch.cuda.max_memory_allocated()
+    return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--configs", default="nyud2,pascal5", help="comma-separated: " + ",".join(CONFIGS))
+    parser.add_argument("--batch", type=int, default=None, help="default 2 on CPU, 8 on GPU")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per case (median is reported)")
+    parser.add_argument("--amp", choices=["off", "bf16", "both"], default=None,
+                        help="bf16 autocast (default: off on CPU, both on GPU)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the reference (slow)")
+    parser.add_argument("--quick", action="store_true", help="3 timed steps per case")
+    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="override the input size of every config")
+    parser.add_argument("--widths", type=int, nargs=4, help="decoder widths C_k (default 36 72 144 288)")
+    parser.add_argument("--json", help="write the rows (a JSON list) to this file")
+    args = parser.parse_args(argv)
+    device = args.device
+    batch_size = args.batch or (8 if device == "cuda" else 2)
+    repeats = args.repeats or (3 if args.quick else (10 if device == "cuda" else 5))
+    amp_modes = {"off": [False], "bf16": [True], "both": [False, True]}[args.amp or ("both" if device == "cuda" else "off")]
+    env = environment(device)
+    rows = []
+    for name in args.configs.split(","):
+        if name not in CONFIGS:
+            parser.error(f"--configs: unknown config {name!r}; choose from {list(CONFIGS)}")
+        tasks, weights = CONFIGS[name]
+        size = tuple(args.size) if args.size else SIZES[device][name]
+        batch = random_batch(tasks, batch_size, size, device)
+        loss_fn = MultiTaskLoss(list(tasks), weights)
+        for amp in amp_modes:
+            torch.manual_seed(0)
+            reference = build_model(tasks, **({"widths": tuple(args.widths)} if args.widths else {})).to(device).train()
+            variants = {"reference": reference, "fused": copy.deepcopy(reference).set_fused(True)}
+            if args.compile:
+                variants["compiled_reference"] = torch.compile(copy.deepcopy(reference))
+            results = {}
+            for variant, net in variants.items():
+                results[variant] = measure(net, loss_fn, batch, device, amp, repeats)
+                print(f"{name} {'bf16' if amp else 'fp32'} {variant:<19} {results[variant]['step_ms']:9.1f} ms  "
+                      f"saved {results[variant]['saved_bytes'] / 2**20:8.1f} MiB", flush=True)
+            base = results["reference"]
+            for variant, res in results.items():
+                row = dict(env, config=name, tasks=list(tasks), batch=batch_size, size=list(size),
+                           dtype="bf16-autocast" if amp else "fp32", variant=variant, **res,
+                           time_ratio=res["step_ms"] / base["step_ms"],
+                           saved_ratio=res["saved_bytes"] / base["saved_bytes"])
+                if "peak_bytes" in res:
+                    row["peak_ratio"] = res["peak_bytes"] / base["peak_bytes"]
+                rows.append(row)
+    print(f"\n{env['device_name']} ({device}, {env['threads']} threads), torch {env['torch']}, commit {env['commit']}")
+    header = f"{'config':<8} {'dtype':<13} {'variant':<19} {'step ms':>9} {'x ref':>6} {'saved MiB':>10} {'x ref':>6}"
+    if device == "cuda":
+        header += f" {'peak MiB':>9} {'x ref':>6}"
+    print(header)
+    for r in rows:
+        line = (f"{r['config']:<8} {r['dtype']:<13} {r['variant']:<19} {r['step_ms']:9.1f} {r['time_ratio']:6.2f} "
+                f"{r['saved_bytes'] / 2**20:10.1f} {r['saved_ratio']:6.2f}")
+        if "peak_bytes" in r:
+            line += f" {r['peak_bytes'] / 2**20:9.1f} {r['peak_ratio']:6.2f}"
+        print(line)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+        print(f"# wrote {len(rows)} rows to {args.json}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
