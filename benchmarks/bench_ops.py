@@ -1,16 +1,34 @@
 """Time and memory of both attention ops at the paper's per-scale shapes, for every available backend and eager.
 
-NYUD 480x640 input: scales at stride 4, 8, 16, 32 (120x160 ... 15x20 positions) with C = 36/72/144/288 (d = m = C).
-CTAM: P = 2 (2 tasks) and P = 20 (5 tasks) stacked pairs per scale. CSAM: target scale k queries the coarser
-sources j > k gathered along positions (J = 3, 2, 1). Forward, backward and forward+backward medians; memory saved for
-backward (CPU) or peak allocated (GPU); the minimum bytes each op must move and the achieved GB/s.
+Shapes (d = m = C at every scale; scale s = stride 4 * 2**s, i.e. 1/4 ... 1/32 of the input):
+  NYUD 480x640:   positions 120x160, 60x80, 30x40, 15x20 with C = 36, 72, 144, 288
+  PASCAL 512x512: positions 128x128, 64x64, 32x32, 16x16 with C = 36, 72, 144, 288
+CTAM: P = M(M-1) stacked (query, source) pairs for M = 2..5 tasks (P = 2, 6, 12, 20), q, k, v [B, P, C, N].
+CSAM: target scale k = 0, 1, 2 queries the J = 3, 2, 1 coarser sources gathered along positions,
+      q [B, C_k, N_k], k, v [B, C_k, sum_j N_j] (the sources already projected to C_k), out [B, J, C_k, N_k].
 
-    python benchmarks/bench_ops.py [--quick] [--device cpu|cuda] [--compile] [--json PATH]
+Per case and backend: median forward (no grad), backward (of a retained graph) and forward+backward times; the
+activation bytes autograd saves for backward, and on a GPU the peak allocated memory of forward+backward above the
+inputs; the minimum bytes the op must move and the achieved bandwidth:
+  fwd_bytes = (|q| + |k| + |v| + |out|) * itemsize           (read q, k, v; write out)
+  bwd_bytes = (2 * (|q| + |k| + |v|) + |out|) * itemsize     (read q, k, v, grad_out; write dq, dk, dv)
+  gb_per_s  = (fwd_bytes + bwd_bytes) / fwd_bwd_time / 1e9   (fwd_gb_per_s, bwd_gb_per_s likewise per phase)
+  device_gb_per_s = 2 * copy_bytes / copy_time / 1e9, measured once per run by copying a 1 GiB device tensor
+                    into another (read + write; 256 MiB on CPU)
+  bw_fraction = gb_per_s / device_gb_per_s
+eager_over_this = eager fwd_bwd time / this backend's (the speed-up over eager); mem_over_eager likewise for memory.
+
+    python benchmarks/bench_ops.py [--quick] [--device cpu|cuda] [--batch 1 8] [--datasets nyud,pascal]
+                                   [--pairs 2,6,12,20] [--compile] [--json PATH]
+
+--quick: NYUD only, P = 2 and CSAM, short timing (under 2 minutes on a 2-core CPU). --json writes a JSON list of
+rows (rewritten after every case, so an interrupted run keeps what it measured).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -20,38 +38,62 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import environment, median_ms, saved_bytes  # noqa: E402
 from fused_mtl_attn import available_backends, cross_scale_attention, cross_task_attention, reference  # noqa: E402
 
-SCALES = [(120 * 160, 36), (60 * 80, 72), (30 * 40, 144), (15 * 20, 288)]  # (positions, channels) per stride 4..32
+CHANNELS = (36, 72, 144, 288)
+DATASETS = {"nyud": (480, 640), "pascal": (512, 512)}  # input size; scale s has (H, W) / (4 * 2**s) positions
+PAIRS = (2, 6, 12, 20)  # P = M(M-1) for M = 2..5 tasks
+BACKEND_ORDER = {"cpu": ("cpu", "eager"), "cuda": ("cuda", "triton", "eager")}
 
 
-def cases(quick: bool, batch: int):
-    """(name, scale, op, shapes) per case; shapes: q, k, v shapes and offsets (None for CTAM)."""
+def scales(dataset: str, positions_scale: float = 1.0):
+    """[(h, w, C)] per scale 0..3; positions_scale shrinks h and w (tests and dry runs), at least 1 each."""
+    height, width = DATASETS[dataset]
+    return [(max(1, round(height / (4 << s) * positions_scale)), max(1, round(width / (4 << s) * positions_scale)), c)
+            for s, c in enumerate(CHANNELS)]
+
+
+def cases(datasets, pairs, batch: int, positions_scale: float = 1.0):
+    """Dicts with name, dataset, scale, op, hw, shapes (q, k, v) and offsets (None for CTAM)."""
     out = []
-    for pairs in ((2,) if quick else (2, 20)):
-        for s, (n, c) in enumerate(SCALES):
-            out.append((f"ctam P={pairs}", s, "cross_task",
-                        ((batch, pairs, c, n), (batch, pairs, c, n), (batch, pairs, c, n), None)))
-    for s in range(3):
-        n, c = SCALES[s]
-        sizes = [SCALES[j][0] for j in range(s + 1, 4)]
-        offsets = [0]
-        for size in sizes:
-            offsets.append(offsets[-1] + size)
-        out.append((f"csam J={len(sizes)}", s, "cross_scale",
-                    ((batch, c, n), (batch, c, offsets[-1]), (batch, c, offsets[-1]), offsets)))
+    for dataset in datasets:
+        sc = scales(dataset, positions_scale)
+        for p in pairs:
+            for s, (h, w, c) in enumerate(sc):
+                shape = (batch, p, c, h * w)
+                out.append(dict(name=f"ctam P={p}", dataset=dataset, scale=s, op="cross_task", hw=[h, w],
+                                shapes=(shape, shape, shape), offsets=None))
+        for s in range(3):
+            h, w, c = sc[s]
+            offsets = [0]
+            for hj, wj, _ in sc[s + 1:]:
+                offsets.append(offsets[-1] + hj * wj)
+            out.append(dict(name=f"csam J={len(offsets) - 1}", dataset=dataset, scale=s, op="cross_scale", hw=[h, w],
+                            shapes=((batch, c, h * w), (batch, c, offsets[-1]), (batch, c, offsets[-1])),
+                            offsets=offsets))
     return out
 
 
-def min_bytes(op, shapes, itemsize):
-    """Bytes an op must read and write at least: forward q, k, v -> out; backward q, k, v, grad -> dq, dk, dv."""
-    q, k, v, offsets = shapes
-    numel = lambda s: int(torch.tensor(s).prod())  # noqa: E731
-    out = numel(v) if op == "cross_task" else numel(q[:1]) * (len(offsets) - 1) * v[1] * q[2]
-    fwd = numel(q) + numel(k) + numel(v) + out
-    bwd = 2 * (numel(q) + numel(k) + numel(v)) + out
-    return fwd * itemsize, bwd * itemsize
+def min_bytes(case, itemsize):
+    """(forward, backward) bytes the op must read and write at least (formulas in the module docstring)."""
+    q, k, v = (math.prod(s) for s in case["shapes"])
+    batch, channels, n_query = case["shapes"][0][0], case["shapes"][2][-2], case["shapes"][0][-1]
+    out = v if case["op"] == "cross_task" else batch * (len(case["offsets"]) - 1) * channels * n_query
+    return (q + k + v + out) * itemsize, (2 * (q + k + v) + out) * itemsize
 
 
-def make_fn(op, backend, offsets, compiled):
+def device_bandwidth(device: str) -> float:
+    """GB/s of a large device-to-device copy: 2 * bytes / time (each byte is read once and written once)."""
+    nbytes = 2**30 if device == "cuda" else 2**28
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, 0.2)
+    del src, dst
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def make_fn(case, backend, compiled):
+    op, offsets = case["op"], case["offsets"]
     if backend == "eager" and compiled:
         ref = reference.cross_task_attention if op == "cross_task" else (
             lambda q, k, v: reference.cross_scale_attention(q, k, v, offsets))
@@ -62,87 +104,133 @@ def make_fn(op, backend, offsets, compiled):
 
 
 def run_case(fn, shapes, device, dtype, min_run_time):
-    q_shape, k_shape, v_shape, _ = shapes
+    """Timing and memory fields of one (case, backend); the callables leave synchronisation to median_ms."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    inputs = [torch.randn(q_shape, generator=g), torch.randn(k_shape, generator=g), torch.rand(v_shape, generator=g)]
+    inputs = [torch.randn(shapes[0], generator=g), torch.randn(shapes[1], generator=g),
+              torch.rand(shapes[2], generator=g)]
     inputs = [t.to(device=device, dtype=dtype).requires_grad_(True) for t in inputs]
     out = fn(*inputs)
     grad = torch.randn_like(out)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def forward():
         with torch.no_grad():
             fn(*inputs)
-        sync()
 
     def backward():
         torch.autograd.grad(out, inputs, grad, retain_graph=True)
-        sync()
 
     def both():
         torch.autograd.grad(fn(*inputs), inputs, grad)
-        sync()
 
     row = {"fwd_ms": median_ms(forward, device, min_run_time), "bwd_ms": median_ms(backward, device, min_run_time),
            "fwd_bwd_ms": median_ms(both, device, min_run_time)}
+    del out
+    row["saved_mb"] = saved_bytes(lambda: fn(*inputs)) / 2**20
     if device == "cuda":
-        del out
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         both()
+        torch.cuda.synchronize()
         row["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        row["saved_mb"] = saved_bytes(lambda: fn(*inputs)) / 2**20
     return row
+
+
+def memory_mb(row):
+    """The memory figure the table and plots compare: GPU peak where measured, else saved-for-backward."""
+    return row.get("peak_mb", row.get("saved_mb"))
+
+
+def csv_ints(text):
+    return [int(x) for x in text.split(",") if x]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="CTAM P=2 and CSAM only, short timing (< 2 min on CPU)")
+    parser.add_argument("--quick", action="store_true", help="NYUD, CTAM P=2 and CSAM only, short timing")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--batch", type=int, default=None, help="batch size (default 2 on CPU, 8 on GPU)")
+    parser.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 2 on CPU, 1 8 on GPU)")
+    parser.add_argument("--datasets", default=None, help="comma-separated: nyud,pascal (default both; --quick: nyud)")
+    parser.add_argument("--pairs", type=csv_ints, default=None, help="CTAM pair counts (default 2,6,12,20; --quick: 2)")
     parser.add_argument("--compile", action="store_true", help="add torch.compile of the eager reference")
-    parser.add_argument("--json", help="write one row per case to this file")
+    parser.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per measurement")
+    parser.add_argument("--json", help="write one row per case and backend (a JSON list) to this file")
+    # tests and dry runs: multiply every scale's height and width by this factor
+    parser.add_argument("--positions-scale", type=float, default=1.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device, dtype = args.device, getattr(torch, args.dtype)
-    batch = args.batch or (2 if device == "cpu" else 8)
-    order = {"cpu": ("cpu", "eager"), "cuda": ("cuda", "triton", "eager")}[device]
+    batches = args.batch or ([2] if device == "cpu" else [1, 8])
+    datasets = (args.datasets or ("nyud" if args.quick else "nyud,pascal")).split(",")
+    for d in datasets:
+        if d not in DATASETS:
+            parser.error(f"--datasets: unknown dataset {d!r}; choose from {list(DATASETS)}")
+    pairs = args.pairs or ([2] if args.quick else list(PAIRS))
+    min_run_time = args.min_run_time or (0.1 if args.quick or device == "cuda" else 0.5)
     avail = available_backends()
+    order = BACKEND_ORDER[device]
     backends = [(b, False) for b in order if avail[b][0]] + ([("eager", True)] if args.compile else [])
     for b in order:
         if not avail[b][0]:
             print(f"# skipping backend {b}: {'; '.join(avail[b][1])}")
     env = environment(device)
-    min_run_time = 0.1 if args.quick else 0.5
+    device_gbs = device_bandwidth(device)
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    print(f"# {env['device_name']} ({env['threads']} threads), torch {env['torch']}, triton {env['triton']}, "
+          f"commit {env['commit']}, {args.dtype}, batch {batches}, copy bandwidth {device_gbs:.1f} GB/s")
+    print(f"{'data':<6} {'case':<9} {'scale':>5} {'HxW':>7} {'B':>2} {'backend':<14} {'fwd ms':>9} {'bwd ms':>9} "
+          f"{'f+b ms':>9} {'mem MB':>8} {'GB/s':>7} {'%bw':>5} {'eager/this':>10}")
     rows = []
-    header = (f"{'case':<12} {'scale':>5} {'backend':<14} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} "
-              f"{'mem MB':>8} {'GB/s':>7} {'eager/this':>10}")
-    print(f"# {env['device_name']} ({env['threads']} threads), torch {env['torch']}, {args.dtype}, batch {batch}")
-    print(header)
-    for name, scale, op, shapes in cases(args.quick, batch):
-        fwd_bytes, bwd_bytes = min_bytes(op, shapes, torch.tensor([], dtype=dtype).element_size())
-        case_rows = []
-        for backend, compiled in backends:
-            label = backend + ("+compile" if compiled else "")
-            row = run_case(make_fn(op, backend, shapes[3], compiled), shapes, device, dtype, min_run_time)
-            row.update(env, case=name, scale=scale, op=op, backend=label, dtype=args.dtype, batch=batch,
-                       shapes=[list(s) if s else s for s in shapes[:3]], offsets=shapes[3],
-                       min_bytes=fwd_bytes + bwd_bytes,
-                       gb_per_s=(fwd_bytes + bwd_bytes) / (row["fwd_bwd_ms"] * 1e-3) / 1e9)
-            case_rows.append(row)
-        eager = next((r for r in case_rows if r["backend"] == "eager"), None)
-        for row in case_rows:
-            row["eager_over_this"] = eager["fwd_bwd_ms"] / row["fwd_bwd_ms"] if eager else None
-            mem = row.get("saved_mb", row.get("peak_mb"))
-            ratio = f"{row['eager_over_this']:.2f}x" if eager else "-"
-            print(f"{name:<12} {scale:>5} {row['backend']:<14} {row['fwd_ms']:>9.2f} {row['bwd_ms']:>9.2f} "
-                  f"{row['fwd_bwd_ms']:>9.2f} {mem:>8.1f} {row['gb_per_s']:>7.1f} {ratio:>10}", flush=True)
-        rows.extend(case_rows)
+    for batch in batches:
+        for case in cases(datasets, pairs, batch, args.positions_scale):
+            fwd_bytes, bwd_bytes = min_bytes(case, itemsize)
+            case_rows = []
+            for backend, compiled in backends:
+                row = dict(env, dataset=case["dataset"], case=case["name"], scale=case["scale"], op=case["op"],
+                           hw=case["hw"], channels=case["shapes"][0][-2], backend=backend + ("+compile" * compiled),
+                           dtype=args.dtype, batch=batch, shapes=[list(s) for s in case["shapes"]],
+                           offsets=case["offsets"], fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes,
+                           min_bytes=fwd_bytes + bwd_bytes, device_gb_per_s=device_gbs)
+                try:
+                    row.update(run_case(make_fn(case, backend, compiled), case["shapes"], device, dtype, min_run_time))
+                except Exception as exc:  # an OOM or a backend's refusal costs one row, not the run
+                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                    print(f"{case['dataset']:<6} {case['name']:<9} {case['scale']:>5} {row['backend']:<14} "
+                          f"FAILED {row['error']}", flush=True)
+                    case_rows.append(row)
+                    continue
+                row.update(fwd_gb_per_s=fwd_bytes / (row["fwd_ms"] * 1e-3) / 1e9,
+                           bwd_gb_per_s=bwd_bytes / (row["bwd_ms"] * 1e-3) / 1e9,
+                           gb_per_s=(fwd_bytes + bwd_bytes) / (row["fwd_bwd_ms"] * 1e-3) / 1e9)
+                row["bw_fraction"] = row["gb_per_s"] / device_gbs
+                case_rows.append(row)
+            eager = next((r for r in case_rows if r["backend"] == "eager" and "error" not in r), None)
+            for row in case_rows:
+                if "error" in row:
+                    continue
+                row["eager_over_this"] = eager["fwd_bwd_ms"] / row["fwd_bwd_ms"] if eager else None
+                row["mem_over_eager"] = memory_mb(row) / memory_mb(eager) if eager and memory_mb(eager) else None
+                ratio = f"{row['eager_over_this']:.2f}x" if eager else "-"
+                hw = "x".join(map(str, case["hw"]))
+                print(f"{case['dataset']:<6} {case['name']:<9} {case['scale']:>5} {hw:>7} {batch:>2} "
+                      f"{row['backend']:<14} {row['fwd_ms']:>9.2f} {row['bwd_ms']:>9.2f} {row['fwd_bwd_ms']:>9.2f} "
+                      f"{memory_mb(row):>8.1f} {row['gb_per_s']:>7.1f} {100 * row['bw_fraction']:>4.0f}% "
+                      f"{ratio:>10}", flush=True)
+            rows.extend(case_rows)
+            if args.json:
+                write_json(args.json, rows)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
         print(f"# wrote {len(rows)} rows to {args.json}")
+    return rows
+
+
+def write_json(path, rows):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(rows, f, indent=1)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
