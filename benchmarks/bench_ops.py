@@ -35,7 +35,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import environment, median_ms, saved_bytes  # noqa: E402
+from benchmarks.common import environment, error_text, median_ms, saved_bytes  # noqa: E402
 from fused_mtl_attn import available_backends, cross_scale_attention, cross_task_attention, reference  # noqa: E402
 
 CHANNELS = (36, 72, 144, 288)
@@ -194,7 +194,7 @@ def main(argv=None):
                 try:
                     row.update(run_case(make_fn(case, backend, compiled), case["shapes"], device, dtype, min_run_time))
                 except Exception as exc:  # an OOM or a backend's refusal costs one row, not the run
-                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+                    row["error"] = error_text(exc)
                     if device == "cuda":
                         torch.cuda.empty_cache()
                     print(f"{case['dataset']:<6} {case['name']:<9} {case['scale']:>5} {row['backend']:<14} "

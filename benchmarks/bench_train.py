@@ -19,7 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import environment, saved_bytes  # noqa: E402
+from benchmarks.common import environment, error_text, saved_bytes  # noqa: E402
 from model import NYUD_TASKS, PASCAL_TASKS, build_model  # noqa: E402
 from model.losses import MultiTaskLoss  # noqa: E402
 
@@ -124,17 +124,26 @@ def main(argv=None):
                 variants["compiled_reference"] = torch.compile(copy.deepcopy(reference))
             results = {}
             for variant, net in variants.items():
-                results[variant] = measure(net, loss_fn, batch, device, amp, repeats)
+                try:
+                    results[variant] = measure(net, loss_fn, batch, device, amp, repeats)
+                except Exception as exc:  # one failing variant (OOM, a bug under autocast) costs one row
+                    results[variant] = {"error": error_text(exc)}
+                    print(f"{name} {'bf16' if amp else 'fp32'} {variant:<19} FAILED {results[variant]['error']}",
+                          flush=True)
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
                 print(f"{name} {'bf16' if amp else 'fp32'} {variant:<19} {results[variant]['step_ms']:9.1f} ms  "
                       f"saved {results[variant]['saved_bytes'] / 2**20:8.1f} MiB", flush=True)
             base = results["reference"]
             for variant, res in results.items():
                 row = dict(env, config=name, tasks=list(tasks), batch=batch_size, size=list(size),
-                           dtype="bf16-autocast" if amp else "fp32", variant=variant, **res,
-                           time_ratio=res["step_ms"] / base["step_ms"],
-                           saved_ratio=res["saved_bytes"] / base["saved_bytes"])
-                if "peak_bytes" in res:
-                    row["peak_ratio"] = res["peak_bytes"] / base["peak_bytes"]
+                           dtype="bf16-autocast" if amp else "fp32", variant=variant, **res)
+                if "error" not in res and "error" not in base:
+                    row.update(time_ratio=res["step_ms"] / base["step_ms"],
+                               saved_ratio=res["saved_bytes"] / base["saved_bytes"])
+                    if "peak_bytes" in res:
+                        row["peak_ratio"] = res["peak_bytes"] / base["peak_bytes"]
                 rows.append(row)
     print(f"\n{env['device_name']} ({device}, {env['threads']} threads), torch {env['torch']}, commit {env['commit']}")
     header = f"{'config':<8} {'dtype':<13} {'variant':<19} {'step ms':>9} {'x ref':>6} {'saved MiB':>10} {'x ref':>6}"
@@ -142,6 +151,9 @@ def main(argv=None):
         header += f" {'peak MiB':>9} {'x ref':>6}"
     print(header)
     for r in rows:
+        if "time_ratio" not in r:
+            print(f"{r['config']:<8} {r['dtype']:<13} {r['variant']:<19} {r.get('error', 'no reference to compare')}")
+            continue
         line = (f"{r['config']:<8} {r['dtype']:<13} {r['variant']:<19} {r['step_ms']:9.1f} {r['time_ratio']:6.2f} "
                 f"{r['saved_bytes'] / 2**20:10.1f} {r['saved_ratio']:6.2f}")
         if "peak_bytes" in r:

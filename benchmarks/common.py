@@ -65,3 +65,9 @@ def saved_bytes(forward, exclude=()) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         forward()
     return sum(storages.values())
+
+
+def error_text(exc: BaseException) -> str:
+    """One line for a result row whose measurement failed (an OOM, a backend's refusal, a bug)."""
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}"[:300]
