@@ -1,13 +1,14 @@
 """The fused execution path of SCA-MTL: the same function and parameters as the reference modules, with
 stacked/gathered computation and the fused attention ops of `fused_mtl_attn`.
 
-- CTAM: the projections of all ordered pairs run as a few grouped 1x1 convolutions, one
+- CTAM: the projections of all ordered pairs run as a few batched matrix products, one
   `cross_task_attention` call attends every pair, and the shared BasicBlock runs for all targets at once.
 - CSAM: the query projection runs once per target scale, the sources are gathered along positions and
   attended by one `cross_scale_attention` call.
 - Aggregation: the 1x1 conv commutes with bilinear upsampling, so it runs per scale at the scale's own
-  resolution with the weights of the repeated Y_k copies summed; BN-ReLU-conv saves only its input and
-  recomputes the rest in backward.
+  resolution with the weights of the repeated Y_k copies summed; BN-ReLU-conv runs by blocks of channels and
+  backward rebuilds them, so no full-resolution 1080-channel tensor is ever stored.
+- Encoder: optionally recomputed in backward (activation checkpointing).
 BatchNorm sees the same statistics as each reference call and updates running statistics call by call.
 """
 from __future__ import annotations
@@ -62,12 +63,8 @@ def batch_norm_stacked(x: torch.Tensor, norms: Sequence[nn.BatchNorm2d]) -> torc
 
 def batch_norm_repeated(x: torch.Tensor, norm: nn.BatchNorm2d, calls: int) -> torch.Tensor:
     """`norm` applied to x, counted as `calls` identical reference calls (the same input each time)."""
-    return batch_norm_stacked(x, [norm]) if calls == 1 else _batch_norm_same_input(x, norm, calls)
-
-
-def _batch_norm_same_input(x, norm, calls):
     out = batch_norm_stacked(x, [norm])
-    if _uses_batch_stats(norm) and norm.track_running_stats:
+    if calls > 1 and _uses_batch_stats(norm) and norm.track_running_stats:
         with torch.no_grad():
             mean, var = _channel_stats(x.detach(), correction=1)
             for _ in range(calls - 1):
