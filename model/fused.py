@@ -358,6 +358,10 @@ def aggregate(head, pieces: list, widths) -> torch.Tensor:
     """head.aggregate(cat(up(pieces))) from per-scale inputs [Y_k, S_k<-j ...]; running statistics as one call."""
     norm, conv_out = head.aggregate[1], head.aggregate[3]
     xs = [torch.cat(p, dim=1) if len(p) > 1 else p[0] for p in pieces]
+    if torch.is_autocast_enabled(xs[0].device.type) or xs[0].dtype != norm.weight.dtype:
+        # the blocked kernel accumulates in place, which autocast cannot follow: run it in the parameters' dtype
+        with torch.autocast(xs[0].device.type, enabled=False):
+            return aggregate(head, [[x.to(norm.weight.dtype)] for x in xs], widths)
     weights = [w[..., 0, 0] for w in _aggregation_weights(head, widths)]
     batch_stats = _uses_batch_stats(norm)
     running = (None, None) if batch_stats else (norm.running_mean, norm.running_var)
@@ -407,7 +411,7 @@ def upsample(x: torch.Tensor, size) -> torch.Tensor:
     """Same function as F.interpolate(x, size, mode="bilinear", align_corners=False), faster on CPU."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     rows = _interpolation_matrix(x.shape[-2], size[0], x)
     cols = _interpolation_matrix(x.shape[-1], size[1], x)

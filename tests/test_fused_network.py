@@ -114,3 +114,22 @@ def test_matmul_upsample_is_pytorch_bilinear(src, dst):
     g = torch.randn_like(want)
     torch.testing.assert_close(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0],
                                rtol=1e-12, atol=1e-12)
+
+
+def test_fused_path_under_bfloat16_autocast():
+    """Mixed precision (the GPU recipe, here with CPU autocast): the fused path runs and stays at bf16 distance."""
+    tasks = CONFIGS["nyud2"]
+    torch.manual_seed(0)
+    ref = build_model(tasks, widths=SMALL).train()
+    fused = copy.deepcopy(ref).set_fused(True)
+    x = torch.randn(2, 3, 64, 64)
+    losses = []
+    for net in (ref, fused):
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x)
+        loss = _loss({k: v if k == "deep_supervision" else v.float() for k, v in out.items()}, tasks)
+        loss.backward()
+        losses.append(loss.item())
+        assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+    assert abs(losses[1] - losses[0]) <= 2e-2 * abs(losses[0]), f"bf16 losses {losses}"
