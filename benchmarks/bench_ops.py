@@ -52,15 +52,11 @@ def scales(dataset: str, positions_scale: float = 1.0):
 
 
 def cases(datasets, pairs, batch: int, positions_scale: float = 1.0):
-    """Dicts with name, dataset, scale, op, hw, shapes (q, k, v) and offsets (None for CTAM)."""
+    """Dicts with name, dataset, scale, op, hw, shapes (q, k, v) and offsets (None for CTAM): CSAM of every
+    dataset first, then CTAM by pair count, so a run cut short still covers every dataset and the smaller P."""
     out = []
     for dataset in datasets:
         sc = scales(dataset, positions_scale)
-        for p in pairs:
-            for s, (h, w, c) in enumerate(sc):
-                shape = (batch, p, c, h * w)
-                out.append(dict(name=f"ctam P={p}", dataset=dataset, scale=s, op="cross_task", hw=[h, w],
-                                shapes=(shape, shape, shape), offsets=None))
         for s in range(3):
             h, w, c = sc[s]
             offsets = [0]
@@ -69,6 +65,12 @@ def cases(datasets, pairs, batch: int, positions_scale: float = 1.0):
             out.append(dict(name=f"csam J={len(offsets) - 1}", dataset=dataset, scale=s, op="cross_scale", hw=[h, w],
                             shapes=((batch, c, h * w), (batch, c, offsets[-1]), (batch, c, offsets[-1])),
                             offsets=offsets))
+    for p in pairs:
+        for dataset in datasets:
+            for s, (h, w, c) in enumerate(scales(dataset, positions_scale)):
+                shape = (batch, p, c, h * w)
+                out.append(dict(name=f"ctam P={p}", dataset=dataset, scale=s, op="cross_task", hw=[h, w],
+                                shapes=(shape, shape, shape), offsets=None))
     return out
 
 

@@ -39,6 +39,15 @@ def ok_rows(rows):
     return [r for r in rows if "error" not in r]
 
 
+def series(row):
+    """The line a row belongs to: 'ctam P=..' per pair count; CSAM's targets (J = 3, 2, 1) form one 'csam' line."""
+    return "csam (J=3,2,1)" if row["op"] == "cross_scale" else row["case"]
+
+
+def series_order(name):
+    return (name.startswith("csam"), int(name.split("=")[1].split(",")[0].rstrip(")")))
+
+
 def title_env(rows):
     r = rows[0]
     return f"{r.get('device_name')} ({r.get('device')}), torch {r.get('torch')}, triton {r.get('triton')}, " \
@@ -62,7 +71,7 @@ def plot_ops(plt, rows, out, field, ylabel, fname):
     if not groups:
         return None
     fig, axes = plt.subplots(len(groups), 1, figsize=(11, 3.6 * len(groups)), squeeze=False)
-    cases = sorted({r["case"] for r in ok_rows(rows)}, key=lambda c: (c[:4], int(c.split("=")[1])))
+    cases = sorted({series(r) for r in ok_rows(rows)}, key=series_order)
     backends = sorted({r["backend"] for r in ok_rows(rows)} - {"eager"})
     colors = {c: plt.cm.tab10(i % 10) for i, c in enumerate(cases)}
     styles = dict(zip(backends, [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]))
@@ -73,12 +82,16 @@ def plot_ops(plt, rows, out, field, ylabel, fname):
         for case in cases:
             for backend in backends:
                 pts = sorted((r["scale"], r[field]) for r in group
-                             if r["case"] == case and r["backend"] == backend and r.get(field) is not None)
+                             if series(r) == case and r["backend"] == backend and r.get(field) is not None)
                 if pts:
                     ls, marker = styles.get(backend, ("-", "x"))
                     ax.plot(*zip(*pts), ls, marker=marker, color=colors[case], label=f"{case}, {backend}")
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_yscale("log")
+        plain = plt.matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.set_xticks(sorted(ticks), [ticks[s] for s in sorted(ticks)])
         ax.set_xlabel("scale (positions, channels)")
         ax.set_ylabel(ylabel)
@@ -191,10 +204,10 @@ def summary(ops, train, steps=()):
         best = {}
         for r in ops_ok:
             if r["batch"] == batch and r["backend"] != "eager" and r.get("eager_over_this") is not None:
-                key = (r["dataset"], r["case"], r["scale"])
+                key = (r["dataset"], series(r), r["scale"])
                 if key not in best or r["eager_over_this"] > best[key]["eager_over_this"]:
                     best[key] = r
-        for dataset, case in sorted({k[:2] for k in best}):
+        for dataset, case in sorted({k[:2] for k in best}, key=lambda k: (k[0], series_order(k[1]))):
             cells = [f"{best[(dataset, case, s)]['backend']} {best[(dataset, case, s)]['eager_over_this']:.2f}x"
                      if (dataset, case, s) in best else "-" for s in range(4)]
             top = best.get((dataset, case, 0))
@@ -203,8 +216,12 @@ def summary(ops, train, steps=()):
         lines.append("")
     errors = [r for r in ops + train if "error" in r]
     if errors:
-        lines += [f"{len(errors)} failed rows, e.g. {errors[0].get('case')} {errors[0].get('backend')}: "
-                  f"{errors[0]['error']}", ""]
+        lines += [f"{len(errors)} failed measurements:", ""]
+        for r in errors[:10]:
+            what = " ".join(str(r[k]) for k in ("dataset", "case", "scale", "backend", "batch", "config", "dtype",
+                                                "variant") if k in r)
+            lines.append(f"- {what}: {r['error']}")
+        lines.append("")
     if not ops_ok and not train_ok:
         lines += ["No benchmark rows were produced.", ""]
     return "\n".join(lines)
@@ -223,10 +240,11 @@ def main(argv=None):
     parser.add_argument("--train", help="bench_train.py --json output")
     parser.add_argument("--out", required=True, help="folder for the PNGs")
     parser.add_argument("--summary", help="also write a markdown summary to this file (and print it)")
+    parser.add_argument("--no-plots", action="store_true", help="only the summary")
     parser.add_argument("--steps", help="tab-separated step name, exit code, seconds (for the summary)")
     args = parser.parse_args(argv)
     ops, train = load(args.ops), load(args.train)
-    paths = make_plots(ops, train, args.out)
+    paths = [] if args.no_plots else make_plots(ops, train, args.out)
     if args.summary:
         text = summary(ops, train, read_steps(args.steps))
         with open(args.summary, "w") as f:
