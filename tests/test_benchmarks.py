@@ -1,0 +1,97 @@
+"""Smoke tests of the benchmark scripts at tiny sizes: they run, their JSON rows carry the fields the table, the
+plots and the GPU check's summary read, and plot.py turns those rows into PNGs and a summary."""
+import json
+import os
+
+import pytest
+
+from benchmarks import bench_ops, bench_train, plot
+
+ENV_FIELDS = {"device", "device_name", "torch", "triton", "commit"}
+
+
+@pytest.fixture(scope="module")
+def ops_rows(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ops") / "ops.json"
+    rows = bench_ops.main(["--device", "cpu", "--quick", "--datasets", "nyud,pascal", "--positions-scale", "0.05",
+                           "--min-run-time", "0.005", "--batch", "1", "--json", str(path)])
+    assert json.loads(path.read_text()) == json.loads(json.dumps(rows))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def train_rows(tmp_path_factory):
+    path = tmp_path_factory.mktemp("train") / "train.json"
+    rows = bench_train.main(["--device", "cpu", "--configs", "nyud2", "--batch", "2", "--size", "32", "32",
+                             "--widths", "12", "12", "12", "12", "--repeats", "1", "--json", str(path)])
+    assert json.loads(path.read_text()) == json.loads(json.dumps(rows))
+    return rows
+
+
+def test_ops_shapes_cover_the_paper():
+    nyud = bench_ops.cases(["nyud"], bench_ops.PAIRS, 2)
+    pascal = bench_ops.cases(["pascal"], [2], 1)
+    assert [c["hw"] for c in nyud if c["name"] == "ctam P=20"] == [[120, 160], [60, 80], [30, 40], [15, 20]]
+    assert [c["hw"] for c in pascal if c["op"] == "cross_task"] == [[128, 128], [64, 64], [32, 32], [16, 16]]
+    assert {c["name"] for c in nyud if c["op"] == "cross_task"} == {f"ctam P={p}" for p in (2, 6, 12, 20)}
+    csam = [c for c in nyud if c["op"] == "cross_scale"]
+    assert [(c["scale"], c["name"]) for c in csam] == [(0, "csam J=3"), (1, "csam J=2"), (2, "csam J=1")]
+    assert csam[0]["offsets"] == [0, 4800, 4800 + 1200, 4800 + 1200 + 300]
+    assert csam[0]["shapes"] == ((2, 36, 19200), (2, 36, 6300), (2, 36, 6300))
+    # CTAM P=2 at 1/4: fwd reads q, k, v and writes out; bwd reads q, k, v, grad and writes dq, dk, dv
+    ctam = next(c for c in nyud if c["name"] == "ctam P=2")
+    n = 2 * 2 * 36 * 19200
+    assert bench_ops.min_bytes(ctam, 4) == (4 * n * 4, 7 * n * 4)
+    # CSAM J=3: the output is [B, J, C, Nq]
+    out = 2 * 3 * 36 * 19200
+    assert bench_ops.min_bytes(csam[0], 2)[0] == (2 * 36 * 19200 + 2 * 2 * 36 * 6300 + out) * 2
+
+
+def test_ops_rows(ops_rows):
+    assert {r["dataset"] for r in ops_rows} == {"nyud", "pascal"}
+    assert {r["case"] for r in ops_rows} == {"ctam P=2", "csam J=3", "csam J=2", "csam J=1"}
+    assert "eager" in {r["backend"] for r in ops_rows}
+    for r in ops_rows:
+        assert "error" not in r, r["error"]
+        assert ENV_FIELDS <= set(r)
+        for key in ("fwd_ms", "bwd_ms", "fwd_bwd_ms", "saved_mb", "gb_per_s", "bw_fraction", "device_gb_per_s",
+                    "min_bytes", "eager_over_this", "mem_over_eager"):
+            assert r[key] is not None and r[key] >= 0, key
+        assert r["min_bytes"] == r["fwd_bytes"] + r["bwd_bytes"]
+        assert r["batch"] == 1 and r["scale"] in range(4) and r["dtype"] == "float32"
+    assert all(r["eager_over_this"] == 1 for r in ops_rows if r["backend"] == "eager")
+
+
+def test_train_rows(train_rows):
+    assert [(r["config"], r["variant"]) for r in train_rows] == [("nyud2", "reference"), ("nyud2", "fused")]
+    for r in train_rows:
+        assert "error" not in r, r["error"]
+        assert ENV_FIELDS <= set(r)
+        for key in ("step_ms", "saved_bytes", "time_ratio", "saved_ratio"):
+            assert r[key] > 0, key
+        assert r["dtype"] == "fp32" and r["size"] == [32, 32]
+
+
+def test_summary(ops_rows, train_rows):
+    error = dict(ops_rows[0], error="OutOfMemoryError: boom")
+    text = plot.summary(ops_rows + [error], train_rows, [("build", "0", "12"), ("ops", "124", "300")])
+    assert "| ops | 124 | 300 |" in text
+    assert "| nyud2 | 2 | [32, 32] | fused |" in text
+    assert "| nyud | csam (J=3,2,1) |" in text and "| pascal | ctam P=2 |" in text
+    assert "OutOfMemoryError: boom" in text
+    assert "No benchmark rows" in plot.summary([], [])
+
+
+def test_plots(ops_rows, train_rows, tmp_path):
+    pytest.importorskip("matplotlib")
+    ops, train = tmp_path / "ops.json", tmp_path / "train.json"
+    ops.write_text(json.dumps(ops_rows))
+    train.write_text(json.dumps(train_rows))
+    paths = plot.main(["--ops", str(ops), "--train", str(train), "--out", str(tmp_path / "png"),
+                       "--summary", str(tmp_path / "summary.md")])
+    assert sorted(os.path.basename(p) for p in paths) == ["ops_memory.png", "ops_speedup.png", "train_ratios.png"]
+    assert all(os.path.getsize(p) > 10_000 for p in paths)
+    assert (tmp_path / "summary.md").read_text().startswith("# Benchmark summary")
+    # either input is optional, and a missing file is no error
+    assert plot.main(["--train", str(train), "--ops", str(tmp_path / "missing.json"),
+                      "--out", str(tmp_path / "only_train")]) == [str(tmp_path / "only_train" / "train_ratios.png")]
