@@ -140,32 +140,43 @@ def basic_block_batched(block, x: torch.Tensor, groups: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- CTAM
 
 
-def cross_task_fused(ctam, features: dict, backend: str = "auto") -> dict:
-    """Fused CTAM at one scale; same result as `ctam(features)`."""
+def _pair_projections(ctam, x3: torch.Tensor, by_source: list):
+    """q, k, v [B, P, C, N] of every ordered pair (in `by_source` order) from the task-stacked x3 [B, M*C, N]."""
     tasks = ctam.tasks
-    m = len(tasks)
-    x = torch.cat([features[t] for t in tasks], dim=1)  # task-stacked [B, M*C, H, W]
-    b, mc, h, w = x.shape
-    c, n_pairs = mc // m, m * (m - 1)
-    x3 = x.view(b, mc, h * w)
-    # pairs in "by source" order: the source-side projections then come out of the grouped products in that order
-    by_source = [(t, a) for a in tasks for t in tasks if t != a]
-    by_target = [(t, a) for t in tasks for a in tasks if a != t]
+    m, n_pairs = len(tasks), len(by_source)
+    b, mc, n = x3.shape
 
     def project(x, convs, norms, groups, relu):
         out = batch_norm_stacked(conv1x1_stacked(x, convs, groups), norms)
         return F.relu(out) if relu else out
 
+    by_target = [(t, a) for t in tasks for a in tasks if a != t]
     gca = [ctam.attention[f"{t}_from_{a}"] for t, a in by_target]
     q = project(x3, [g.query[0] for g in gca], [g.query[1] for g in gca], m, True)
     q = project(q, [g.query[3] for g in gca], [g.query[4] for g in gca], n_pairs, False)
-    order = torch.tensor([by_target.index(p) for p in by_source], device=x.device)
-    q = q.view(b, n_pairs, c, h * w).index_select(1, order)
+    order = torch.tensor([by_target.index(p) for p in by_source], device=x3.device)
+    q = q.view(b, n_pairs, mc // m, n).index_select(1, order)
     gca = [ctam.attention[f"{t}_from_{a}"] for t, a in by_source]
     k = project(x3, [g.key[0] for g in gca], [g.key[1] for g in gca], m, True)
     k = project(k, [g.key[3] for g in gca], [g.key[4] for g in gca], n_pairs, False)
     v = project(x3, [g.value[0] for g in gca], [g.value[1] for g in gca], m, True)
-    attended = cross_task_attention(q, k.view(q.shape), v.view(q.shape), backend=backend).view(b, -1, c, h, w)
+    return q, k.view(q.shape), v.view(q.shape)
+
+
+def cross_task_fused(ctam, features: dict, backend: str = "auto", recompute: bool = False) -> dict:
+    """Fused CTAM at one scale; same result as `ctam(features)`. With `recompute`, the pair projections
+    (cheap batched products, but ten activations of every pair's size) are recomputed in backward."""
+    tasks = ctam.tasks
+    m = len(tasks)
+    x = torch.cat([features[t] for t in tasks], dim=1)  # task-stacked [B, M*C, H, W]
+    b, mc, h, w = x.shape
+    c = mc // m
+    # pairs in "by source" order: the source-side projections then come out of the grouped products in that order
+    by_source = [(t, a) for a in tasks for t in tasks if t != a]
+    project = lambda x3: _pair_projections(ctam, x3, by_source)  # noqa: E731
+    x3 = x.view(b, mc, h * w)
+    q, k, v = recompute_in_backward(project, x3, modules=(ctam.attention,)) if recompute else project(x3)
+    attended = cross_task_attention(q, k, v, backend=backend).view(b, -1, c, h, w)
     # the shared block's input, targets stacked along the batch axis: [M*B, 2(M-1)C, H, W]
     inputs = []
     for t in tasks:

@@ -72,6 +72,21 @@ def load_backbone_weights(net: nn.Module, pretrained, widths) -> None:
     net.load_state_dict(usable, strict=False)
 
 
+def hrnet_features(net: HighResolutionNetFeatures, x: torch.Tensor, run_stem) -> list:
+    """timm's HRNet feature forward, with the stem and first stage run through `run_stem(fn, x)`."""
+    def stem(x):
+        x = net.act1(net.bn1(net.conv1(x)))
+        return net.layer1(net.act2(net.bn2(net.conv2(x))))
+
+    x = run_stem(stem, x)
+    branches = [t(x) for t in net.transition1]
+    branches = net.stage2(branches)
+    for transition, stage in ((net.transition2, net.stage3), (net.transition3, net.stage4)):
+        branches = stage([branches[i] if isinstance(t, nn.Identity) else t(branches[-1])
+                          for i, t in enumerate(transition)])
+    return branches
+
+
 class InitialPrediction(nn.Module):
     """Two BasicBlocks give the task feature X_k[t]; a 1x1 conv gives the deep-supervision prediction P_k[t]."""
 
@@ -219,16 +234,17 @@ class SCAMTL(nn.Module):
         self.fused = False
         self.set_fused(fused)
 
-    def set_fused(self, flag: bool = True, backend: str = "auto", recompute_encoder: bool = True) -> "SCAMTL":
+    def set_fused(self, flag: bool = True, backend: str = "auto", recompute: bool = True) -> "SCAMTL":
         """Select the execution path; both paths share every parameter and buffer. `backend` picks the
-        attention kernels of the fused path (see fused_mtl_attn.available_backends()); `recompute_encoder`
-        lets the fused path keep only the image for the backbone and Swin layers and recompute them in
-        backward (less memory for about one more encoder forward; same results and running statistics)."""
+        attention kernels of the fused path (see fused_mtl_attn.available_backends()). `recompute` lets the
+        fused path recompute in backward what is large to store and cheap to compute (the backbone's stem and
+        first stage, the Swin layers, the CTAM projections) instead of saving it: same results and running
+        statistics, much less memory, a little more compute."""
         if backend != "auto" and backend not in ("eager", "cpu", "cuda", "triton"):
             raise ValueError(f"backend must be 'auto', 'eager', 'cpu', 'cuda' or 'triton', got {backend!r}")
         self.fused = bool(flag)
         self.backend = backend
-        self.recompute_encoder = bool(recompute_encoder)
+        self.recompute = bool(recompute)
         return self
 
     def _check_input(self, x):
@@ -245,13 +261,14 @@ class SCAMTL(nn.Module):
 
     def encode(self, x: torch.Tensor) -> list:
         """Backbone maps fused with their self-attention: [ATT(F_k), F_k] per scale."""
-        if self.fused and self.recompute_encoder and torch.is_grad_enabled():
-            return recompute_in_backward(self._encode, x, modules=(self.backbone, self.self_attention))
-        return self._encode(x)
-
-    def _encode(self, x: torch.Tensor) -> list:
-        feats = self.backbone(x)
-        return [torch.cat([att(f), f], dim=1) for att, f in zip(self.self_attention, feats)]
+        if not (self.fused and self.recompute and torch.is_grad_enabled()):
+            return [torch.cat([att(f), f], dim=1) for att, f in zip(self.self_attention, self.backbone(x))]
+        # the stem and first stage hold the backbone's largest activations (64-256 channels at strides 2-4)
+        # for a small share of its compute; the Swin layers likewise: recompute those, keep the rest
+        feats = hrnet_features(self.backbone, x,
+                               lambda stem, x: recompute_in_backward(stem, x, modules=(self.backbone,)))
+        return [torch.cat([recompute_in_backward(att, f, modules=()), f], dim=1)
+                for att, f in zip(self.self_attention, feats)]
 
     def forward(self, x: torch.Tensor) -> dict:
         self._check_input(x)
@@ -272,7 +289,8 @@ class SCAMTL(nn.Module):
                 inp = feats[k] if k == 3 else torch.cat([feats[k], resize(propagated[t], feats[k].shape[-2:])], dim=1)
                 task_features[t], supervision[k][t] = self.initial[k][t](inp)
             if self.fused:
-                per_scale[k] = cross_task_fused(self.cross_task[k], task_features, self.backend)
+                per_scale[k] = cross_task_fused(self.cross_task[k], task_features, self.backend,
+                                                recompute=self.recompute and torch.is_grad_enabled())
             else:
                 per_scale[k] = self.cross_task[k](task_features)
             if k > 0:

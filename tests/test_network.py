@@ -115,3 +115,18 @@ def test_backbone_batchnorm_momentum_is_hrnet_s():
     assert moms == {0.01}
     rest = {m.momentum for n, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm2d) and not n.startswith("backbone")}
     assert rest == {0.1}
+
+
+def test_hrnet_features_is_timm_forward():
+    """The fused path's backbone forward (stem split out for recomputation) is timm's, bit for bit."""
+    from model.network import hrnet_features
+
+    torch.manual_seed(0)
+    net = build_model(CONFIGS["nyud2"], widths=SMALL).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = net.backbone(x)
+        got = hrnet_features(net.backbone, x, lambda stem, x: stem(x))
+    assert len(got) == len(want) == 4
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
