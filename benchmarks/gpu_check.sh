@@ -9,7 +9,7 @@
 #   env        nvidia-smi -L, python / torch / triton versions, available backends       -> OUTDIR/env.log
 #   build      pip install --no-build-isolation --no-deps -e . (fallback: setup.py build_ext --inplace)
 #                                                                                         -> OUTDIR/build.log
-#   gpu_tests  pytest -m gpu tests/test_cpp_ops.py tests/test_triton.py     -> OUTDIR/gpu_tests.log, gpu_tests.xml
+#   gpu_tests  pytest -m gpu tests/test_cpp_ops.py tests/test_triton.py tests/test_fused_network.py -> OUTDIR/gpu_tests.log, gpu_tests.xml
 #   train      bench_train.py at the paper sizes (NYUD 480x640 2 tasks, PASCAL 512x512 5 tasks), batch 8, fp32 and
 #              bf16 autocast, reference vs fused                              -> OUTDIR/train.json, train.log
 #   ops        bench_ops.py at the paper's per-scale shapes, batch 8 then 1 -> OUTDIR/ops.json, ops.log (the JSON is
@@ -86,7 +86,7 @@ else
         echo '### pip install failed or the CUDA backend is unavailable: setup.py build_ext --inplace'
         $PY setup.py build_ext --inplace && $CHECK_CUDA"
     run_step gpu_tests 150 "$OUT/gpu_tests.log" \
-        "$PY -m pytest -q -m gpu tests/test_cpp_ops.py tests/test_triton.py --junitxml='$OUT/gpu_tests.xml'"
+        "$PY -m pytest -q -m gpu tests/test_cpp_ops.py tests/test_triton.py tests/test_fused_network.py --junitxml='$OUT/gpu_tests.xml'"
     TRAIN="--device cuda --configs nyud2,pascal5 --batch 8 --amp both --repeats ${TRAIN_REPEATS:-5}"
     OPS="--device cuda --batch 8 1 ${OPS_ARGS:-}"
 fi

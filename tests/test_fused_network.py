@@ -133,3 +133,36 @@ def test_fused_path_under_bfloat16_autocast():
         losses.append(loss.item())
         assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
     assert abs(losses[1] - losses[0]) <= 2e-2 * abs(losses[0]), f"bf16 losses {losses}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_fused_matches_reference_on_gpu(backend):
+    """On a GPU: the fused path with each GPU attention backend against the reference, one float32 step."""
+    tasks = CONFIGS["pascal5"]
+    # TF32 convolutions would make both paths differ at 1e-3 for reasons of their own: compare in full fp32
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        _gpu_parity(tasks, backend)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _gpu_parity(tasks, backend):
+    torch.manual_seed(0)
+    ref = build_model(tasks, widths=SMALL).cuda()
+    fused = copy.deepcopy(ref).set_fused(True, backend=backend)
+    x = torch.randn(2, 3, 64, 96, device="cuda")
+    outs = []
+    for net in (ref, fused):
+        torch.manual_seed(1)
+        out = net(x)
+        _loss(out, tasks).backward()
+        outs.append(_flat_outputs(out))
+    for name, want in outs[0].items():
+        _assert_close(f"output {name}", outs[1][name].detach(), want.detach(), want.abs().max(), 1e-3)
+    scale = max(p.grad.abs().max() for p in ref.parameters())
+    for (name, p_ref), p_fused in zip(ref.named_parameters(), fused.parameters()):
+        _assert_close(f"grad {name}", p_fused.grad, p_ref.grad, torch.maximum(p_ref.grad.abs().max(), 1e-3 * scale),
+                      1e-3)
