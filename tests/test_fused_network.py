@@ -51,12 +51,12 @@ CASES = ([(c, True, torch.float64, 2) for c in CONFIGS] + [(c, False, torch.floa
     "config, train, dtype, steps", CASES,
     ids=[f"{c}-{'train' if tr else 'eval'}-{str(dt)[6:]}-{n}step" for c, tr, dt, n in CASES],
 )
-def test_fused_matches_reference(config, train, dtype, steps):
+def test_fused_matches_reference(config, train, dtype, steps, recompute=True):
     tasks = CONFIGS[config]
     rtol = RTOL[dtype]
     torch.manual_seed(0)
     ref = build_model(tasks, widths=SMALL).to(dtype)
-    fused = copy.deepcopy(ref).set_fused(True)
+    fused = copy.deepcopy(ref).set_fused(True, recompute=recompute)
     assert fused.fused and not ref.fused
     opts = [torch.optim.SGD(m.parameters(), lr=0.01) for m in (ref, fused)]
     x = torch.randn(2, 3, 64, 64, dtype=dtype)
@@ -87,6 +87,10 @@ def test_fused_matches_reference(config, train, dtype, steps):
             _assert_close(f"buffer {name}", b_fused, b_ref, torch.clamp(b_ref.abs().max(), min=1e-3), rtol)
         else:
             assert torch.equal(b_fused, b_ref), f"buffer {name}: {b_fused} != {b_ref}"
+
+
+def test_fused_without_recomputation_matches_reference():
+    test_fused_matches_reference("nyud4", True, torch.float64, 2, recompute=False)
 
 
 def test_checkpoint_moves_between_paths():
