@@ -170,3 +170,11 @@ def _gpu_parity(tasks, backend):
     for (name, p_ref), p_fused in zip(ref.named_parameters(), fused.parameters()):
         _assert_close(f"grad {name}", p_fused.grad, p_ref.grad, torch.maximum(p_ref.grad.abs().max(), 1e-3 * scale),
                       1e-3)
+
+
+def test_aggregation_by_channel_blocks_matches_reference(monkeypatch):
+    """Paper-size inputs split the aggregation head into blocks of channels; force small, uneven blocks here."""
+    import model.fused
+
+    monkeypatch.setattr(model.fused, "_channel_block", lambda batch, channels, positions, device: 7)
+    test_fused_matches_reference("nyud2", True, torch.float64, 2)
