@@ -20,13 +20,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import environment, error_text, saved_bytes  # noqa: E402
-from model import NYUD_TASKS, PASCAL_TASKS, build_model  # noqa: E402
+from model import TASK_SETS, build_model  # noqa: E402
 from model.losses import MultiTaskLoss  # noqa: E402
 
+# task set and the paper's loss weights (None: equal weights)
 CONFIGS = {
-    "nyud2": ({t: NYUD_TASKS[t] for t in ("semseg", "depth")}, {"semseg": 1.44, "depth": 1.15}),
-    "pascal3": ({t: PASCAL_TASKS[t] for t in ("semseg", "human_parts", "sal")}, {"semseg": 1, "human_parts": 2, "sal": 5}),
-    "pascal5": (dict(PASCAL_TASKS), None),
+    "nyud2": (TASK_SETS["nyud2"], {"semseg": 1.44, "depth": 1.15}),
+    "pascal3": (TASK_SETS["pascal3"], {"semseg": 1, "human_parts": 2, "sal": 5}),
+    "pascal5": (TASK_SETS["pascal5"], None),
 }
 SIZES = {"cpu": {"nyud2": (256, 320), "pascal3": (256, 256), "pascal5": (256, 256)},
          "cuda": {"nyud2": (480, 640), "pascal3": (512, 512), "pascal5": (512, 512)}}

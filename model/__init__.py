@@ -2,6 +2,6 @@
 
 Importing `model` loads only the network; data, losses and metrics live in their own modules.
 """
-from .network import KNOWN_TASKS, NYUD_TASKS, PASCAL_TASKS, SCAMTL, build_model, parameter_counts
+from .network import KNOWN_TASKS, NYUD_TASKS, PASCAL_TASKS, SCAMTL, TASK_SETS, build_model, parameter_counts
 
-__all__ = ["build_model", "SCAMTL", "parameter_counts", "NYUD_TASKS", "PASCAL_TASKS", "KNOWN_TASKS"]
+__all__ = ["build_model", "SCAMTL", "parameter_counts", "NYUD_TASKS", "PASCAL_TASKS", "KNOWN_TASKS", "TASK_SETS"]

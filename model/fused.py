@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 from fused_mtl_attn import cross_scale_attention, cross_task_attention
 
+from .modules import csam_name, pair_name
+
 # ---------------------------------------------------------------------------------------------- BatchNorm
 
 
@@ -151,12 +153,12 @@ def _pair_projections(ctam, x3: torch.Tensor, by_source: list):
         return F.relu(out) if relu else out
 
     by_target = [(t, a) for t in tasks for a in tasks if a != t]
-    gca = [ctam.attention[f"{t}_from_{a}"] for t, a in by_target]
+    gca = [ctam.attention[pair_name(t, a)] for t, a in by_target]
     q = project(x3, [g.query[0] for g in gca], [g.query[1] for g in gca], m, True)
     q = project(q, [g.query[3] for g in gca], [g.query[4] for g in gca], n_pairs, False)
     order = torch.tensor([by_target.index(p) for p in by_source], device=x3.device)
     q = q.view(b, n_pairs, mc // m, n).index_select(1, order)
-    gca = [ctam.attention[f"{t}_from_{a}"] for t, a in by_source]
+    gca = [ctam.attention[pair_name(t, a)] for t, a in by_source]
     k = project(x3, [g.key[0] for g in gca], [g.key[1] for g in gca], m, True)
     k = project(k, [g.key[3] for g in gca], [g.key[4] for g in gca], n_pairs, False)
     v = project(x3, [g.value[0] for g in gca], [g.value[1] for g in gca], m, True)
@@ -191,7 +193,7 @@ def cross_task_fused(ctam, features: dict, backend: str = "auto", recompute: boo
 # ---------------------------------------------------------------------------------------------- heads
 
 
-def _projection(seq: nn.Sequential, x: torch.Tensor, norm_call, relu_after: Sequence[int] = ()):
+def _projection(seq: nn.Sequential, x: torch.Tensor, norm_call):
     """Run a conv/BN/ReLU Sequential of the GCA block with BN through `norm_call(x, bn)`."""
     for layer in seq:
         if isinstance(layer, nn.BatchNorm2d):
@@ -211,7 +213,7 @@ def cross_scale_fused(head, features: list, target: int, backend: str = "auto") 
     sources = list(range(target + 1, 4))
     calls = len(sources)  # the reference recomputes the query once per source
     q = _projection(gca.query, y, lambda x, n: batch_norm_repeated(x, n, calls)).flatten(2)
-    gathered = [head.projection[f"{target}_from_{j}"](features[j]).flatten(2) for j in sources]
+    gathered = [head.projection[csam_name(target, j)](features[j]).flatten(2) for j in sources]
     offsets = [0]
     for s in gathered:
         offsets.append(offsets[-1] + s.shape[-1])

@@ -10,6 +10,16 @@ from timm.layers import DropPath, trunc_normal_
 from fused_mtl_attn import reference
 
 
+def pair_name(target: str, source: str) -> str:
+    """Key of the CTAM block in which task `target` queries task `source`."""
+    return f"{target}_from_{source}"
+
+
+def csam_name(target: int, source: int) -> str:
+    """Key of the CSAM projection from scale `source` to scale `target`."""
+    return f"{target}_from_{source}"
+
+
 def conv1x1(cin: int, cout: int, bias: bool = False) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel_size=1, bias=bias)
 

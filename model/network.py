@@ -15,12 +15,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.hrnet import HighResolutionNetFeatures, cfg_cls
 
+from fused_mtl_attn.backends import BACKENDS
+
 from .fused import cross_task_fused, head_fused, recompute_in_backward, upsample
-from .modules import BasicBlock, GlobalContextAttention, SqueezeExcitation, SwinLayer, conv1x1
+from .modules import (BasicBlock, GlobalContextAttention, SqueezeExcitation, SwinLayer, conv1x1, csam_name,
+                      pair_name)
 
 NYUD_TASKS = {"semseg": 40, "depth": 1, "normals": 3, "edge": 1}
 PASCAL_TASKS = {"semseg": 21, "human_parts": 7, "sal": 1, "normals": 3, "edge": 1}
 KNOWN_TASKS = sorted(set(NYUD_TASKS) | set(PASCAL_TASKS))
+# the task sets the paper and the MTL literature use, by short name
+TASK_SETS = {
+    "nyud2": {t: NYUD_TASKS[t] for t in ("semseg", "depth")},
+    "nyud4": dict(NYUD_TASKS),
+    "pascal3": {t: PASCAL_TASKS[t] for t in ("semseg", "human_parts", "sal")},
+    "pascal5": dict(PASCAL_TASKS),
+}
 DEFAULT_WIDTHS = (36, 72, 144, 288)
 STRIDES = (4, 8, 16, 32)
 BACKBONE_BN_MOMENTUM = 0.01
@@ -100,10 +110,6 @@ class InitialPrediction(nn.Module):
         return feature, self.predict(feature)
 
 
-def pair_name(target: str, source: str) -> str:
-    return f"{target}_from_{source}"
-
-
 class CrossTaskAttention(nn.Module):
     """CTAM at one scale: a GCA block per ordered task pair, one BasicBlock shared by all targets, residual."""
 
@@ -145,10 +151,6 @@ class FeaturePropagation(nn.Module):
         weights = self.attention(z).view(b, mc // m, m, h, w).softmax(dim=2)
         shared = self.block((weights * z.view(b, mc // m, m, h, w)).view(b, mc, h, w))
         return {t: self.excite[t](shared) + features[t] for t in self.tasks}
-
-
-def csam_name(target: int, source: int) -> str:
-    return f"{target}_from_{source}"
 
 
 CSAM_PAIRS = tuple((k, j) for k in range(3) for j in range(k + 1, 4))  # 0<-1, 0<-2, 0<-3, 1<-2, 1<-3, 2<-3
@@ -240,8 +242,8 @@ class SCAMTL(nn.Module):
         fused path recompute in backward what is large to store and cheap to compute (the backbone's stem and
         first stage, the Swin layers, the CTAM projections) instead of saving it: same results and running
         statistics, much less memory, a little more compute."""
-        if backend != "auto" and backend not in ("eager", "cpu", "cuda", "triton"):
-            raise ValueError(f"backend must be 'auto', 'eager', 'cpu', 'cuda' or 'triton', got {backend!r}")
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
         self.fused = bool(flag)
         self.backend = backend
         self.recompute = bool(recompute)

@@ -7,14 +7,8 @@ import time
 
 import torch
 
-from . import NYUD_TASKS, PASCAL_TASKS, build_model, parameter_counts
-
-CONFIGS = {
-    "nyud2": {t: NYUD_TASKS[t] for t in ("semseg", "depth")},
-    "nyud4": dict(NYUD_TASKS),
-    "pascal3": {t: PASCAL_TASKS[t] for t in ("semseg", "human_parts", "sal")},
-    "pascal5": dict(PASCAL_TASKS),
-}
+from . import TASK_SETS as CONFIGS
+from . import build_model, parameter_counts
 
 
 def main(argv=None):

@@ -2,17 +2,12 @@
 import pytest
 import torch
 
-from model import NYUD_TASKS, PASCAL_TASKS, build_model, parameter_counts
+from model import TASK_SETS, build_model, parameter_counts
 from model.network import CSAM_PAIRS
 
 SMALL = (12, 24, 48, 96)  # the default topology at a third of the width, so tests stay fast
 
-CONFIGS = {
-    "nyud2": {t: NYUD_TASKS[t] for t in ("semseg", "depth")},
-    "nyud4": dict(NYUD_TASKS),
-    "pascal3": {t: PASCAL_TASKS[t] for t in ("semseg", "human_parts", "sal")},
-    "pascal5": dict(PASCAL_TASKS),
-}
+CONFIGS = TASK_SETS
 
 
 def _ceil_div(a, b):
