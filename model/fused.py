@@ -110,6 +110,10 @@ def recompute_in_backward(fn, *args, modules):
 # ---------------------------------------------------------------------------------------------- convolutions
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def conv1x1_stacked(x: torch.Tensor, convs: Sequence[nn.Conv2d], groups: int) -> torch.Tensor:
     """Grouped 1x1 convolution of x [B, G*Cin, N] as one batched matrix product (much faster than a grouped
     convolution on CPU, forward and backward): group g goes through its share of `convs`, listed group by group."""
@@ -119,11 +123,9 @@ def conv1x1_stacked(x: torch.Tensor, convs: Sequence[nn.Conv2d], groups: int) ->
 
 
 def batch_norm_per_sample_group(x: torch.Tensor, norm: nn.BatchNorm2d, groups: int) -> torch.Tensor:
-    """`norm` called once per group of samples: x [G*B, C, ...] holds G batches stacked along the batch axis."""
-    gb, c = x.shape[:2]
-    per_group = x.reshape(groups, gb // groups, c, -1).transpose(0, 1).reshape(gb // groups, groups * c, -1)
-    out = batch_norm_stacked(per_group, [norm] * groups)
-    return out.view(gb // groups, groups, c, -1).transpose(0, 1).reshape(x.shape)
+    """`norm` called once per group of samples, in order: x [G*B, C, ...] holds G batches stacked along the batch
+    axis (each group is a view of x in either memory layout, so nothing is reordered)."""
+    return torch.cat([norm(part) for part in x.chunk(groups)])
 
 
 def basic_block_batched(block, x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -178,7 +180,11 @@ def cross_task_fused(ctam, features: dict, backend: str = "auto", recompute: boo
     project = lambda x3: _pair_projections(ctam, x3, by_source)  # noqa: E731
     x3 = x.view(b, mc, h * w)
     q, k, v = recompute_in_backward(project, x3, modules=(ctam.attention,)) if recompute else project(x3)
-    attended = cross_task_attention(q, k, v, backend=backend).view(b, -1, c, h, w)
+    attended = cross_task_attention(q, k, v, backend=backend)
+    if _channels_last(x):  # lay the pairs out [B, H, W, P, C] so that the block's input stays channels-last
+        attended = attended.permute(0, 3, 1, 2).contiguous().view(b, h, w, -1, c).permute(0, 3, 4, 1, 2)
+    else:
+        attended = attended.view(b, -1, c, h, w)
     # the shared block's input, targets stacked along the batch axis: [M*B, 2(M-1)C, H, W]
     inputs = []
     for t in tasks:
@@ -188,6 +194,23 @@ def cross_task_fused(ctam, features: dict, backend: str = "auto", recompute: boo
         inputs.append(torch.cat(pieces, dim=1))
     out = basic_block_batched(ctam.block, torch.cat(inputs, dim=0), m)
     return {t: features[t] + out[i * b:(i + 1) * b] for i, t in enumerate(tasks)}
+
+
+def propagation_fused(fpma, features: dict) -> dict:
+    """FPMA, same result as `fpma(features)`, keeping a channels-last input channels-last throughout (the
+    reference's softmax over a [B, C, M, H, W] view would return an NCHW tensor and every later convolution
+    would follow it)."""
+    tasks = fpma.tasks
+    m = len(tasks)
+    z = torch.cat([features[t] for t in tasks], dim=1)
+    b, mc, h, w = z.shape
+    logits = fpma.attention(z)
+    if _channels_last(logits):  # softmax over the M interleaved copies, in the [B, H, W, C] memory order
+        weights = logits.permute(0, 2, 3, 1).reshape(b, h, w, mc // m, m).softmax(dim=-1).permute(0, 3, 4, 1, 2)
+    else:
+        weights = logits.view(b, mc // m, m, h, w).softmax(dim=2)
+    shared = fpma.block((weights * z.view(b, mc // m, m, h, w)).view(b, mc, h, w))
+    return {t: fpma.excite[t](shared) + features[t] for t in tasks}
 
 
 # ---------------------------------------------------------------------------------------------- heads
@@ -390,13 +413,19 @@ def aggregate(head, pieces: list, widths) -> torch.Tensor:
 
 
 class _Upsample(torch.autograd.Function):
-    """Bilinear resize (align_corners=False) as two small matrix products, rows then columns; the backward is
-    the transposed products. On CPU this is several times faster than F.interpolate and saves nothing."""
+    """Bilinear resize (align_corners=False) as two small matrix products, one per axis; the backward is the
+    transposed products. On CPU this is several times faster than F.interpolate and saves nothing. A
+    channels-last input is resized in its own layout (channels innermost) and stays channels-last."""
 
     @staticmethod
     def forward(ctx, x, rows, cols):
         b, c, h, w = x.shape
         ctx.save_for_backward(rows, cols)
+        ctx.channels_last = _channels_last(x)
+        if ctx.channels_last:  # memory [b, h, w, c]: rows over h, then cols over w, c carried along
+            t = torch.matmul(rows, x.permute(0, 2, 3, 1).reshape(b, h, w * c))
+            out = torch.matmul(cols, t.view(-1, w, c))
+            return out.view(b, rows.shape[0], cols.shape[0], c).permute(0, 3, 1, 2)
         t = torch.matmul(x.reshape(b * c * h, w), cols.t()).view(b * c, h, -1)
         return torch.matmul(rows, t).view(b, c, rows.shape[0], cols.shape[0])
 
@@ -404,8 +433,13 @@ class _Upsample(torch.autograd.Function):
     def backward(ctx, grad):
         rows, cols = ctx.saved_tensors
         b, c, hh, ww = grad.shape
+        h, w = rows.shape[1], cols.shape[1]
+        if ctx.channels_last:
+            t = torch.matmul(cols.t(), grad.permute(0, 2, 3, 1).reshape(b * hh, ww, c))
+            out = torch.matmul(rows.t(), t.view(b, hh, w * c))
+            return out.view(b, h, w, c).permute(0, 3, 1, 2), None, None
         t = torch.matmul(rows.t(), grad.reshape(b * c, hh, ww))
-        return torch.matmul(t.view(-1, ww), cols).view(b, c, rows.shape[1], cols.shape[1]), None, None
+        return torch.matmul(t.view(-1, ww), cols).view(b, c, h, w), None, None
 
 
 def _interpolation_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:

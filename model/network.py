@@ -17,7 +17,7 @@ from timm.models.hrnet import HighResolutionNetFeatures, cfg_cls
 
 from fused_mtl_attn.backends import BACKENDS
 
-from .fused import cross_task_fused, head_fused, recompute_in_backward, upsample
+from .fused import cross_task_fused, head_fused, propagation_fused, recompute_in_backward, upsample
 from .modules import (BasicBlock, GlobalContextAttention, SqueezeExcitation, SwinLayer, conv1x1, csam_name,
                       pair_name)
 
@@ -236,17 +236,21 @@ class SCAMTL(nn.Module):
         self.fused = False
         self.set_fused(fused)
 
-    def set_fused(self, flag: bool = True, backend: str = "auto", recompute: bool = True) -> "SCAMTL":
+    def set_fused(self, flag: bool = True, backend: str = "auto", recompute: bool = True,
+                  channels_last: bool | None = None) -> "SCAMTL":
         """Select the execution path; both paths share every parameter and buffer. `backend` picks the
         attention kernels of the fused path (see fused_mtl_attn.available_backends()). `recompute` lets the
         fused path recompute in backward what is large to store and cheap to compute (the backbone's stem and
         first stage, the Swin layers, the CTAM projections) instead of saving it: same results and running
-        statistics, much less memory, a little more compute."""
+        statistics, much less memory, a little more compute. `channels_last` runs the fused path's convolutions
+        in the channels-last layout (None: on CPU only, where oneDNN's 3x3 convolutions are 1.3-3.5x faster in
+        it; the GPU default stays NCHW until it is measured there)."""
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
         self.fused = bool(flag)
         self.backend = backend
         self.recompute = bool(recompute)
+        self.channels_last = None if channels_last is None else bool(channels_last)
         return self
 
     def _check_input(self, x):
@@ -279,6 +283,9 @@ class SCAMTL(nn.Module):
         pad_h, pad_w = (-height) % 32, (-width) % 32
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
+        channels_last = self.fused and (self.channels_last if self.channels_last is not None else x.device.type == "cpu")
+        if channels_last:  # the convolutions follow their input's layout
+            x = x.contiguous(memory_format=torch.channels_last)
         feats = self.encode(x)
         names = list(self.tasks)
         resize = upsample if self.fused else up  # the same bilinear map; the fused one is faster on CPU
@@ -296,7 +303,8 @@ class SCAMTL(nn.Module):
             else:
                 per_scale[k] = self.cross_task[k](task_features)
             if k > 0:
-                propagated = self.propagation[k](per_scale[k])
+                propagate = propagation_fused if self.fused else (lambda fpma, f: fpma(f))
+                propagated = propagate(self.propagation[k], per_scale[k])
         out = {}
         for t in names:
             features = [per_scale[k][t] for k in range(4)]
