@@ -270,7 +270,7 @@ class _Aggregation(torch.autograd.Function):
     straight back to them. Loops run in a fixed order, so results are deterministic."""
 
     @staticmethod
-    def forward(ctx, eps, sizes, running_mean, running_var, x0, x1, x2, x3, w0, w1, w2, w3, bias, gamma, beta,
+    def forward(ctx, eps, sizes, keep_h, running_mean, running_var, x0, x1, x2, x3, w0, w1, w2, w3, bias, gamma, beta,
                 w_out, b_out):
         ctx.sizes, ctx.input_shapes = sizes, [x.shape for x in (x0, x1, x2, x3)]
         running = None if running_mean is None else (running_mean, running_var)
@@ -284,24 +284,28 @@ class _Aggregation(torch.autograd.Function):
             mean.copy_(running[0])
             var.copy_(running[1])
         out = b_out[None, :, None].expand(batch, -1, n0).contiguous()
+        # keep h for backward where memory is plentiful and time is short (CPU); rebuild it on a GPU
+        kept = torch.empty(batch, channels, n0, dtype=xs[0].dtype, device=xs[0].device) if keep_h else None
         for c0 in range(0, channels, block):
             sl = slice(c0, min(c0 + block, channels))
-            h = _build_block(xs, ws, bias, sl, geometry)
+            h = _build_block(xs, ws, bias, sl, geometry, None if kept is None else kept[:, sl])
             if running is None:
                 mean[sl], var[sl] = _channel_stats(h)
             scale = gamma[sl] * torch.rsqrt(var[sl] + eps)
-            act = h.mul_(scale[:, None]).add_((beta[sl] - mean[sl] * scale)[:, None]).clamp_(min=0)
+            shift = (beta[sl] - mean[sl] * scale)[:, None]
+            act = (h.mul_(scale[:, None]).add_(shift) if kept is None else torch.addcmul(shift, h, scale[:, None]))
+            act.clamp_(min=0)
             for b in range(batch):
                 out[b].addmm_(w_out[:, sl], act[b])
         ctx.eps, ctx.batch_stats = eps, running is None
-        ctx.save_for_backward(*xs, *ws, bias, gamma, beta, w_out, mean, var)
+        ctx.save_for_backward(*xs, *ws, bias, gamma, beta, w_out, mean, var, kept)
         return out.view(batch, -1, *geometry[0]), mean, var
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var):
         saved = ctx.saved_tensors
         xs, ws = list(saved[:4]), list(saved[4:8])
-        bias, gamma, beta, w_out, mean, var = saved[8:]
+        bias, gamma, beta, w_out, mean, var, kept = saved[8:]
         batch, n0 = xs[0].shape[0], xs[0].shape[2]
         channels, geometry = ws[0].shape[0], ctx.geometry
         g = grad_out.flatten(2)
@@ -313,7 +317,8 @@ class _Aggregation(torch.autograd.Function):
         for c0 in range(0, channels, ctx.block):
             sl = slice(c0, min(c0 + ctx.block, channels))
             invstd = torch.rsqrt(var[sl] + ctx.eps)
-            xhat = _build_block(xs, ws, bias, sl, geometry).sub_(mean[sl, None]).mul_(invstd[:, None])
+            h = _build_block(xs, ws, bias, sl, geometry) if kept is None else kept[:, sl]
+            xhat = (h.sub_(mean[sl, None]) if kept is None else h - mean[sl, None]).mul_(invstd[:, None])
             pre = torch.addcmul(beta[sl, None], xhat, gamma[sl, None])
             active = pre > 0
             act = pre.clamp_(min=0)
@@ -333,7 +338,7 @@ class _Aggregation(torch.autograd.Function):
                 _block_backward(grad[b], xs, ws, b, sl, geometry, grad_xs, grad_ws)
         grad_b_out = g.sum(2).sum(0)
         grad_xs = [gx.view(shape) for gx, shape in zip(grad_xs, ctx.input_shapes)]
-        return (None, None, None, None, *grad_xs, *grad_ws, grad_bias, grad_gamma, grad_beta, grad_w_out,
+        return (None, None, None, None, None, *grad_xs, *grad_ws, grad_bias, grad_gamma, grad_beta, grad_w_out,
                 grad_b_out)
 
 
@@ -353,12 +358,13 @@ def _channel_block(batch: int, channels: int, positions: int, device) -> int:
     return int(max(8, min(channels, budget // max(batch * positions, 1))))
 
 
-def _build_block(xs, ws, bias, sl, geometry):
-    """Channels `sl` of h = W_0 x_0 + sum_k up(W_k x_k) + bias, as [B, c, N0]."""
+def _build_block(xs, ws, bias, sl, geometry, h=None):
+    """Channels `sl` of h = W_0 x_0 + sum_k up(W_k x_k) + bias, as [B, c, N0] (into `h` if given)."""
     (height, width), scales = geometry
     batch, n0 = xs[0].shape[0], xs[0].shape[2]
     c = sl.stop - sl.start
-    h = torch.empty(batch, c, n0, dtype=xs[0].dtype, device=xs[0].device)
+    if h is None:
+        h = torch.empty(batch, c, n0, dtype=xs[0].dtype, device=xs[0].device)
     for b in range(batch):
         torch.addmm(bias[sl, None], ws[0][sl], xs[0][b], out=h[b])
         plane = h[b].view(c, height, width)
@@ -403,7 +409,8 @@ def aggregate(head, pieces: list, widths) -> torch.Tensor:
     batch_stats = _uses_batch_stats(norm)
     running = (None, None) if batch_stats else (norm.running_mean, norm.running_var)
     sizes = tuple(tuple(x.shape[-2:]) for x in xs)
-    out, mean, var = _Aggregation.apply(norm.eps, sizes, *running, *xs, *weights, head.aggregate[0].bias,
+    keep_h = xs[0].device.type == "cpu"
+    out, mean, var = _Aggregation.apply(norm.eps, sizes, keep_h, *running, *xs, *weights, head.aggregate[0].bias,
                                         norm.weight, norm.bias, conv_out.weight[..., 0, 0], conv_out.bias)
     if batch_stats and norm.track_running_stats:
         n = out.shape[0] * out.shape[2] * out.shape[3]
