@@ -41,20 +41,31 @@ def _uses_batch_stats(norm: nn.BatchNorm2d) -> bool:
     return norm.training or norm.running_mean is None
 
 
-def batch_norm_stacked(x: torch.Tensor, norms: Sequence[nn.BatchNorm2d]) -> torch.Tensor:
+def _batch_norm_train(x: torch.Tensor, weight, bias, eps: float):
+    """Training-mode BatchNorm of x that also returns the batch mean and unbiased variance, taken from the
+    kernel's own running-statistics update (momentum 1 into zeroed buffers gives exactly the batch statistics
+    that the reference's call folds into its buffers) instead of a second pass over x."""
+    mean = torch.zeros(x.shape[1], dtype=weight.dtype, device=x.device)  # the buffers' dtype (mixed under autocast)
+    var = torch.zeros_like(mean)
+    return F.batch_norm(x, mean, var, weight, bias, True, 1.0, eps), mean, var
+
+
+def batch_norm_stacked(x: torch.Tensor, norms: Sequence[nn.BatchNorm2d], calls: int = 1) -> torch.Tensor:
     """BatchNorm of x [B, sum C_i, ...] whose channel blocks are what each of `norms` would see in its own
-    call, in order (a module listed twice is two calls). Same output and running statistics as those calls."""
-    weight = torch.cat([n.weight for n in norms])
-    bias = torch.cat([n.bias for n in norms])
+    call, in order (a module listed twice is two calls), each call repeated `calls` times on the same input.
+    Same output and running statistics as those calls."""
+    weight = torch.cat([n.weight for n in norms]) if len(norms) > 1 else norms[0].weight
+    bias = torch.cat([n.bias for n in norms]) if len(norms) > 1 else norms[0].bias
     eps = norms[0].eps
     if not _uses_batch_stats(norms[0]):
         mean = torch.cat([n.running_mean for n in norms])
         var = torch.cat([n.running_var for n in norms])
         return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
-    out = F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
-    if norms[0].track_running_stats:
-        with torch.no_grad():
-            mean, var = _channel_stats(x.detach(), correction=1)
+    if not norms[0].track_running_stats:
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+    out, mean, var = _batch_norm_train(x, weight, bias, eps)
+    with torch.no_grad():
+        for _ in range(calls):
             start = 0
             for n in norms:
                 stop = start + n.num_features
@@ -65,13 +76,7 @@ def batch_norm_stacked(x: torch.Tensor, norms: Sequence[nn.BatchNorm2d]) -> torc
 
 def batch_norm_repeated(x: torch.Tensor, norm: nn.BatchNorm2d, calls: int) -> torch.Tensor:
     """`norm` applied to x, counted as `calls` identical reference calls (the same input each time)."""
-    out = batch_norm_stacked(x, [norm])
-    if calls > 1 and _uses_batch_stats(norm) and norm.track_running_stats:
-        with torch.no_grad():
-            mean, var = _channel_stats(x.detach(), correction=1)
-            for _ in range(calls - 1):
-                _update_running_stats(norm, mean, var)
-    return out
+    return batch_norm_stacked(x, [norm], calls)
 
 
 def batch_norm_segments(x: torch.Tensor, norm: nn.BatchNorm2d, offsets: Sequence[int]) -> torch.Tensor:
@@ -387,14 +392,13 @@ def _block_backward(grad_h, xs, ws, b, sl, geometry, grad_xs, grad_ws):
         grad_ws[k][sl].addmm_(grad_z, xs[k][b].t())
 
 
-def _channel_stats(h: torch.Tensor, correction: int = 0):
-    """Per-channel mean and variance of h [B, C, ...], two passes (as accurate as BatchNorm's own and several
-    times faster than torch.var_mean over dims (0, 2, ...) on CPU)."""
-    h = h.flatten(2)
+def _channel_stats(h: torch.Tensor):
+    """Per-channel mean and biased variance of h [B, C, N], two passes (as accurate as BatchNorm's own and
+    several times faster than torch.var_mean over dims (0, 2) on CPU)."""
     n = h.shape[0] * h.shape[2]
     mean = h.sum(2).sum(0) / n
     centred = h - mean[:, None]
-    return mean, torch.linalg.vecdot(centred, centred, dim=2).sum(0) / max(n - correction, 1)
+    return mean, torch.linalg.vecdot(centred, centred, dim=2).sum(0) / n
 
 
 def aggregate(head, pieces: list, widths) -> torch.Tensor:
