@@ -325,14 +325,14 @@ class _Aggregation(torch.autograd.Function):
             h = _build_block(xs, ws, bias, sl, geometry) if kept is None else kept[:, sl]
             xhat = (h.sub_(mean[sl, None]) if kept is None else h - mean[sl, None]).mul_(invstd[:, None])
             pre = torch.addcmul(beta[sl, None], xhat, gamma[sl, None])
-            active = pre > 0
+            inactive = pre <= 0
             act = pre.clamp_(min=0)
             for b in range(batch):
                 grad_w_out[:, sl].addmm_(g[b], act[b].t())
             grad = act  # reuse the buffer: dL/d(BN output)
             for b in range(batch):
                 torch.mm(w_out[:, sl].t(), g[b], out=grad[b])
-            grad.mul_(active)
+            grad.masked_fill_(inactive, 0)
             grad_beta[sl] = grad.sum(2).sum(0)
             grad_gamma[sl] = torch.linalg.vecdot(grad, xhat, dim=2).sum(0)
             if ctx.batch_stats:  # the batch mean and variance depend on h too

@@ -313,6 +313,8 @@ class SCAMTL(nn.Module):
             else:
                 pred = self.heads[t](features)
             out[t] = resize(pred, x.shape[-2:])[..., :height, :width]
+        if channels_last:  # hand back NCHW maps, as the reference does (a loss's log_softmax would copy them)
+            supervision = {k: {t: p.contiguous() for t, p in preds.items()} for k, preds in supervision.items()}
         out["deep_supervision"] = {
             k: {t: p[..., : -(-height // STRIDES[k]), : -(-width // STRIDES[k])] for t, p in preds.items()}
             for k, preds in sorted(supervision.items())
