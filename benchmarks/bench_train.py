@@ -52,6 +52,17 @@ def random_batch(tasks: dict, batch: int, size, device) -> dict:
     return {k: v.to(device) for k, v in out.items()}
 
 
+class ChannelsLastInput(torch.nn.Module):
+    """`net` fed a channels-last copy of its input: eager PyTorch's own layout switch, for comparison."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x.contiguous(memory_format=torch.channels_last))
+
+
 def measure(net, loss_fn, batch, device, amp, repeats: int) -> dict:
     opt = torch.optim.Adam(net.parameters(), lr=1e-4, weight_decay=1e-4)
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=amp)
@@ -99,6 +110,9 @@ def main(argv=None):
     parser.add_argument("--amp", choices=["off", "bf16", "both"], default=None,
                         help="bf16 autocast (default: off on CPU, both on GPU)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the reference (slow)")
+    parser.add_argument("--layouts", action="store_true",
+                        help="also time the reference fed a channels-last image (its convolutions follow it) and the "
+                             "fused path in its non-default layout (NCHW on CPU, channels-last on GPU)")
     parser.add_argument("--quick", action="store_true", help="3 timed steps per case")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="override the input size of every config")
     parser.add_argument("--widths", type=int, nargs=4, help="decoder widths C_k (default 36 72 144 288)")
@@ -121,6 +135,11 @@ def main(argv=None):
             torch.manual_seed(0)
             reference = build_model(tasks, **({"widths": tuple(args.widths)} if args.widths else {})).to(device).train()
             variants = {"reference": reference, "fused": copy.deepcopy(reference).set_fused(True)}
+            if args.layouts:
+                variants["reference_channels_last"] = ChannelsLastInput(copy.deepcopy(reference))
+                other = device != "cpu"  # the fused path's default is channels-last on CPU only
+                variants["fused_channels_last" if other else "fused_nchw"] = \
+                    copy.deepcopy(reference).set_fused(True, channels_last=other)
             if args.compile:
                 variants["compiled_reference"] = torch.compile(copy.deepcopy(reference))
             results = {}
@@ -129,12 +148,12 @@ def main(argv=None):
                     results[variant] = measure(net, loss_fn, batch, device, amp, repeats)
                 except Exception as exc:  # one failing variant (OOM, a bug under autocast) costs one row
                     results[variant] = {"error": error_text(exc)}
-                    print(f"{name} {'bf16' if amp else 'fp32'} {variant:<19} FAILED {results[variant]['error']}",
+                    print(f"{name} {'bf16' if amp else 'fp32'} {variant:<23} FAILED {results[variant]['error']}",
                           flush=True)
                     if device == "cuda":
                         torch.cuda.empty_cache()
                     continue
-                print(f"{name} {'bf16' if amp else 'fp32'} {variant:<19} {results[variant]['step_ms']:9.1f} ms  "
+                print(f"{name} {'bf16' if amp else 'fp32'} {variant:<23} {results[variant]['step_ms']:9.1f} ms  "
                       f"saved {results[variant]['saved_bytes'] / 2**20:8.1f} MiB", flush=True)
             base = results["reference"]
             for variant, res in results.items():
@@ -147,15 +166,15 @@ def main(argv=None):
                         row["peak_ratio"] = res["peak_bytes"] / base["peak_bytes"]
                 rows.append(row)
     print(f"\n{env['device_name']} ({device}, {env['threads']} threads), torch {env['torch']}, commit {env['commit']}")
-    header = f"{'config':<8} {'dtype':<13} {'variant':<19} {'step ms':>9} {'x ref':>6} {'saved MiB':>10} {'x ref':>6}"
+    header = f"{'config':<8} {'dtype':<13} {'variant':<23} {'step ms':>9} {'x ref':>6} {'saved MiB':>10} {'x ref':>6}"
     if device == "cuda":
         header += f" {'peak MiB':>9} {'x ref':>6}"
     print(header)
     for r in rows:
         if "time_ratio" not in r:
-            print(f"{r['config']:<8} {r['dtype']:<13} {r['variant']:<19} {r.get('error', 'no reference to compare')}")
+            print(f"{r['config']:<8} {r['dtype']:<13} {r['variant']:<23} {r.get('error', 'no reference to compare')}")
             continue
-        line = (f"{r['config']:<8} {r['dtype']:<13} {r['variant']:<19} {r['step_ms']:9.1f} {r['time_ratio']:6.2f} "
+        line = (f"{r['config']:<8} {r['dtype']:<13} {r['variant']:<23} {r['step_ms']:9.1f} {r['time_ratio']:6.2f} "
                 f"{r['saved_bytes'] / 2**20:10.1f} {r['saved_ratio']:6.2f}")
         if "peak_bytes" in r:
             line += f" {r['peak_bytes'] / 2**20:9.1f} {r['peak_ratio']:6.2f}"
