@@ -132,12 +132,13 @@ def plot_train(plt, rows, out):
                           len(mem_kinds) > 1 else None)
             ax.bar_label(bars, fmt="%.2f", fontsize=7)
         ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set_xticks(list(x), [f"{c}\n{d}" for c, d in groups])
+        sizes = {r["config"]: "x".join(map(str, r.get("size", []))) for r in rows}
+        ax.set_xticks(list(x), [f"{c} {sizes[c]}\n{d}" for c, d in groups])
         ax.set_ylabel(ylabel)
         ax.set_title(ylabel + " (lower is better)", fontsize=10)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower right")
     r0 = rows[0]
-    fig.suptitle(f"Training step, batch {r0.get('batch')}, input {r0.get('size')}\n{title_env(rows)}", fontsize=10)
+    fig.suptitle(f"Training step, batch {r0.get('batch')}\n{title_env(rows)}", fontsize=10)
     return save(fig, out, "train_ratios.png")
 
 
