@@ -247,10 +247,15 @@ class SCAMTL(nn.Module):
         it; the GPU default stays NCHW until it is measured there)."""
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
-        self.fused = bool(flag)
+        for name, value, allowed in (("flag", flag, (bool,)), ("recompute", recompute, (bool,)),
+                                     ("channels_last", channels_last, (bool, type(None)))):
+            if not isinstance(value, allowed):
+                raise TypeError(f"set_fused: {name} must be {' or '.join(a.__name__ for a in allowed)}, "
+                                f"got {value!r}")
+        self.fused = flag
         self.backend = backend
-        self.recompute = bool(recompute)
-        self.channels_last = None if channels_last is None else bool(channels_last)
+        self.recompute = recompute
+        self.channels_last = channels_last
         return self
 
     def _check_input(self, x):

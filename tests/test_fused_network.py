@@ -226,3 +226,13 @@ def test_aggregation_by_channel_blocks_matches_reference(monkeypatch):
 
     monkeypatch.setattr(model.fused, "_channel_block", lambda batch, channels, positions, device: 7)
     test_fused_matches_reference("nyud2", True, torch.float64, 2)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"flag": "yes"}, "flag must be bool"),
+                                           ({"channels_last": 1}, "channels_last must be bool or NoneType"),
+                                           ({"recompute": None}, "recompute must be bool"),
+                                           ({"backend": "gpu"}, "backend must be one of")])
+def test_set_fused_rejects_bad_arguments(kwargs, match):
+    net = build_model(CONFIGS["nyud2"], widths=SMALL)
+    with pytest.raises((TypeError, ValueError), match=match):
+        net.set_fused(**kwargs)
