@@ -11,7 +11,7 @@
 #                                                                                         -> OUTDIR/build.log
 #   gpu_tests  pytest -m gpu tests/test_cpp_ops.py tests/test_triton.py tests/test_fused_network.py -> OUTDIR/gpu_tests.log, gpu_tests.xml
 #   train      bench_train.py at the paper sizes (NYUD 480x640 2 tasks, PASCAL 512x512 5 tasks), batch 8, fp32 and
-#              bf16 autocast, reference vs fused                              -> OUTDIR/train.json, train.log
+#              bf16 autocast, reference vs fused, plus the layout rows (--layouts) -> OUTDIR/train.json, train.log
 #   ops        bench_ops.py at the paper's per-scale shapes, batch 8 then 1 -> OUTDIR/ops.json, ops.log (the JSON is
 #              rewritten after every case, so a timeout keeps what was measured)
 #   plot       plot.py: PNGs and OUTDIR/summary.md, printed last
@@ -74,7 +74,7 @@ cat "$OUT/env.log"
 if [ "$DRY" = 1 ]; then
     record build skipped 0
     record gpu_tests skipped 0
-    TRAIN="--device cpu --configs nyud2,pascal5 --batch 1 --size 64 64 --widths 12 24 48 96 --amp both --repeats 1"
+    TRAIN="--device cpu --configs nyud2,pascal5 --batch 1 --size 64 64 --widths 12 24 48 96 --amp both --layouts --repeats 1"
     OPS="--device cpu --quick --positions-scale 0.25 --min-run-time 0.02"
 else
     export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
@@ -87,7 +87,7 @@ else
         $PY setup.py build_ext --inplace && $CHECK_CUDA"
     run_step gpu_tests 150 "$OUT/gpu_tests.log" \
         "$PY -m pytest -q -m gpu tests/test_cpp_ops.py tests/test_triton.py tests/test_fused_network.py --junitxml='$OUT/gpu_tests.xml'"
-    TRAIN="--device cuda --configs nyud2,pascal5 --batch 8 --amp both --repeats ${TRAIN_REPEATS:-5}"
+    TRAIN="--device cuda --configs nyud2,pascal5 --batch 8 --amp both --layouts --repeats ${TRAIN_REPEATS:-5}"
     OPS="--device cuda --batch 8 1 ${OPS_ARGS:-}"
 fi
 
