@@ -289,7 +289,6 @@ class _Aggregation(torch.autograd.Function):
             mean.copy_(running[0])
             var.copy_(running[1])
         out = b_out[None, :, None].expand(batch, -1, n0).contiguous()
-        # keep h for backward where memory is plentiful and time is short (CPU); rebuild it on a GPU
         kept = torch.empty(batch, channels, n0, dtype=xs[0].dtype, device=xs[0].device) if keep_h else None
         for c0 in range(0, channels, block):
             sl = slice(c0, min(c0 + block, channels))
@@ -363,6 +362,13 @@ def _channel_block(batch: int, channels: int, positions: int, device) -> int:
     return int(max(8, min(channels, budget // max(batch * positions, 1))))
 
 
+def _keep_blocks(device) -> bool:
+    """Keep the pre-BN blocks of h for backward (one [B, 1080, N0] map per task) instead of rebuilding them: on
+    CPU, where memory is plentiful and the rebuild costs about 90 ms per task at 256x320; not on a GPU, where
+    peak memory is the scarce resource."""
+    return device.type == "cpu"
+
+
 def _build_block(xs, ws, bias, sl, geometry, h=None):
     """Channels `sl` of h = W_0 x_0 + sum_k up(W_k x_k) + bias, as [B, c, N0] (into `h` if given)."""
     (height, width), scales = geometry
@@ -413,7 +419,7 @@ def aggregate(head, pieces: list, widths) -> torch.Tensor:
     batch_stats = _uses_batch_stats(norm)
     running = (None, None) if batch_stats else (norm.running_mean, norm.running_var)
     sizes = tuple(tuple(x.shape[-2:]) for x in xs)
-    keep_h = xs[0].device.type == "cpu"
+    keep_h = _keep_blocks(xs[0].device)
     out, mean, var = _Aggregation.apply(norm.eps, sizes, keep_h, *running, *xs, *weights, head.aggregate[0].bias,
                                         norm.weight, norm.bias, conv_out.weight[..., 0, 0], conv_out.bias)
     if batch_stats and norm.track_running_stats:

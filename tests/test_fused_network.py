@@ -228,6 +228,15 @@ def test_aggregation_by_channel_blocks_matches_reference(monkeypatch):
     test_fused_matches_reference("nyud2", True, torch.float64, 2)
 
 
+def test_aggregation_rebuilding_blocks_matches_reference(monkeypatch):
+    """The GPU's way (backward rebuilds each block of h instead of keeping it), here on CPU, in NCHW as on a GPU."""
+    import model.fused
+
+    monkeypatch.setattr(model.fused, "_keep_blocks", lambda device: False)
+    test_fused_matches_reference("nyud2", True, torch.float64, 2)
+    test_fused_matches_reference("pascal5", True, torch.float32, 1)
+
+
 @pytest.mark.parametrize("kwargs, match", [({"flag": "yes"}, "flag must be bool"),
                                            ({"channels_last": 1}, "channels_last must be bool or NoneType"),
                                            ({"recompute": None}, "recompute must be bool"),
