@@ -6,9 +6,12 @@ stacked/gathered computation and the fused attention ops of `fused_mtl_attn`.
 - CSAM: the query projection runs once per target scale, the sources are gathered along positions and
   attended by one `cross_scale_attention` call.
 - Aggregation: the 1x1 conv commutes with bilinear upsampling, so it runs per scale at the scale's own
-  resolution with the weights of the repeated Y_k copies summed; BN-ReLU-conv runs by blocks of channels and
-  backward rebuilds them, so no full-resolution 1080-channel tensor is ever stored.
+  resolution with the weights of the repeated Y_k copies summed; BN-ReLU-conv runs by blocks of channels, so
+  no 1080-channel full-resolution concatenation exists (backward keeps the pre-BN blocks on CPU and rebuilds
+  them on a GPU).
+- FPMA: the reference module's computation, kept in the input's memory layout.
 - Encoder: optionally recomputed in backward (activation checkpointing).
+- Layout: on CPU the network runs channels-last (set in network.py); every function here accepts both layouts.
 BatchNorm sees the same statistics as each reference call and updates running statistics call by call.
 """
 from __future__ import annotations
@@ -270,9 +273,10 @@ def _aggregation_weights(head, widths):
 class _Aggregation(torch.autograd.Function):
     """The aggregation head after CSAM, conv_out(ReLU(BN(h))) with h = sum_k up(W_k x_k) + bias, computed block
     of channels by block of channels: BatchNorm is per channel, so each block of h is built, normalised and
-    folded into the output before the next, and no 1080-channel full-resolution tensor ever exists. Backward
-    rebuilds each block of h from the small per-scale inputs (the only tensors saved) and sends its gradient
-    straight back to them. Loops run in a fixed order, so results are deterministic."""
+    folded into the output before the next. Backward takes each block of h from the copy kept in forward
+    (`keep_h`, CPU) or rebuilds it from the small per-scale inputs (GPU: then no 1080-channel full-resolution
+    tensor is ever stored) and sends its gradient straight back to them. Loops run in a fixed order, so results
+    are deterministic."""
 
     @staticmethod
     def forward(ctx, eps, sizes, keep_h, running_mean, running_var, x0, x1, x2, x3, w0, w1, w2, w3, bias, gamma, beta,
