@@ -27,7 +27,6 @@ rows (rewritten after every case, so an interrupted run keeps what it measured).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -35,7 +34,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import environment, error_text, median_ms, saved_bytes  # noqa: E402
+from benchmarks.common import environment, error_text, median_ms, saved_bytes, write_json  # noqa: E402
 from fused_mtl_attn import available_backends, cross_scale_attention, cross_task_attention, reference  # noqa: E402
 
 CHANNELS = (36, 72, 144, 288)
@@ -226,13 +225,6 @@ def main(argv=None):
     if args.json:
         print(f"# wrote {len(rows)} rows to {args.json}")
     return rows
-
-
-def write_json(path, rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(rows, f, indent=1)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

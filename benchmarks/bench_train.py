@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -19,7 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import environment, error_text, saved_bytes  # noqa: E402
+from benchmarks.common import environment, error_text, saved_bytes, write_json  # noqa: E402
 from model import TASK_SETS, build_model  # noqa: E402
 from model.losses import MultiTaskLoss  # noqa: E402
 
@@ -165,6 +164,8 @@ def main(argv=None):
                     if "peak_bytes" in res:
                         row["peak_ratio"] = res["peak_bytes"] / base["peak_bytes"]
                 rows.append(row)
+            if args.json:  # after every case, so that a run cut short by a time limit keeps what it measured
+                write_json(args.json, rows)
     print(f"\n{env['device_name']} ({device}, {env['threads']} threads), torch {env['torch']}, commit {env['commit']}")
     header = f"{'config':<8} {'dtype':<13} {'variant':<23} {'step ms':>9} {'x ref':>6} {'saved MiB':>10} {'x ref':>6}"
     if device == "cuda":
@@ -180,10 +181,10 @@ def main(argv=None):
             line += f" {r['peak_bytes'] / 2**20:9.1f} {r['peak_ratio']:6.2f}"
         print(line)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json(args.json, rows)
         print(f"# wrote {len(rows)} rows to {args.json}")
     return rows
+
 
 
 if __name__ == "__main__":

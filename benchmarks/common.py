@@ -2,6 +2,8 @@
 memory saved for backward, and the environment fields every result row carries."""
 from __future__ import annotations
 
+import json
+import os
 import platform
 import subprocess
 
@@ -71,3 +73,11 @@ def error_text(exc: BaseException) -> str:
     """One line for a result row whose measurement failed (an OOM, a backend's refusal, a bug)."""
     first = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {first}"[:300]
+
+
+def write_json(path: str, rows: list) -> None:
+    """Write the result rows atomically (a run cut short never leaves half a file)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(rows, f, indent=1)
+    os.replace(tmp, path)
