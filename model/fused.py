@@ -207,16 +207,16 @@ def cross_task_fused(ctam, features: dict, backend: str = "auto", recompute: boo
 def propagation_fused(fpma, features: dict) -> dict:
     """FPMA, same result as `fpma(features)`, keeping a channels-last input channels-last throughout (the
     reference's softmax over a [B, C, M, H, W] view would return an NCHW tensor and every later convolution
-    would follow it)."""
+    would follow it); an NCHW input simply runs the module."""
     tasks = fpma.tasks
-    m = len(tasks)
     z = torch.cat([features[t] for t in tasks], dim=1)
+    if not _channels_last(z):
+        return fpma(features)
+    m = len(tasks)
     b, mc, h, w = z.shape
-    logits = fpma.attention(z)
-    if _channels_last(logits):  # softmax over the M interleaved copies, in the [B, H, W, C] memory order
-        weights = logits.permute(0, 2, 3, 1).reshape(b, h, w, mc // m, m).softmax(dim=-1).permute(0, 3, 4, 1, 2)
-    else:
-        weights = logits.view(b, mc // m, m, h, w).softmax(dim=2)
+    # softmax over the M interleaved copies of each channel, in the [B, H, W, C] memory order
+    weights = fpma.attention(z).permute(0, 2, 3, 1).reshape(b, h, w, mc // m, m).softmax(dim=-1)
+    weights = weights.permute(0, 3, 4, 1, 2)
     shared = fpma.block((weights * z.view(b, mc // m, m, h, w)).view(b, mc, h, w))
     return {t: fpma.excite[t](shared) + features[t] for t in tasks}
 
@@ -279,8 +279,8 @@ class _Aggregation(torch.autograd.Function):
     are deterministic."""
 
     @staticmethod
-    def forward(ctx, eps, sizes, keep_h, running_mean, running_var, x0, x1, x2, x3, w0, w1, w2, w3, bias, gamma, beta,
-                w_out, b_out):
+    def forward(ctx, eps, sizes, keep_h, running_mean, running_var, x0, x1, x2, x3, w0, w1, w2, w3, bias, gamma,
+                beta, w_out, b_out):
         ctx.sizes, ctx.input_shapes = sizes, [x.shape for x in (x0, x1, x2, x3)]
         running = None if running_mean is None else (running_mean, running_var)
         xs = [x.flatten(2) for x in (x0, x1, x2, x3)]
@@ -346,8 +346,8 @@ class _Aggregation(torch.autograd.Function):
                 _block_backward(grad[b], xs, ws, b, sl, geometry, grad_xs, grad_ws)
         grad_b_out = g.sum(2).sum(0)
         grad_xs = [gx.view(shape) for gx, shape in zip(grad_xs, ctx.input_shapes)]
-        return (None, None, None, None, None, *grad_xs, *grad_ws, grad_bias, grad_gamma, grad_beta, grad_w_out,
-                grad_b_out)
+        return (None, None, None, None, None, *grad_xs, *grad_ws, grad_bias, grad_gamma, grad_beta,
+                grad_w_out, grad_b_out)
 
 
 def _geometry(ctx, xs):
@@ -423,9 +423,9 @@ def aggregate(head, pieces: list, widths) -> torch.Tensor:
     batch_stats = _uses_batch_stats(norm)
     running = (None, None) if batch_stats else (norm.running_mean, norm.running_var)
     sizes = tuple(tuple(x.shape[-2:]) for x in xs)
-    keep_h = _keep_blocks(xs[0].device)
-    out, mean, var = _Aggregation.apply(norm.eps, sizes, keep_h, *running, *xs, *weights, head.aggregate[0].bias,
-                                        norm.weight, norm.bias, conv_out.weight[..., 0, 0], conv_out.bias)
+    out, mean, var = _Aggregation.apply(norm.eps, sizes, _keep_blocks(xs[0].device), *running, *xs, *weights,
+                                        head.aggregate[0].bias, norm.weight, norm.bias, conv_out.weight[..., 0, 0],
+                                        conv_out.bias)
     if batch_stats and norm.track_running_stats:
         n = out.shape[0] * out.shape[2] * out.shape[3]
         with torch.no_grad():

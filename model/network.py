@@ -288,7 +288,7 @@ class SCAMTL(nn.Module):
         pad_h, pad_w = (-height) % 32, (-width) % 32
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
-        channels_last = self.fused and (self.channels_last if self.channels_last is not None else x.device.type == "cpu")
+        channels_last = self.fused and (x.device.type == "cpu" if self.channels_last is None else self.channels_last)
         if channels_last:  # the convolutions follow their input's layout
             x = x.contiguous(memory_format=torch.channels_last)
         feats = self.encode(x)
@@ -308,8 +308,8 @@ class SCAMTL(nn.Module):
             else:
                 per_scale[k] = self.cross_task[k](task_features)
             if k > 0:
-                propagate = propagation_fused if self.fused else (lambda fpma, f: fpma(f))
-                propagated = propagate(self.propagation[k], per_scale[k])
+                fpma = self.propagation[k]
+                propagated = propagation_fused(fpma, per_scale[k]) if self.fused else fpma(per_scale[k])
         out = {}
         for t in names:
             features = [per_scale[k][t] for k in range(4)]
@@ -318,10 +318,9 @@ class SCAMTL(nn.Module):
             else:
                 pred = self.heads[t](features)
             out[t] = resize(pred, x.shape[-2:])[..., :height, :width]
-        if channels_last:  # hand back NCHW maps, as the reference does (a loss's log_softmax would copy them)
-            supervision = {k: {t: p.contiguous() for t, p in preds.items()} for k, preds in supervision.items()}
+        # NCHW maps, as the reference hands back (a loss's log_softmax would copy channels-last ones)
         out["deep_supervision"] = {
-            k: {t: p[..., : -(-height // STRIDES[k]), : -(-width // STRIDES[k])] for t, p in preds.items()}
+            k: {t: p.contiguous()[..., : -(-height // STRIDES[k]), : -(-width // STRIDES[k])] for t, p in preds.items()}
             for k, preds in sorted(supervision.items())
         }
         return out
