@@ -3,8 +3,9 @@
 The C++ extension `fused_mtl_attn._C` is always built with the CPU kernels; the CUDA kernels are added when torch
 is a CUDA build and nvcc is found (CUDA_HOME, else /usr/local/cuda). FORCE_CUDA=1 / FORCE_CPU=1 override the choice.
 Without a visible GPU the CUDA architectures default to TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX".
-FUSED_MTL_ATTN_CPU_ARCH (default "native") is the -march of the CPU kernels: the extension is built on the machine
-that runs it (`make setup`, CI, benchmarks/gpu_check.sh); set it to "" for a portable build.
+The CPU kernels are compiled for several instruction sets in one portable build (csrc/cpu/kernels_<isa>.cpp: the
+x86-64 baseline, AVX2+FMA, AVX-512) and pick one when the library loads. FUSED_MTL_ATTN_CPU_ARCH (default empty)
+adds -march=<value> to the whole build, e.g. "native" for a build that runs only on machines like this one.
 """
 import glob
 import os
@@ -36,7 +37,7 @@ def _extensions():
     with_cuda = not _flag("FORCE_CPU") and (_flag("FORCE_CUDA") or (torch.version.cuda is not None and cuda_home))
     sources = [os.path.join("csrc", "attention.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx = ["-O3"]  # the C++ standard comes from torch (C++17 or C++20 by version)
-    arch = os.environ.get("FUSED_MTL_ATTN_CPU_ARCH", "native")
+    arch = os.environ.get("FUSED_MTL_ATTN_CPU_ARCH", "")
     if arch and platform.machine() in ("x86_64", "AMD64"):
         cxx.append(f"-march={arch}")
     include_dirs = [os.path.join(HERE, "csrc")]

@@ -2,10 +2,72 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// A bare module, so `import fused_mtl_attn._C` loads the library and runs the registrations below.
+#include "cpu/isa.h"
+
+// `import fused_mtl_attn._C` loads the library and runs the registrations below; the module itself only reports
+// the build and the CPU kernels' instruction set.
+namespace {
+
+PyObject* names_list(const std::vector<std::string>& names) {
+  PyObject* list = PyList_New(0);
+  for (const auto& n : names) {
+    PyObject* s = PyUnicode_FromString(n.c_str());
+    PyList_Append(list, s);
+    Py_DECREF(s);
+  }
+  return list;
+}
+
+// runs f, turning a C++ exception into a Python one of type `type`
+template <typename F>
+PyObject* guarded(PyObject* type, F f) {
+  try {
+    return f();
+  } catch (const c10::Error& e) {
+    PyErr_SetString(type, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    PyErr_SetString(type, e.what());
+  }
+  return nullptr;
+}
+
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  return guarded(PyExc_RuntimeError, [] { return PyUnicode_FromString(fused_mtl_attn::cpu::isa().c_str()); });
+}
+
+PyObject* compiled_cpu_isas(PyObject*, PyObject*) {
+  return guarded(PyExc_RuntimeError, [] { return names_list(fused_mtl_attn::cpu::compiled_isas()); });
+}
+
+PyObject* supported_cpu_isas(PyObject*, PyObject*) {
+  return guarded(PyExc_RuntimeError, [] { return names_list(fused_mtl_attn::cpu::supported_isas()); });
+}
+
+PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
+  if (!PyUnicode_Check(arg)) {
+    PyErr_Format(PyExc_TypeError, "the instruction set must be a str, got %s", Py_TYPE(arg)->tp_name);
+    return nullptr;
+  }
+  const std::string name = PyUnicode_AsUTF8(arg);
+  return guarded(PyExc_ValueError, [&] {
+    fused_mtl_attn::cpu::set_isa(name);
+    Py_RETURN_NONE;
+  });
+}
+
+PyMethodDef methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "The instruction set of the CPU kernels in effect."},
+    {"compiled_cpu_isas", compiled_cpu_isas, METH_NOARGS, "The instruction sets this build holds, best first."},
+    {"supported_cpu_isas", supported_cpu_isas, METH_NOARGS, "Those the running CPU supports, best first."},
+    {"set_cpu_isa", set_cpu_isa, METH_O, "Switch the CPU kernels to another instruction set."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
 extern "C" {
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* module = PyModule_Create(&module_def);
 #ifdef WITH_CUDA
   PyModule_AddIntConstant(module, "built_with_cuda", 1);

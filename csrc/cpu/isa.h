@@ -1,0 +1,41 @@
+// The CPU kernels are compiled once per instruction set (kernels_<isa>.cpp, each the same kernels.h with its own
+// vector width and register blocking); one set is chosen once, when the library loads, from the running CPU's
+// features (as ATen's CPU capability dispatch does), or forced with FUSED_MTL_ATTN_CPU_ISA=baseline|avx2|avx512.
+#pragma once
+
+#include "../attention.h"
+
+#include <string>
+#include <vector>
+
+namespace fused_mtl_attn {
+
+struct CpuKernels {
+  ForwardCore forward;
+  BackwardCore backward;
+};
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define FMA_CPU_X86 1
+#endif
+
+// one definition per instruction set, in kernels_<isa>.cpp
+namespace cpu_baseline { extern const CpuKernels kernels; }  // x86-64: SSE2 (16 registers of 16 bytes); else the compiler's default
+#ifdef FMA_CPU_X86
+namespace cpu_avx2 { extern const CpuKernels kernels; }      // AVX2 + FMA: 16 registers of 32 bytes
+namespace cpu_avx512 { extern const CpuKernels kernels; }    // AVX-512 F/BW/DQ/VL: 32 registers of 64 bytes
+#endif
+
+namespace cpu {
+
+// the instruction sets this build holds, in the order of preference (best first)
+std::vector<std::string> compiled_isas();
+// those of them the running CPU supports, best first
+std::vector<std::string> supported_isas();
+// the set in effect; throws (naming FUSED_MTL_ATTN_CPU_ISA) if that variable asks for one this CPU cannot run
+std::string isa();
+// switch to another set (tests and benchmarks compare them in one process); throws if the CPU cannot run it
+void set_isa(const std::string& name);
+
+}  // namespace cpu
+}  // namespace fused_mtl_attn

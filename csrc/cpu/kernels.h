@@ -1,0 +1,546 @@
+// CPU kernels of the gathered core (see ../attention.h), compiled once per instruction set: a kernels_<isa>.cpp file
+// includes kernels_includes.h, switches the compiler to its set, defines the set's parameters below and includes
+// this file, which puts everything in the namespace FMA_CPU_ISA (distinct per set, so no two sets share a symbol).
+//
+// Design: tiles of positions in L2-sized fp32/fp64 buffers, fused softplus/clamp/division, register-blocked
+// micro-kernels vectorized along the contiguous axis, and partial sums per fixed-size chunk of positions reduced in
+// chunk order, so results never depend on the thread count.
+//
+// Parameters of the instruction set:
+//   FMA_CPU_ISA           namespace of this set's kernels (cpu_baseline, cpu_avx2, cpu_avx512)
+//   FMA_CPU_VECTOR_BYTES  width of one vector register
+//   FMA_CPU_ACCUMULATORS  vector registers a micro-kernel block keeps as accumulators (the rest hold operands)
+//   FMA_CPU_MAX_VECTORS   vectors along the contiguous axis in the widest block
+#if !defined(FMA_CPU_ISA) || !defined(FMA_CPU_VECTOR_BYTES) || !defined(FMA_CPU_ACCUMULATORS) || \
+    !defined(FMA_CPU_MAX_VECTORS)
+#error "kernels.h is included by a kernels_<isa>.cpp file that defines the instruction set's parameters"
+#endif
+
+namespace fused_mtl_attn {
+namespace FMA_CPU_ISA {
+namespace {
+
+constexpr int kVectorBytes = FMA_CPU_VECTOR_BYTES;
+constexpr int kAccumulators = FMA_CPU_ACCUMULATORS;
+constexpr int kMaxVectors = FMA_CPU_MAX_VECTORS;
+
+// vectors of one register (GCC/clang vector extensions, lowered to this file's instruction set)
+template <typename T> struct Vec;
+template <> struct Vec<float> {
+  typedef float type __attribute__((vector_size(kVectorBytes)));
+  typedef int32_t itype __attribute__((vector_size(kVectorBytes)));
+  static constexpr int W = kVectorBytes / 4;
+};
+template <> struct Vec<double> {
+  typedef double type __attribute__((vector_size(kVectorBytes)));
+  static constexpr int W = kVectorBytes / 8;
+};
+template <typename T> using V = typename Vec<T>::type;
+
+template <typename T> inline V<T> vload(const T* p) { V<T> r; std::memcpy(&r, p, sizeof(r)); return r; }
+template <typename T> inline void vstore(T* p, const V<T>& v) { std::memcpy(p, &v, sizeof(v)); }
+template <typename T> inline V<T> vsplat(T x) { return V<T>{} + x; }
+
+inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+// a zeroed, 64-byte aligned scratch array owned by one work item
+template <typename T>
+struct Scratch {
+  T* ptr;
+  explicit Scratch(int64_t n) {
+    const size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(n, 1) * sizeof(T), 64));
+    ptr = static_cast<T*>(std::aligned_alloc(64, bytes));
+    TORCH_CHECK(ptr != nullptr, "fused_mtl_attn: out of memory for a ", bytes, "-byte scratch buffer");
+    std::memset(ptr, 0, bytes);
+  }
+  ~Scratch() { std::free(ptr); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  T* get() const { return ptr; }
+};
+
+// ---------------------------------------------------------------- softplus on vectors
+// exp(x) for x <= 0 (Cody-Waite reduction, Cephes' degree-5 polynomial; relative error ~2e-7)
+inline V<float> exp_nonpositive(V<float> x) {
+  using VF = V<float>;
+  using VI = Vec<float>::itype;
+  x = x < -87.0f ? vsplat(-87.0f) : x;
+  const VF n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  VF r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  VF p = vsplat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
+  VF scale;
+  std::memcpy(&scale, &bits, sizeof(scale));  // 2^n from the exponent bits
+  return p * scale;
+}
+
+// log1p(e) for e in [0, 1]: 2 atanh(s) with s = e / (2 + e) <= 1/3, no cancellation for tiny e
+inline V<float> log1p_unit(V<float> e) {
+  const V<float> s = e / (e + 2.0f);
+  const V<float> s2 = s * s;
+  V<float> p = vsplat(1.0f / 15.0f);
+  p = p * s2 + 1.0f / 13.0f;
+  p = p * s2 + 1.0f / 11.0f;
+  p = p * s2 + 1.0f / 9.0f;
+  p = p * s2 + 1.0f / 7.0f;
+  p = p * s2 + 1.0f / 5.0f;
+  p = p * s2 + 1.0f / 3.0f;
+  p = p * s2 + 1.0f;
+  return 2.0f * s * p;
+}
+
+// W values from p converted to the accumulation type; `count` < W of them (the rest 0) at a row's end
+template <typename T, typename scalar_t>
+inline V<T> load_converted(const scalar_t* p, int64_t count) {
+  constexpr int W = Vec<T>::W;
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    if (count == W) return vload(p);
+  }
+  T tmp[W] = {};
+  for (int64_t i = 0; i < count; ++i) tmp[i] = static_cast<T>(p[i]);
+  return vload(tmp);
+}
+
+// U vectors at once: the polynomials are chains of dependent operations, so independent vectors side by side
+// keep the FMA units busy
+template <int U, typename scalar_t>
+inline void softplus_vectors(const scalar_t* src, int64_t count, float* dst, float* sig) {
+  using VF = V<float>;
+  constexpr int W = Vec<float>::W;
+  const float threshold = static_cast<float>(kSoftplusThreshold);
+  VF a[U], e[U];
+  for (int u = 0; u < U; ++u) {
+    a[u] = load_converted<float>(src + u * W, std::min<int64_t>(W, count - u * W));
+    e[u] = exp_nonpositive(a[u] > 0.0f ? -a[u] : a[u]);
+  }
+  for (int u = 0; u < U; ++u) {
+    const VF pos = a[u] > 0.0f ? a[u] : vsplat(0.0f);
+    vstore(dst + u * W, a[u] > threshold ? a[u] : pos + log1p_unit(e[u]));
+  }
+  if (sig) {
+    for (int u = 0; u < U; ++u) {
+      const VF inv = 1.0f / (e[u] + 1.0f);
+      const VF s = a[u] >= 0.0f ? inv : e[u] * inv;
+      vstore(sig + u * W, a[u] > threshold ? vsplat(1.0f) : s);
+    }
+  }
+}
+
+// dst[r*ld + t] = softplus(src[r*n + lo + t]) and sig[r*ld + t] = its derivative (if sig is given), the
+// threshold-20 rule, for r < rows and t < len; up to the next multiple of W, softplus(0)
+template <typename scalar_t>
+void load_softplus(const scalar_t* src, int64_t rows, int64_t n, int64_t lo, int64_t len, float* dst, float* sig,
+                   int64_t ld) {
+  constexpr int W = Vec<float>::W, U = 4;
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* s = src + r * n + lo;
+    float* o = dst + r * ld;
+    float* g = sig ? sig + r * ld : nullptr;
+    int64_t t = 0;
+    for (; t + U * W <= len; t += U * W) softplus_vectors<U>(s + t, U * W, o + t, g ? g + t : nullptr);
+    for (; t < len; t += W) softplus_vectors<1>(s + t, std::min<int64_t>(W, len - t), o + t, g ? g + t : nullptr);
+  }
+}
+
+// fp64 (gradcheck) uses the exact library functions of the shared header
+template <typename scalar_t>
+void load_softplus(const scalar_t* src, int64_t rows, int64_t n, int64_t lo, int64_t len, double* dst, double* sig,
+                   int64_t ld) {
+  const int64_t tp = round_up(len, Vec<double>::W);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t t = 0; t < tp; ++t) {
+      const double x = t < len ? static_cast<double>(src[r * n + lo + t]) : 0.0;
+      if (sig) sig[r * ld + t] = softplus_grad(x);
+      dst[r * ld + t] = softplus(x);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- blocking
+// f(std::integral_constant<int, r>) for a run-time r in [1, R]
+template <int R, typename F>
+inline void with_constant(int64_t r, F&& f) {
+  if constexpr (R > 1) {
+    if (r < R) return with_constant<R - 1>(r, f);
+  }
+  f(std::integral_constant<int, R>{});
+}
+
+// rows of one block for blocks NV vectors wide: as many as the accumulator registers allow
+template <int NV> constexpr int block_rows() { return std::max(1, kAccumulators / NV); }
+
+// f(R, r0) over blocks of rows r0 .. r0+R-1 that split `rows` evenly into blocks of at most RB rows (37 rows in
+// blocks of 6 are 6,6,6,5,5,5,4: no 1-row block whose accumulators wait on each other)
+template <int RB, typename F>
+inline void row_blocks(int64_t rows, F&& f) {
+  if (rows <= 0) return;
+  const int64_t n = (rows + RB - 1) / RB, base = rows / n, extra = rows % n;
+  int64_t r0 = 0;
+  for (int64_t b = 0; b < n; ++b) {
+    const int64_t r = base + (b < extra ? 1 : 0);
+    with_constant<RB>(r, [&](auto R) { f(R, r0); });
+    r0 += r;
+  }
+}
+
+// f(NV, c0) over blocks of NV vectors that cover n (a multiple of the vector width): widest blocks, then the tail
+template <typename T, typename F>
+inline void vector_blocks(int64_t n, F&& f) {
+  constexpr int W = Vec<T>::W;
+  int64_t c0 = 0;
+  for (; c0 + kMaxVectors * W <= n; c0 += kMaxVectors * W) f(std::integral_constant<int, kMaxVectors>{}, c0);
+  if (c0 < n) with_constant<kMaxVectors>((n - c0) / W, [&](auto NV) { f(NV, c0); });
+}
+
+// ---------------------------------------------------------------- micro-kernels
+// C[r*ldc + 0:NV*W] += sum_{p < len} X[r*ldx + p] * Y[p*ldy + 0:NV*W] for r < R: a reduction over positions in
+// outer-product form, R x NV vectors of C in registers
+template <typename T, int R, int NV>
+inline void outer_block(const T* X, int64_t ldx, const T* Y, int64_t ldy, int64_t len, T* C, int64_t ldc) {
+  constexpr int W = Vec<T>::W;
+  V<T> acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = vload(C + r * ldc + v * W);
+  for (int64_t p = 0; p < len; ++p) {
+    V<T> y[NV];
+    for (int v = 0; v < NV; ++v) y[v] = vload(Y + p * ldy + v * W);
+    for (int r = 0; r < R; ++r) {
+      const T a = X[r * ldx + p];
+      for (int v = 0; v < NV; ++v) acc[r][v] += a * y[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) vstore(C + r * ldc + v * W, acc[r][v]);
+}
+
+// C[r*ldc + 0:width] += sum_{p < len} X[r*ldx + p] * Y[p*ldy + 0:width] for r < rows (width a multiple of W)
+template <typename T>
+void outer_accumulate(const T* X, int64_t rows, int64_t ldx, const T* Y, int64_t ldy, int64_t width, int64_t len,
+                      T* C, int64_t ldc) {
+  vector_blocks<T>(width, [&](auto nv, int64_t c0) {
+    constexpr int NV = decltype(nv)::value;
+    row_blocks<block_rows<NV>()>(rows, [&](auto r, int64_t r0) {
+      outer_block<T, decltype(r)::value, NV>(X + r0 * ldx, ldx, Y + c0, ldy, len, C + r0 * ldc + c0, ldc);
+    });
+  });
+}
+
+// O[r*ldo + 0:NV*W] = sum_{c < K} A[r*ar + c*ac] * Y[c*ldy + 0:NV*W] for r < R: an application to NV vectors of
+// positions, R x NV vectors of O in registers
+template <typename T, int R, int NV>
+inline void apply_block(const T* A, int64_t ar, int64_t ac, int64_t K, const T* Y, int64_t ldy, T* O, int64_t ldo) {
+  constexpr int W = Vec<T>::W;
+  V<T> acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = vsplat(T(0));
+  for (int64_t c = 0; c < K; ++c) {
+    V<T> y[NV];
+    for (int v = 0; v < NV; ++v) y[v] = vload(Y + c * ldy + v * W);
+    for (int r = 0; r < R; ++r) {
+      const T a = A[r * ar + c * ac];
+      for (int v = 0; v < NV; ++v) acc[r][v] += a * y[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) vstore(O + r * ldo + v * W, acc[r][v]);
+}
+
+// O[r*ldo + t] = sum_{c < K} A[r*ar + c*ac] * Y[c*ldy + t] for r < rows, t < tp (a multiple of W)
+template <typename T>
+void apply(const T* A, int64_t rows, int64_t ar, int64_t ac, int64_t K, const T* Y, int64_t ldy, int64_t tp, T* O,
+           int64_t ldo) {
+  vector_blocks<T>(tp, [&](auto nv, int64_t t0) {
+    constexpr int NV = decltype(nv)::value;
+    row_blocks<block_rows<NV>()>(rows, [&](auto r, int64_t r0) {
+      apply_block<T, decltype(r)::value, NV>(A + r0 * ar, ar, ac, K, Y + t0, ldy, O + r0 * ldo + t0, ldo);
+    });
+  });
+}
+
+// buf[r*ld + t] = src[r*n + lo + t] for r < rows, t < len (converted to the accumulation type)
+template <typename scalar_t, typename T>
+void load_rows(const scalar_t* src, int64_t rows, int64_t n, int64_t lo, int64_t len, T* buf, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* s = src + r * n + lo;
+    T* b = buf + r * ld;
+    for (int64_t t = 0; t < len; ++t) b[t] = static_cast<T>(s[t]);
+  }
+}
+
+// dst[t*ldd + r] = src[r*lds + t] for r < rows, t < len
+template <typename T>
+void transpose(const T* src, int64_t rows, int64_t lds, int64_t len, T* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t t = 0; t < len; ++t) dst[t * ldd + r] = src[r * lds + t];
+}
+
+// ---------------------------------------------------------------- geometry shared by forward and backward
+struct Geometry {
+  int64_t groups, d, m, nq, nk, segments;
+  int64_t dp;     // d padded to the vector width: the columns of [tile, dp] buffers and of the partial sums
+  int64_t ldp;    // their row stride
+  int64_t tile;   // positions per tile (a multiple of the widest block), sized so a work item's buffers fit in L2
+  int64_t ld;     // the row stride of [rows, tile] buffers
+  int64_t chunk;  // positions per partial sum (a multiple of tile; fixed by the shapes, not the thread count)
+  int64_t partial() const { return (m + 1) * ldp; }
+};
+
+// A row stride for rows of n values: whole cache lines, an odd number of them, so that walking down a column
+// visits every set of the L1 cache (a stride of a power of two lines maps a column onto a few sets and evicts it).
+template <typename T>
+int64_t row_stride(int64_t n) {
+  int64_t lines = std::max<int64_t>(1, round_up(n * static_cast<int64_t>(sizeof(T)), 64) / 64);
+  if (lines % 2 == 0) ++lines;
+  return lines * 64 / static_cast<int64_t>(sizeof(T));
+}
+
+template <typename T>
+Geometry geometry(const Tensor& q, const Tensor& v, int64_t nk, int64_t segments) {
+  Geometry g;
+  g.groups = q.size(0);
+  g.d = q.size(1);
+  g.nq = q.size(2);
+  g.m = v.size(1);
+  g.nk = nk;
+  g.segments = segments;
+  const int64_t widest = kMaxVectors * Vec<T>::W;
+  g.dp = round_up(std::max<int64_t>(g.d, 1), Vec<T>::W);
+  g.ldp = row_stride<T>(g.dp);
+  const int64_t rows = 5 * g.d + 2 * g.m + 1 + g.ldp;  // the backward query pass holds the most
+  g.tile = std::clamp<int64_t>((196608 / static_cast<int64_t>(sizeof(T)) / rows) / widest * widest,
+                               std::max<int64_t>(128, widest), std::max<int64_t>(512, widest));
+  g.ld = row_stride<T>(g.tile);
+  g.chunk = g.tile * std::max<int64_t>(1, 2048 / g.tile);
+  return g;
+}
+
+struct Span {
+  int64_t segment, lo, hi;
+};
+
+// the positions of each segment cut into pieces of at most `size`, in segment order
+std::vector<Span> cut(const std::vector<int64_t>& offsets, int64_t size, std::vector<int64_t>* first = nullptr) {
+  std::vector<Span> spans;
+  for (size_t j = 0; j + 1 < offsets.size(); ++j) {
+    if (first) first->push_back(static_cast<int64_t>(spans.size()));
+    for (int64_t lo = offsets[j]; lo < offsets[j + 1]; lo += size)
+      spans.push_back({static_cast<int64_t>(j), lo, std::min(lo + size, offsets[j + 1])});
+  }
+  if (first) first->push_back(static_cast<int64_t>(spans.size()));
+  return spans;
+}
+
+// dst[r][c] = sum over the partials, in order, of partial[r][c] (c < d of a row of ldp)
+template <typename T>
+void sum_partials(const T* partials, int64_t count, int64_t stride, const Geometry& g, T* dst, int64_t ld_dst) {
+  for (int64_t r = 0; r <= g.m; ++r)
+    for (int64_t c = 0; c < g.d; ++c) dst[r * ld_dst + c] = T(0);
+  for (int64_t i = 0; i < count; ++i) {
+    const T* p = partials + i * stride;
+    for (int64_t r = 0; r <= g.m; ++r)
+      for (int64_t c = 0; c < g.d; ++c) dst[r * ld_dst + c] += p[r * g.ldp + c];
+  }
+}
+
+// ---------------------------------------------------------------- forward
+template <typename scalar_t, typename T>
+void forward_kernel(const Geometry& g, const std::vector<int64_t>& offsets, const scalar_t* q, const scalar_t* k,
+                    const scalar_t* v, scalar_t* out, T* context) {
+  constexpr int W = Vec<T>::W;
+  const int64_t d = g.d, m = g.m, J = g.segments, tile = g.tile, ld = g.ld, dp = g.dp, ldp = g.ldp;
+  // 1. reduction over source positions: S and z of each (group, segment) from partials per chunk
+  std::vector<int64_t> first;
+  const std::vector<Span> chunks = cut(offsets, g.chunk, &first);
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+  Scratch<T> partial(g.groups * n_chunks * g.partial());
+  at::parallel_for(0, g.groups * n_chunks, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> k_s(d * ld), k_t(tile * ldp), v_ext((m + 1) * ld);
+    for (int64_t t = 0; t < tile; ++t) v_ext.get()[m * ld + t] = T(1);  // the ones row gives z
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t grp = item / n_chunks;
+      const Span& ch = chunks[item % n_chunks];
+      T* acc = partial.get() + item * g.partial();
+      for (int64_t lo = ch.lo; lo < ch.hi; lo += tile) {
+        const int64_t len = std::min(tile, ch.hi - lo);
+        load_softplus(k + grp * d * g.nk, d, g.nk, lo, len, k_s.get(), static_cast<T*>(nullptr), ld);
+        transpose(k_s.get(), d, ld, len, k_t.get(), ldp);
+        load_rows(v + grp * m * g.nk, m, g.nk, lo, len, v_ext.get(), ld);
+        outer_accumulate(v_ext.get(), m + 1, ld, k_t.get(), ldp, dp, len, acc, ldp);
+      }
+    }
+  });
+  const int64_t ctx_size = (m + 1) * d;
+  at::parallel_for(0, g.groups * J, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t grp = item / J, j = item % J;
+      sum_partials(partial.get() + (grp * n_chunks + first[j]) * g.partial(), first[j + 1] - first[j], g.partial(),
+                   g, context + item * ctx_size, d);
+    }
+  });
+  // 2. application over query positions: the query tile is read and activated once for all segments
+  const int64_t n_tiles = (g.nq + tile - 1) / tile;
+  at::parallel_for(0, g.groups * n_tiles, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> q_s(d * ld), o((m + 1) * ld), rden(tile);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t grp = item / n_tiles, lo = (item % n_tiles) * tile, len = std::min(tile, g.nq - lo);
+      const int64_t tp = round_up(len, W);
+      load_softplus(q + grp * d * g.nq, d, g.nq, lo, len, q_s.get(), static_cast<T*>(nullptr), ld);
+      for (int64_t j = 0; j < J; ++j) {
+        const T* ctx = context + (grp * J + j) * ctx_size;
+        apply(ctx, m + 1, d, 1, d, q_s.get(), ld, tp, o.get(), ld);
+        for (int64_t t = 0; t < len; ++t) rden.get()[t] = T(1) / clamp_den(o.get()[m * ld + t]);
+        scalar_t* dst = out + ((grp * J + j) * m) * g.nq + lo;
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t t = 0; t < len; ++t)
+            dst[i * g.nq + t] = static_cast<scalar_t>(o.get()[i * ld + t] * rden.get()[t]);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- backward
+template <typename scalar_t, typename T>
+void backward_kernel(const Geometry& g, const std::vector<int64_t>& offsets, const scalar_t* grad, const scalar_t* q,
+                     const scalar_t* k, const scalar_t* v, const T* context, scalar_t* dq, scalar_t* dk,
+                     scalar_t* dv) {
+  constexpr int W = Vec<T>::W;
+  const int64_t d = g.d, m = g.m, J = g.segments, tile = g.tile, ld = g.ld, dp = g.dp, ldp = g.ldp;
+  const int64_t ctx_size = (m + 1) * d;
+  // 1. query pass: dq, and partial dS (rows 0..m-1) and dz (row m) per chunk of query positions
+  const int64_t n_chunks = (g.nq + g.chunk - 1) / g.chunk;
+  const int64_t part = g.partial();
+  Scratch<T> partial(g.groups * n_chunks * J * part);
+  at::parallel_for(0, g.groups * n_chunks, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> q_s(d * ld), sig(d * ld), q_t(tile * ldp), g_b(m * ld), u(d * ld), x_a((m + 1) * ld), dq_acc(d * ld),
+        den(tile), w(tile), rden(tile);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t grp = item / n_chunks, chunk_lo = (item % n_chunks) * g.chunk;
+      const int64_t chunk_hi = std::min(chunk_lo + g.chunk, g.nq);
+      for (int64_t lo = chunk_lo; lo < chunk_hi; lo += tile) {
+        const int64_t len = std::min(tile, chunk_hi - lo), tp = round_up(len, W);
+        load_softplus(q + grp * d * g.nq, d, g.nq, lo, len, q_s.get(), sig.get(), ld);
+        transpose(q_s.get(), d, ld, len, q_t.get(), ldp);
+        std::fill(dq_acc.get(), dq_acc.get() + d * ld, T(0));
+        for (int64_t j = 0; j < J; ++j) {
+          const T* s = context + (grp * J + j) * ctx_size;
+          const T* z = s + m * d;
+          load_rows(grad + ((grp * J + j) * m) * g.nq, m, g.nq, lo, len, g_b.get(), ld);
+          apply(s, d, 1, d, m, g_b.get(), ld, tp, u.get(), ld);  // u = S^T g
+          T* dn = den.get();
+          T* wt = w.get();
+          std::fill(dn, dn + tp, T(0));
+          std::fill(wt, wt + tp, T(0));
+          for (int64_t c = 0; c < d; ++c) {
+            const T* qc = q_s.get() + c * ld;
+            const T* uc = u.get() + c * ld;
+            for (int64_t t = 0; t < tp; ++t) {
+              dn[t] += z[c] * qc[t];
+              wt[t] += uc[t] * qc[t];
+            }
+          }
+          // a = g / den, b = -(g . out) / den = -(u . q) / den^2, zero where the clamp is active
+          T* b_row = x_a.get() + m * ld;
+          for (int64_t t = 0; t < tp; ++t) {
+            const T r = T(1) / clamp_den(dn[t]);
+            rden.get()[t] = r;
+            b_row[t] = den_passes_grad(dn[t]) ? -wt[t] * r * r : T(0);
+          }
+          for (int64_t c = 0; c < d; ++c) {
+            T* acc = dq_acc.get() + c * ld;
+            const T* uc = u.get() + c * ld;
+            for (int64_t t = 0; t < tp; ++t) acc[t] += uc[t] * rden.get()[t] + b_row[t] * z[c];
+          }
+          for (int64_t i = 0; i < m; ++i)
+            for (int64_t t = 0; t < tp; ++t) x_a.get()[i * ld + t] = g_b.get()[i * ld + t] * rden.get()[t];
+          outer_accumulate(x_a.get(), m + 1, ld, q_t.get(), ldp, dp, len, partial.get() + (item * J + j) * part, ldp);
+        }
+        for (int64_t c = 0; c < d; ++c) {
+          scalar_t* dst = dq + (grp * d + c) * g.nq + lo;
+          for (int64_t t = 0; t < len; ++t)
+            dst[t] = static_cast<scalar_t>(dq_acc.get()[c * ld + t] * sig.get()[c * ld + t]);
+        }
+      }
+    }
+  });
+  Scratch<T> d_ctx(g.groups * J * part);  // dS and dz per (group, segment), rows of ldp
+  at::parallel_for(0, g.groups * J, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t grp = item / J, j = item % J;
+      sum_partials(partial.get() + (grp * n_chunks * J + j) * part, n_chunks, J * part, g, d_ctx.get() + item * part,
+                   ldp);
+    }
+  });
+  // 2. source pass: dk = (dS^T v + dz) * sigmoid(kp), dv = dS k, tile by tile within each segment
+  const std::vector<Span> tiles = cut(offsets, tile);
+  const int64_t n_tiles = static_cast<int64_t>(tiles.size());
+  at::parallel_for(0, g.groups * n_tiles, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> k_s(d * ld), sig(d * ld), v_b(m * ld), dk_t(d * ld), dv_t(m * ld);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t grp = item / n_tiles;
+      const Span& sp = tiles[item % n_tiles];
+      const int64_t lo = sp.lo, len = sp.hi - sp.lo, tp = round_up(len, W);
+      const T* ds = d_ctx.get() + (grp * J + sp.segment) * part;
+      const T* dz = ds + m * ldp;
+      load_softplus(k + grp * d * g.nk, d, g.nk, lo, len, k_s.get(), sig.get(), ld);
+      load_rows(v + grp * m * g.nk, m, g.nk, lo, len, v_b.get(), ld);
+      apply(ds, d, 1, ldp, m, v_b.get(), ld, tp, dk_t.get(), ld);
+      apply(ds, m, ldp, 1, d, k_s.get(), ld, tp, dv_t.get(), ld);
+      for (int64_t c = 0; c < d; ++c) {
+        scalar_t* dst = dk + (grp * d + c) * g.nk + lo;
+        for (int64_t t = 0; t < len; ++t)
+          dst[t] = static_cast<scalar_t>((dk_t.get()[c * ld + t] + dz[c]) * sig.get()[c * ld + t]);
+      }
+      for (int64_t i = 0; i < m; ++i) {
+        scalar_t* dst = dv + (grp * m + i) * g.nk + lo;
+        for (int64_t t = 0; t < len; ++t) dst[t] = static_cast<scalar_t>(dv_t.get()[i * ld + t]);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- cores
+std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                   const std::vector<int64_t>& offsets) {
+  const int64_t J = static_cast<int64_t>(offsets.size()) - 1;
+  const int64_t groups = q.size(0), d = q.size(1), nq = q.size(2), m = v.size(1);
+  Tensor out = at::empty({groups, J, m, nq}, q.options());
+  Tensor context = at::empty({groups, J, m + 1, d}, q.options().dtype(accumulation_dtype(q.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_mtl_attn_forward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const Geometry g = geometry<T>(q, v, k.size(2), J);
+    forward_kernel<scalar_t, T>(g, offsets, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+                                v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                                context.mutable_data_ptr<T>());
+  });
+  return {out, context};
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad, const Tensor& q, const Tensor& k, const Tensor& v,
+                                            const OptionalTensor& /*out: unused, b comes from S^T g*/,
+                                            const Tensor& context, const std::vector<int64_t>& offsets) {
+  const int64_t J = static_cast<int64_t>(offsets.size()) - 1;
+  Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_mtl_attn_backward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const Geometry g = geometry<T>(q, v, k.size(2), J);
+    backward_kernel<scalar_t, T>(g, offsets, grad.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
+                                 k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+                                 context.const_data_ptr<T>(), dq.mutable_data_ptr<scalar_t>(),
+                                 dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>());
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+extern const CpuKernels kernels = {&forward, &backward};
+
+}  // namespace FMA_CPU_ISA
+}  // namespace fused_mtl_attn
