@@ -38,11 +38,13 @@ def _extensions():
     sources = [os.path.join("csrc", "attention.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx = ["-O3"]  # the C++ standard comes from torch (C++17 or C++20 by version)
     arch = os.environ.get("FUSED_MTL_ATTN_CPU_ARCH", "")
+    macros = []
     if arch and platform.machine() in ("x86_64", "AMD64"):
         cxx.append(f"-march={arch}")
+        macros.append(("FMA_CPU_MARCH", "1"))  # reported by the module: the portable-build tests skip such a build
     include_dirs = [os.path.join(HERE, "csrc")]
     if not with_cuda:
-        ext = cpp_extension.CppExtension("fused_mtl_attn._C", sources, include_dirs=include_dirs,
+        ext = cpp_extension.CppExtension("fused_mtl_attn._C", sources, include_dirs=include_dirs, define_macros=macros,
                                          extra_compile_args={"cxx": cxx})
         return [ext], {"build_ext": cpp_extension.BuildExtension}
     if cuda_home:
@@ -56,7 +58,7 @@ def _extensions():
             include_dirs.append(os.path.abspath(base))
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     ext = cpp_extension.CUDAExtension(
-        "fused_mtl_attn._C", sources, include_dirs=include_dirs, define_macros=[("WITH_CUDA", None)],
+        "fused_mtl_attn._C", sources, include_dirs=include_dirs, define_macros=macros + [("WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
     )
     return [ext], {"build_ext": cpp_extension.BuildExtension}

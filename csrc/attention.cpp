@@ -69,6 +69,11 @@ extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* module = PyModule_Create(&module_def);
+#ifdef FMA_CPU_MARCH
+  PyModule_AddIntConstant(module, "built_with_march", 1);  // FUSED_MTL_ATTN_CPU_ARCH: not a portable build
+#else
+  PyModule_AddIntConstant(module, "built_with_march", 0);
+#endif
 #ifdef WITH_CUDA
   PyModule_AddIntConstant(module, "built_with_cuda", 1);
 #else

@@ -1,6 +1,11 @@
 """The C++/CUDA backend: loads the compiled extension `fused_mtl_attn._C`, registers the fake (meta) functions and
 the autograd formulas of its ops, and exposes the `CPU` and `CUDA` Backend objects used by backends.py.
 
+The CPU kernels are compiled for several instruction sets in one build (x86-64: "avx512", "avx2", "baseline"; other
+architectures: "baseline"); the extension picks the best one the CPU supports when it loads, or the one named by
+FUSED_MTL_ATTN_CPU_ISA. `cpu_isa()` says which runs; `use_cpu_isa(name)` switches for a block of code (tests and
+benchmarks compare the sets in one process).
+
 Ops (schema in csrc/attention.cpp): `cross_task(q, k, v) -> (out, context)` and
 `cross_scale(q, k, v, offsets) -> (out, context)`, where context [..., m+1, d] holds S = v k^T and z = sum k in the
 accumulation dtype; autograd saves q, k, v, context (and out for CUDA), and the backward ops recompute softplus and the
@@ -8,7 +13,9 @@ denominators from them.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import warnings
+from typing import Iterator, List, Sequence
 
 import torch
 
@@ -86,8 +93,65 @@ def cross_scale_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, off
     return torch.ops.fused_mtl_attn.cross_scale(q, k, v, list(offsets))[0]
 
 
+def _require_extension() -> None:
+    if _LOAD_ERROR:
+        raise RuntimeError(_LOAD_ERROR)
+
+
+def cpu_isa() -> str:
+    """The instruction set whose CPU kernels run: "avx512", "avx2" or "baseline". Raises RuntimeError if the
+    extension is not built or FUSED_MTL_ATTN_CPU_ISA names a set this build or this CPU cannot run."""
+    _require_extension()
+    return _C.cpu_isa()
+
+
+def compiled_cpu_isas() -> List[str]:
+    """The instruction sets this build holds kernels for, best first."""
+    _require_extension()
+    return _C.compiled_cpu_isas()
+
+
+def supported_cpu_isas() -> List[str]:
+    """The compiled instruction sets the running CPU supports, best first (the first is the default)."""
+    _require_extension()
+    return _C.supported_cpu_isas()
+
+
+def _isa_error():
+    """Why the CPU kernels cannot run (FUSED_MTL_ATTN_CPU_ISA names a set this CPU cannot run), or None."""
+    try:
+        _C.cpu_isa()
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+# read once (the variable is read when the extension loads), so that torch.compile traces no call into the extension
+_ISA_ERROR = _isa_error() if _C is not None else None
+
+
+@contextlib.contextmanager
+def use_cpu_isa(name: str) -> Iterator[None]:
+    """Run the CPU kernels of instruction set `name` inside the block (ValueError if this CPU cannot run it)."""
+    global _ISA_ERROR
+    _require_extension()
+    previous = None if _ISA_ERROR else _C.cpu_isa()
+    _C.set_cpu_isa(name)
+    _ISA_ERROR = None  # after the block the kernels keep a set that runs, this one if there was none before
+    try:
+        yield
+    finally:
+        if previous is not None:
+            _C.set_cpu_isa(previous)
+
+
 def _cpu_availability() -> list:
-    return [_LOAD_ERROR] if _LOAD_ERROR else []
+    if _LOAD_ERROR:
+        return [_LOAD_ERROR]
+    if _ISA_ERROR:
+        warnings.warn(f"the cpu backend is unavailable: {_ISA_ERROR}", RuntimeWarning, stacklevel=2)
+        return [_ISA_ERROR]
+    return []
 
 
 def _cuda_availability() -> list:

@@ -1,13 +1,18 @@
 """The C++ ops behind the "cpu" and "cuda" backends: agreement with the eager reference over a shape sweep, fp64
 gradcheck, low precision against eager's own error, opcheck, torch.compile, bitwise determinism, strided and
-NaN-padded views, and every bad input of the contract. GPU tests run where a GPU is visible (benchmarks/gpu_check.sh)."""
+NaN-padded views, and every bad input of the contract. The CPU tests of the kernels run once per instruction set this
+CPU supports (test_cpu_isa.py checks the sets themselves). GPU tests run where a GPU is visible
+(benchmarks/gpu_check.sh)."""
 import pytest
 import torch
 
 import fused_mtl_attn
 from fused_mtl_attn import cross_scale_attention, cross_task_attention, reference
 
-ops = pytest.importorskip("fused_mtl_attn.cpp_backend").ops if fused_mtl_attn.available_backends()["cpu"][0] else None
+CPU_BUILT = fused_mtl_attn.available_backends()["cpu"][0]
+cpp_backend = pytest.importorskip("fused_mtl_attn.cpp_backend") if CPU_BUILT else None
+ops = cpp_backend.ops if CPU_BUILT else None
+CPU_ISAS = cpp_backend.supported_cpu_isas() if CPU_BUILT else []
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or not fused_mtl_attn.available_backends()["cuda"][0],
                                reason="needs a CUDA GPU and the extension's CUDA kernels")
 
@@ -111,23 +116,48 @@ def _agreement(backend, device):
         _check_against(got, want, (1e-5, 1e-4, 1e-4, 1e-4), f"cross_scale {(b, d, m, nq, offsets)}")
 
 
+@pytest.fixture(params=CPU_ISAS)
+def cpu_isa(request):
+    """Runs the test with the CPU kernels of each instruction set this CPU supports."""
+    with cpp_backend.use_cpu_isa(request.param):
+        yield request.param
+
+
 def test_cpu_backend_is_available():
     available, reasons = fused_mtl_attn.available_backends()["cpu"]
     assert available, reasons
 
 
-def test_cpu_agrees_with_reference_over_shape_sweep():
+def test_auto_picks_the_compiled_kernels_on_cpu():
+    q = torch.zeros(1, 1, 2, 3)
+    assert fused_mtl_attn.backends.select("auto", q).name == "cpu"
+
+
+def test_cpu_agrees_with_reference_over_shape_sweep(cpu_isa):
     _agreement("cpu", "cpu")
 
 
-def test_empty_segment_gives_zero_output():
+def test_cpu_float64_matches_reference_to_rounding(cpu_isa):
+    """float64 runs the same kernels with exact softplus: only the order of the sums differs from eager."""
+    for i, (b, p, d, m, n, scale) in enumerate(CROSS_TASK):
+        inputs = _cross_task_inputs(b, p, d, m, n, scale, dtype=torch.float64, seed=i)
+        want = _outputs_and_grads(reference.cross_task_attention, inputs)
+        _check_against(_outputs_and_grads(_task("cpu"), inputs), want, (1e-12,) * 4, f"float64 cross_task {i}")
+    for i, (b, d, m, nq, offsets) in enumerate(CROSS_SCALE):
+        inputs = _cross_scale_inputs(b, d, m, nq, offsets, dtype=torch.float64, seed=i)
+        want = _outputs_and_grads(lambda q, k, v: reference.cross_scale_attention(q, k, v, offsets), inputs)
+        _check_against(_outputs_and_grads(_scale("cpu", offsets), inputs), want, (1e-12,) * 4,
+                       f"float64 cross_scale {i}")
+
+
+def test_empty_segment_gives_zero_output(cpu_isa):
     q, k, v = _cross_scale_inputs(2, 4, 3, 5, [0, 4, 4, 9])
     out = cross_scale_attention(q, k, v, [0, 4, 4, 9], backend="cpu")
     assert torch.all(out[:, 1] == 0)
     assert cross_scale_attention(q, k[..., :0], v[..., :0], [0], backend="cpu").shape == (2, 0, 3, 5)
 
 
-def test_gradcheck_float64_both_ops():
+def test_gradcheck_float64_both_ops(cpu_isa):
     q, k, v = (t.requires_grad_() for t in _cross_task_inputs(1, 2, 3, 4, 5, 3.0, dtype=torch.float64))
     assert torch.autograd.gradcheck(_task("cpu"), (q, k, v))
     offsets = [0, 4, 4, 9]
@@ -152,7 +182,7 @@ def _low_precision(backend, device, dtype):
                 f"{dtype} {name}: error {err:.3g} > 2 x eager's {eager_err:.3g} + {floor}; {where}")
 
 
-def test_bfloat16_error_within_twice_eager():
+def test_bfloat16_error_within_twice_eager(cpu_isa):
     _low_precision("cpu", "cpu", torch.bfloat16)
 
 
@@ -205,11 +235,11 @@ def _determinism(backend, device):
             assert torch.equal(a, b), f"{name} differs between runs: max diff {float((a - b).abs().max()):.3g}"
 
 
-def test_bitwise_deterministic_across_runs_and_thread_counts():
+def test_bitwise_deterministic_across_runs_and_thread_counts(cpu_isa):
     _determinism("cpu", "cpu")
 
 
-def test_strided_and_nan_padded_views_read_only_their_elements():
+def test_strided_and_nan_padded_views_read_only_their_elements(cpu_isa):
     b, p, d, m, n = 2, 3, 5, 4, 37
     q, k, v = _cross_task_inputs(b, p, d, m, n, 2.0)
     want = cross_task_attention(q, k, v, backend="cpu")

@@ -36,12 +36,11 @@ def _assert_close(name, got, want, scale, rtol, slack=0.0):
                     f"(bound {bound.flatten()[i].item():.3e}, max |diff| {err.max().item():.3e})")
 
 
-# float64 shows that both paths are the same function (to rounding) through two optimizer steps; float32
-# checks the production dtype on one step. Two float32 steps are not a fair test at these tiny sizes: BatchNorm
-# over a dozen values per channel amplifies float32 rounding chaotically once weights move.
+# float64 shows that both paths are the same function (to rounding) through two optimizer steps; the production
+# dtype, float32, is checked against a float64 oracle in test_float32_accuracy (a float32-vs-float32 comparison at
+# these tiny sizes measures how this CPU's float32 rounding is amplified, not whether the paths agree).
 # eval mode: one step (running statistics stay put there; fresh ones make a second step blow up)
-CASES = ([(c, True, torch.float64, 2) for c in PARITY_CONFIGS] + [(c, False, torch.float64, 1) for c in PARITY_CONFIGS]
-         + [(c, True, torch.float32, 1) for c in ("nyud2", "pascal5")])
+CASES = [(c, True, torch.float64, 2) for c in PARITY_CONFIGS] + [(c, False, torch.float64, 1) for c in PARITY_CONFIGS]
 
 
 def _run_step(nets, x, tasks, step, train):
@@ -64,17 +63,12 @@ def _run_step(nets, x, tasks, step, train):
     ids=[f"{c}-{'train' if tr else 'eval'}-{str(dt)[6:]}-{n}step" for c, tr, dt, n in CASES],
 )
 def test_fused_matches_reference(config, train, dtype, steps, recompute=True):
-    """float64 in the fused path's default layout (channels-last convolutions on CPU): the same function.
-    float32 in the reference's layout: the fused kernels round like the reference. (Across layouts the
-    convolutions round differently, and at these tiny sizes a rounding difference can flip a ReLU whose input
-    sits at zero: the float32 reference's own gradients move by up to 2e-2 relative when its input moves by
-    1e-7, so float32 gradients across layouts are compared in test_channels_last_float32_accuracy instead.)"""
+    """float64 in the fused path's default layout (channels-last convolutions on CPU): the same function."""
     tasks = CONFIGS[config]
     rtol = RTOL[dtype]
     torch.manual_seed(0)
     ref = build_model(tasks, widths=SMALL).to(dtype)
-    fused = copy.deepcopy(ref).set_fused(True, recompute=recompute,
-                                         channels_last=False if dtype == torch.float32 else None)
+    fused = copy.deepcopy(ref).set_fused(True, recompute=recompute)
     assert fused.fused and not ref.fused
     opts = [torch.optim.SGD(m.parameters(), lr=0.01) for m in (ref, fused)]
     x = torch.randn(2, 3, 64, 64, dtype=dtype)
@@ -98,25 +92,32 @@ def test_fused_matches_reference(config, train, dtype, steps, recompute=True):
             assert torch.equal(b_fused, b_ref), f"buffer {name}: {b_fused} != {b_ref}"
 
 
-@pytest.mark.parametrize("config", ["nyud2", "pascal5"])
-def test_channels_last_float32_accuracy(config):
-    """The fused path as it runs on CPU (float32, channels-last convolutions) against the float64 reference:
-    outputs within 1e-4 relative; gradients (input and every parameter) no further from it than twice the
-    float32 reference's own spread: its largest error over its run in either layout and on inputs that differ
-    by 1e-7 relative (at these sizes a rounding-level change flips ReLUs whose input sits at zero, and
-    gradients jump there)."""
+@pytest.mark.parametrize("config, channels_last", [("nyud2", True), ("pascal5", True), ("nyud2", False),
+                                                   ("pascal5", False)])
+def test_float32_accuracy(config, channels_last):
+    """The fused path in float32 (in either layout of its convolutions) against the float64 reference: outputs
+    within 1e-4 relative; gradients (input and every parameter) no further from it than 1e-4 relative plus twice
+    the float32 reference's own error on this machine: its largest error over its run in either layout and on
+    inputs that differ by 1e-7 relative. The bound is derived, not tuned: float32 rounding differs between CPUs
+    (AVX-512 and AVX2 kernels of oneDNN and of this package sum in other orders), and at these sizes BatchNorm over
+    a dozen values per channel amplifies it, and a rounding-level change flips ReLUs whose input sits at zero, so
+    gradients jump there; whatever this CPU's float32 does to the reference, the fused path may do twice over."""
+    _float32_accuracy(config, channels_last)
+
+
+def _float32_accuracy(config, channels_last):
     tasks = CONFIGS[config]
     torch.manual_seed(0)
     ref = build_model(tasks, widths=SMALL)
-    fused = copy.deepcopy(ref).set_fused(True)
+    fused = copy.deepcopy(ref).set_fused(True, channels_last=channels_last)
     oracle = copy.deepcopy(ref).double()
     x = torch.randn(2, 3, 64, 64)
-    layouts = []  # the decoder's convolutions see channels-last inputs
+    layouts = []  # the layout the decoder's convolutions see
     fused.heads[next(iter(tasks))].projection["0_from_1"][0].register_forward_pre_hook(
         lambda mod, inp: layouts.append(inp[0].is_contiguous(memory_format=torch.channels_last)))
     outs, grads_x = _run_step((fused, oracle), x, tasks, 0, True)
     grads = [[p.grad for p in net.parameters()] for net in (fused, oracle)]
-    assert layouts == [True], "the fused path did not run channels-last"
+    assert layouts == [channels_last], f"the decoder's convolutions did not run with channels_last={channels_last}"
     assert all(o.is_contiguous() for o in outs[0].values()), "outputs must come back NCHW-contiguous"
     for name, want in outs[1].items():
         _assert_close(f"output {name}", outs[0][name].detach().double(), want.detach(), want.abs().max(), 1e-4)
@@ -234,7 +235,7 @@ def test_aggregation_rebuilding_blocks_matches_reference(monkeypatch):
 
     monkeypatch.setattr(model.fused, "_keep_blocks", lambda device: False)
     test_fused_matches_reference("nyud2", True, torch.float64, 2)
-    test_fused_matches_reference("pascal5", True, torch.float32, 1)
+    _float32_accuracy("pascal5", False)
 
 
 @pytest.mark.parametrize("kwargs, match", [({"flag": "yes"}, "flag must be bool"),
