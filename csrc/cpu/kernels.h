@@ -321,7 +321,6 @@ Geometry geometry(const Tensor& q, const Tensor& v, int64_t nk, int64_t segments
   const int64_t rows = 5 * g.d + 2 * g.m + 1 + g.ldp;  // the backward query pass holds the most
   g.tile = std::clamp<int64_t>((196608 / static_cast<int64_t>(sizeof(T)) / rows) / widest * widest,
                                std::max<int64_t>(128, widest), std::max<int64_t>(512, widest));
-  if (const char* t = std::getenv("FMA_DEV_TILE")) g.tile = std::atoll(t);  // DEV ONLY
   g.ld = row_stride<T>(g.tile);
   g.chunk = g.tile * std::max<int64_t>(1, 2048 / g.tile);
   return g;
@@ -423,6 +422,12 @@ void backward_kernel(const Geometry& g, const std::vector<int64_t>& offsets, con
   const int64_t n_chunks = (g.nq + g.chunk - 1) / g.chunk;
   const int64_t part = g.partial();
   Scratch<T> partial(g.groups * n_chunks * J * part);
+  // S^T of each (group, segment), so that u = S^T g reads rows of the small operand
+  Scratch<T> s_t(g.groups * J * d * m);
+  at::parallel_for(0, g.groups * J, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item)
+      transpose(context + item * ctx_size, m, d, d, s_t.get() + item * d * m, m);
+  });
   at::parallel_for(0, g.groups * n_chunks, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> q_s(d * ld), sig(d * ld), q_t(tile * ldp), g_b(m * ld), u(d * ld), x_a((m + 1) * ld), dq_acc(d * ld),
         den(tile), w(tile), rden(tile);
@@ -438,7 +443,7 @@ void backward_kernel(const Geometry& g, const std::vector<int64_t>& offsets, con
           const T* s = context + (grp * J + j) * ctx_size;
           const T* z = s + m * d;
           load_rows(grad + ((grp * J + j) * m) * g.nq, m, g.nq, lo, len, g_b.get(), ld);
-          apply(s, d, 1, d, m, g_b.get(), ld, tp, u.get(), ld);  // u = S^T g
+          apply(s_t.get() + (grp * J + j) * d * m, d, m, 1, m, g_b.get(), ld, tp, u.get(), ld);  // u = S^T g
           T* dn = den.get();
           T* wt = w.get();
           std::fill(dn, dn + tp, T(0));
@@ -475,12 +480,13 @@ void backward_kernel(const Geometry& g, const std::vector<int64_t>& offsets, con
       }
     }
   });
-  Scratch<T> d_ctx(g.groups * J * part);  // dS and dz per (group, segment), rows of ldp
+  Scratch<T> d_ctx(g.groups * J * part), ds_t(g.groups * J * d * m);  // dS and dz per (group, segment); dS^T
   at::parallel_for(0, g.groups * J, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t grp = item / J, j = item % J;
       sum_partials(partial.get() + (grp * n_chunks * J + j) * part, n_chunks, J * part, g, d_ctx.get() + item * part,
                    ldp);
+      transpose(d_ctx.get() + item * part, m, ldp, d, ds_t.get() + item * d * m, m);
     }
   });
   // 2. source pass: dk = (dS^T v + dz) * sigmoid(kp), dv = dS k, tile by tile within each segment
@@ -493,10 +499,11 @@ void backward_kernel(const Geometry& g, const std::vector<int64_t>& offsets, con
       const Span& sp = tiles[item % n_tiles];
       const int64_t lo = sp.lo, len = sp.hi - sp.lo, tp = round_up(len, W);
       const T* ds = d_ctx.get() + (grp * J + sp.segment) * part;
+      const T* ds_tr = ds_t.get() + (grp * J + sp.segment) * d * m;
       const T* dz = ds + m * ldp;
       load_softplus(k + grp * d * g.nk, d, g.nk, lo, len, k_s.get(), sig.get(), ld);
       load_rows(v + grp * m * g.nk, m, g.nk, lo, len, v_b.get(), ld);
-      apply(ds, d, 1, ldp, m, v_b.get(), ld, tp, dk_t.get(), ld);
+      apply(ds_tr, d, m, 1, m, v_b.get(), ld, tp, dk_t.get(), ld);
       apply(ds, m, ldp, 1, d, k_s.get(), ld, tp, dv_t.get(), ld);
       for (int64_t c = 0; c < d; ++c) {
         scalar_t* dst = dk + (grp * d + c) * g.nk + lo;
