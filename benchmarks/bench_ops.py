@@ -19,7 +19,11 @@ inputs; the minimum bytes the op must move and the achieved bandwidth:
 eager_over_this = eager fwd_bwd time / this backend's (the speed-up over eager); mem_over_eager likewise for memory.
 
     python benchmarks/bench_ops.py [--quick] [--device cpu|cuda] [--batch 1 8] [--datasets nyud,pascal]
-                                   [--pairs 2,6,12,20] [--compile] [--json PATH]
+                                   [--pairs 2,6,12,20] [--cpu-isa avx2,baseline|all] [--compile] [--json PATH]
+
+--cpu-isa times the cpu backend once per instruction set named (rows "cpu[avx2]", ...; "all": every set this CPU
+supports, so an AVX-512 machine also times the AVX2 kernels); without it, the set in effect (row "cpu"). Every cpu
+row records its set in `cpu_isa`.
 
 --quick: NYUD only, P = 2 and CSAM, short timing (under 2 minutes on a 2-core CPU). --json writes a JSON list of
 rows (rewritten after every case, so an interrupted run keeps what it measured).
@@ -27,6 +31,7 @@ rows (rewritten after every case, so an interrupted run keeps what it measured).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -142,6 +147,29 @@ def memory_mb(row):
     return row.get("peak_mb", row.get("saved_mb"))
 
 
+def cpu_isas(arg, parser):
+    """The cpu instruction sets to time: --cpu-isa's list ('all': every supported one), else the one in effect."""
+    from fused_mtl_attn import cpp_backend
+
+    supported = cpp_backend.supported_cpu_isas()
+    if not arg:
+        return [cpp_backend.cpu_isa()]
+    isas = supported if arg == "all" else [a for a in arg.split(",") if a]
+    for isa in isas:
+        if isa not in supported:
+            parser.error(f"--cpu-isa: {isa!r} is not an instruction set this CPU runs (it runs: {', '.join(supported)})")
+    return isas
+
+
+def use_isa(isa):
+    """A context that runs the cpu kernels of `isa` (None: nothing to switch)."""
+    if isa is None:
+        return contextlib.nullcontext()
+    from fused_mtl_attn import cpp_backend
+
+    return cpp_backend.use_cpu_isa(isa)
+
+
 def csv_ints(text):
     return [int(x) for x in text.split(",") if x]
 
@@ -154,6 +182,9 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 2 on CPU, 1 8 on GPU)")
     parser.add_argument("--datasets", default=None, help="comma-separated: nyud,pascal (default both; --quick: nyud)")
     parser.add_argument("--pairs", type=csv_ints, default=None, help="CTAM pair counts (default 2,6,12,20; --quick: 2)")
+    parser.add_argument("--cpu-isa", default=None,
+                        help="comma-separated instruction sets of the cpu kernels to time, or 'all' (default: the one "
+                             "in effect)")
     parser.add_argument("--compile", action="store_true", help="add torch.compile of the eager reference")
     parser.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per measurement")
     parser.add_argument("--json", help="write one row per case and backend (a JSON list) to this file")
@@ -170,14 +201,25 @@ def main(argv=None):
     min_run_time = args.min_run_time or (0.1 if args.quick or device == "cuda" else 0.5)
     avail = available_backends()
     order = BACKEND_ORDER[device]
-    backends = [(b, False) for b in order if avail[b][0]] + ([("eager", True)] if args.compile else [])
     for b in order:
         if not avail[b][0]:
             print(f"# skipping backend {b}: {'; '.join(avail[b][1])}")
+    # (label, backend, compiled, cpu instruction set)
+    backends = []
+    for b in order:
+        if not avail[b][0]:
+            continue
+        if b == "cpu":
+            isas = cpu_isas(args.cpu_isa, parser)
+            backends += [("cpu" if len(isas) == 1 else f"cpu[{isa}]", "cpu", False, isa) for isa in isas]
+        else:
+            backends.append((b, b, False, None))
+    backends += [("eager+compile", "eager", True, None)] if args.compile else []
     env = environment(device)
     device_gbs = device_bandwidth(device)
     itemsize = torch.tensor([], dtype=dtype).element_size()
-    print(f"# {env['device_name']} ({env['threads']} threads), torch {env['torch']}, triton {env['triton']}, "
+    isa_note = f", cpu kernels {env['cpu_isa']}" if env.get("cpu_isa") else ""
+    print(f"# {env['device_name']} ({env['threads']} threads{isa_note}), torch {env['torch']}, triton {env['triton']}, "
           f"commit {env['commit']}, {args.dtype}, batch {batches}, copy bandwidth {device_gbs:.1f} GB/s")
     print(f"{'data':<6} {'case':<9} {'scale':>5} {'HxW':>7} {'B':>2} {'backend':<14} {'fwd ms':>9} {'bwd ms':>9} "
           f"{'f+b ms':>9} {'mem MB':>8} {'GB/s':>7} {'%bw':>5} {'eager/this':>10}")
@@ -186,14 +228,16 @@ def main(argv=None):
         for case in cases(datasets, pairs, batch, args.positions_scale):
             fwd_bytes, bwd_bytes = min_bytes(case, itemsize)
             case_rows = []
-            for backend, compiled in backends:
+            for label, backend, compiled, isa in backends:
                 row = dict(env, dataset=case["dataset"], case=case["name"], scale=case["scale"], op=case["op"],
-                           hw=case["hw"], channels=case["shapes"][0][-2], backend=backend + ("+compile" * compiled),
+                           hw=case["hw"], channels=case["shapes"][0][-2], backend=label, cpu_isa=isa,
                            dtype=args.dtype, batch=batch, shapes=[list(s) for s in case["shapes"]],
                            offsets=case["offsets"], fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes,
                            min_bytes=fwd_bytes + bwd_bytes, device_gb_per_s=device_gbs)
                 try:
-                    row.update(run_case(make_fn(case, backend, compiled), case["shapes"], device, dtype, min_run_time))
+                    with use_isa(isa):
+                        row.update(run_case(make_fn(case, backend, compiled), case["shapes"], device, dtype,
+                                            min_run_time))
                 except Exception as exc:  # an OOM or a backend's refusal costs one row, not the run
                     row["error"] = error_text(exc)
                     if device == "cuda":

@@ -23,9 +23,31 @@ def environment(device: str) -> dict:
                                 check=False).stdout.strip() or None
     except OSError:
         commit = None
-    name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    name = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
     return {"device": device, "device_name": name, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "triton": triton_version, "commit": commit}
+            "triton": triton_version, "commit": commit, "cpu": cpu_name(), "cpu_isa": cpu_isa()}
+
+
+def cpu_name() -> str:
+    """The processor's model name (/proc/cpuinfo on Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_isa():
+    """The instruction set the cpu backend's kernels use by default here, or None without the extension."""
+    try:
+        from fused_mtl_attn import cpu_isa as isa
+
+        return isa()
+    except Exception:  # not built, or FUSED_MTL_ATTN_CPU_ISA unusable: the rows say so by their absence
+        return None
 
 
 def median_ms(fn, device: str, min_run_time: float) -> float:
