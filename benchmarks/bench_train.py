@@ -1,8 +1,9 @@
 """One SCA-MTL training step (forward, loss with deep supervision, backward, Adam step): the reference path vs
 the fused path (and optionally torch.compile of the reference), measured side by side in one run.
 
-Reports the median step time, the activation bytes autograd saves for backward (parameters excluded) and, on a
-GPU, the peak allocated memory; ratios are fused / reference. Example:
+Reports the median step time (the variants' steps interleaved: one step of each in turn, `--repeats` rounds), the
+activation bytes autograd saves for backward (parameters excluded) and, on a GPU, the peak allocated memory; ratios
+are fused / reference. Example:
 
     python benchmarks/bench_train.py --quick            # CPU: NYUD 2-task 256x320 and PASCAL 5-task 256x256, batch 2
     python benchmarks/bench_train.py --device cuda      # GPU: NYUD 480x640 and PASCAL 512x512, batch 8, fp32 + bf16
@@ -62,42 +63,69 @@ class ChannelsLastInput(torch.nn.Module):
         return self.net(x.contiguous(memory_format=torch.channels_last))
 
 
-def measure(net, loss_fn, batch, device, amp, repeats: int) -> dict:
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4, weight_decay=1e-4)
-    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=amp)
+class Runner:
+    """Training steps of one variant: Adam, bf16 autocast if asked, the loss with deep supervision."""
 
-    def forward_loss():
-        with autocast:
-            out = net(batch["image"])
-        return loss_fn({k: (v.float() if torch.is_tensor(v) else {s: {t: p.float() for t, p in d.items()}
-                                                                for s, d in v.items()})
-                        for k, v in out.items()}, batch)[0]
+    def __init__(self, net, loss_fn, batch, device, amp):
+        self.net, self.loss_fn, self.batch, self.device = net, loss_fn, batch, device
+        self.opt = torch.optim.Adam(net.parameters(), lr=1e-4, weight_decay=1e-4)
+        self.amp = amp
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        forward_loss().backward()
-        opt.step()
+    def forward_loss(self):
+        with torch.autocast(device_type=self.device, dtype=torch.bfloat16, enabled=self.amp):
+            out = self.net(self.batch["image"])
+        return self.loss_fn({k: (v.float() if torch.is_tensor(v) else {s: {t: p.float() for t, p in d.items()}
+                                                                     for s, d in v.items()})
+                             for k, v in out.items()}, self.batch)[0]
 
-    step()  # warm-up (and compilation, when the net is compiled)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    sync()
-    times = []
-    for _ in range(repeats):
+    def sync(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def step(self) -> float:
+        """Seconds of one step (forward, backward, optimizer)."""
+        self.sync()
         start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    row = {"step_ms": sorted(times)[len(times) // 2] * 1e3, "steps_timed": repeats,
-           "images_per_s": batch["image"].shape[0] / (sorted(times)[len(times) // 2])}
-    opt.zero_grad(set_to_none=True)
-    row["saved_bytes"] = saved_bytes(forward_loss, exclude=list(net.parameters()))
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        sync()
-        row["peak_bytes"] = torch.cuda.max_memory_allocated()
-    return row
+        self.opt.zero_grad(set_to_none=True)
+        self.forward_loss().backward()
+        self.opt.step()
+        self.sync()
+        return time.perf_counter() - start
+
+    def memory(self) -> dict:
+        self.opt.zero_grad(set_to_none=True)
+        row = {"saved_bytes": saved_bytes(self.forward_loss, exclude=list(self.net.parameters()))}
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            self.step()
+            row["peak_bytes"] = torch.cuda.max_memory_allocated()
+        return row
+
+
+def measure(variants: dict, loss_fn, batch, device, amp, repeats: int) -> dict:
+    """{variant: row}: a warm-up step each (compilation, when compiled), then `repeats` rounds of one step of every
+    variant in turn (interleaved, so the machine's drifts hit all variants alike), medians; a variant that fails
+    gets {"error": ...} and costs one row."""
+    runners, results = {}, {}
+    for variant, net in variants.items():
+        try:
+            runner = Runner(net, loss_fn, batch, device, amp)
+            runner.step()
+            runners[variant] = runner
+        except Exception as exc:  # OOM, a bug under autocast
+            results[variant] = {"error": error_text(exc)}
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    times = {variant: [] for variant in runners}
+    for _ in range(repeats):
+        for variant, runner in runners.items():
+            times[variant].append(runner.step())
+    for variant, runner in runners.items():
+        median = sorted(times[variant])[len(times[variant]) // 2]
+        results[variant] = {"step_ms": median * 1e3, "steps_timed": repeats,
+                            "images_per_s": batch["image"].shape[0] / median, **runner.memory()}
+    return {variant: results[variant] for variant in variants}
 
 
 def main(argv=None):
@@ -141,19 +169,13 @@ def main(argv=None):
                     copy.deepcopy(reference).set_fused(True, channels_last=other)
             if args.compile:
                 variants["compiled_reference"] = torch.compile(copy.deepcopy(reference))
-            results = {}
-            for variant, net in variants.items():
-                try:
-                    results[variant] = measure(net, loss_fn, batch, device, amp, repeats)
-                except Exception as exc:  # one failing variant (OOM, a bug under autocast) costs one row
-                    results[variant] = {"error": error_text(exc)}
-                    print(f"{name} {'bf16' if amp else 'fp32'} {variant:<23} FAILED {results[variant]['error']}",
-                          flush=True)
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-                    continue
-                print(f"{name} {'bf16' if amp else 'fp32'} {variant:<23} {results[variant]['step_ms']:9.1f} ms  "
-                      f"saved {results[variant]['saved_bytes'] / 2**20:8.1f} MiB", flush=True)
+            results = measure(variants, loss_fn, batch, device, amp, repeats)
+            for variant, res in results.items():
+                if "error" in res:
+                    print(f"{name} {'bf16' if amp else 'fp32'} {variant:<23} FAILED {res['error']}", flush=True)
+                else:
+                    print(f"{name} {'bf16' if amp else 'fp32'} {variant:<23} {res['step_ms']:9.1f} ms  "
+                          f"saved {res['saved_bytes'] / 2**20:8.1f} MiB", flush=True)
             base = results["reference"]
             for variant, res in results.items():
                 row = dict(env, config=name, tasks=list(tasks), batch=batch_size, size=list(size),
