@@ -7,7 +7,7 @@ export CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda) $(CUDA_PATH))
 STAMP := $(VENV)/.installed
 BUILD_INPUTS := requirements.txt setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean check-aarch64
 
 setup: $(STAMP)
 
@@ -25,3 +25,12 @@ test: setup
 
 clean:
 	rm -rf build *.egg-info fused_mtl_attn/*.so
+
+# Compile the C++ sources for aarch64 (needs apt's g++-aarch64-linux-gnu): off x86 the baseline kernels must build.
+AARCH64_CXX ?= aarch64-linux-gnu-g++
+check-aarch64: setup
+	@flags="$$($(PY) -c "import sysconfig; from torch.utils.cpp_extension import include_paths as p; \
+	print(' '.join('-I' + i for i in p() + [sysconfig.get_paths()['include'], 'csrc']))")"; \
+	for f in csrc/attention.cpp csrc/cpu/*.cpp; do \
+	  $(AARCH64_CXX) -std=c++20 -O2 -fPIC $$flags -c $$f -o /dev/null || exit 1; echo "aarch64: $$f compiles"; \
+	done

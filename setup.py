@@ -37,6 +37,12 @@ def _extensions():
     with_cuda = not _flag("FORCE_CPU") and (_flag("FORCE_CUDA") or (torch.version.cuda is not None and cuda_home))
     sources = [os.path.join("csrc", "attention.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx = ["-O3"]  # the C++ standard comes from torch (C++17 or C++20 by version)
+    link = []
+    if platform.system() == "Linux":
+        # at::parallel_for is OpenMP written inline in ATen's headers: without -fopenmp it runs on one thread. The
+        # library then needs libgomp.so.1, which the process already has from torch.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     arch = os.environ.get("FUSED_MTL_ATTN_CPU_ARCH", "")
     macros = []
     if arch and platform.machine() in ("x86_64", "AMD64"):
@@ -45,7 +51,7 @@ def _extensions():
     include_dirs = [os.path.join(HERE, "csrc")]
     if not with_cuda:
         ext = cpp_extension.CppExtension("fused_mtl_attn._C", sources, include_dirs=include_dirs, define_macros=macros,
-                                         extra_compile_args={"cxx": cxx})
+                                         extra_compile_args={"cxx": cxx}, extra_link_args=link)
         return [ext], {"build_ext": cpp_extension.BuildExtension}
     if cuda_home:
         os.environ["CUDA_HOME"] = cuda_home
@@ -59,7 +65,7 @@ def _extensions():
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     ext = cpp_extension.CUDAExtension(
         "fused_mtl_attn._C", sources, include_dirs=include_dirs, define_macros=macros + [("WITH_CUDA", None)],
-        extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}, extra_link_args=link,
     )
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 

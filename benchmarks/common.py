@@ -71,7 +71,9 @@ def median_ms(fn, device: str, min_run_time: float) -> float:
             return sorted(times)[len(times) // 2]
     from torch.utils import benchmark
 
-    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+    # Timer runs on one thread unless told otherwise: time with the threads the process uses
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
 def saved_bytes(forward, exclude=()) -> int:

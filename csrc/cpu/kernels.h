@@ -204,52 +204,20 @@ inline void vector_blocks(int64_t n, F&& f) {
   if (c0 < n) with_constant<kMaxVectors>((n - c0) / W, [&](auto NV) { f(NV, c0); });
 }
 
-// ---------------------------------------------------------------- micro-kernels
-// C[r*ldc + 0:NV*W] += sum_{p < len} X[r*ldx + p] * Y[p*ldy + 0:NV*W] for r < R: a reduction over positions in
-// outer-product form, R x NV vectors of C in registers
-template <typename T, int R, int NV>
-inline void outer_block(const T* X, int64_t ldx, const T* Y, int64_t ldy, int64_t len, T* C, int64_t ldc) {
+// ---------------------------------------------------------------- the matrix product
+// O[r*ldo + 0:NV*W] (+)= sum_{k < K} A[r*ar + k*ac] * Y[k*ldy + 0:NV*W] for r < R: R x NV vectors of O in registers,
+// per k one broadcast of A per row and NV vector loads of Y
+template <typename T, int R, int NV, bool kAccumulate>
+inline void gemm_block(const T* A, int64_t ar, int64_t ac, int64_t K, const T* Y, int64_t ldy, T* O, int64_t ldo) {
   constexpr int W = Vec<T>::W;
   V<T> acc[R][NV];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = vload(C + r * ldc + v * W);
-  for (int64_t p = 0; p < len; ++p) {
+    for (int v = 0; v < NV; ++v) acc[r][v] = kAccumulate ? vload(O + r * ldo + v * W) : vsplat(T(0));
+  for (int64_t k = 0; k < K; ++k) {
     V<T> y[NV];
-    for (int v = 0; v < NV; ++v) y[v] = vload(Y + p * ldy + v * W);
+    for (int v = 0; v < NV; ++v) y[v] = vload(Y + k * ldy + v * W);
     for (int r = 0; r < R; ++r) {
-      const T a = X[r * ldx + p];
-      for (int v = 0; v < NV; ++v) acc[r][v] += a * y[v];
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) vstore(C + r * ldc + v * W, acc[r][v]);
-}
-
-// C[r*ldc + 0:width] += sum_{p < len} X[r*ldx + p] * Y[p*ldy + 0:width] for r < rows (width a multiple of W)
-template <typename T>
-void outer_accumulate(const T* X, int64_t rows, int64_t ldx, const T* Y, int64_t ldy, int64_t width, int64_t len,
-                      T* C, int64_t ldc) {
-  vector_blocks<T>(width, [&](auto nv, int64_t c0) {
-    constexpr int NV = decltype(nv)::value;
-    row_blocks<block_rows<NV>()>(rows, [&](auto r, int64_t r0) {
-      outer_block<T, decltype(r)::value, NV>(X + r0 * ldx, ldx, Y + c0, ldy, len, C + r0 * ldc + c0, ldc);
-    });
-  });
-}
-
-// O[r*ldo + 0:NV*W] = sum_{c < K} A[r*ar + c*ac] * Y[c*ldy + 0:NV*W] for r < R: an application to NV vectors of
-// positions, R x NV vectors of O in registers
-template <typename T, int R, int NV>
-inline void apply_block(const T* A, int64_t ar, int64_t ac, int64_t K, const T* Y, int64_t ldy, T* O, int64_t ldo) {
-  constexpr int W = Vec<T>::W;
-  V<T> acc[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = vsplat(T(0));
-  for (int64_t c = 0; c < K; ++c) {
-    V<T> y[NV];
-    for (int v = 0; v < NV; ++v) y[v] = vload(Y + c * ldy + v * W);
-    for (int r = 0; r < R; ++r) {
-      const T a = A[r * ar + c * ac];
+      const T a = A[r * ar + k * ac];
       for (int v = 0; v < NV; ++v) acc[r][v] += a * y[v];
     }
   }
@@ -257,14 +225,55 @@ inline void apply_block(const T* A, int64_t ar, int64_t ac, int64_t K, const T* 
     for (int v = 0; v < NV; ++v) vstore(O + r * ldo + v * W, acc[r][v]);
 }
 
-// O[r*ldo + t] = sum_{c < K} A[r*ar + c*ac] * Y[c*ldy + t] for r < rows, t < tp (a multiple of W)
+// The left operand of a product, read in place: element (r, k) at A[r*ar + k*ac]. Used where A is a tile of data
+// read once (the reductions over positions); blocks as many rows as the registers allow.
 template <typename T>
-void apply(const T* A, int64_t rows, int64_t ar, int64_t ac, int64_t K, const T* Y, int64_t ldy, int64_t tp, T* O,
-           int64_t ldo) {
-  vector_blocks<T>(tp, [&](auto nv, int64_t t0) {
+struct Strided {
+  const T* A;
+  int64_t ar, ac;
+  template <int NV> static constexpr int rows() { return block_rows<NV>(); }
+  const T* block(int64_t r0, int /*R*/, int64_t* row_stride, int64_t* k_stride) const {
+    *row_stride = ar;
+    *k_stride = ac;
+    return A + r0 * ar;
+  }
+};
+
+// The left operand packed by pack(): each block of R rows stored k-major, so that the kernel reads it as one
+// sequential stream. Used for the small matrices (S, S^T, dS, dS^T) that every tile of positions reads again.
+template <typename T>
+struct Packed {
+  const T* P;
+  int64_t K;
+  template <int NV> static constexpr int rows() { return block_rows<kMaxVectors>(); }  // fixed: the packing's blocks
+  const T* block(int64_t r0, int R, int64_t* row_stride, int64_t* k_stride) const {
+    *row_stride = 1;
+    *k_stride = R;
+    return P + r0 * K;
+  }
+};
+
+// P <- A (element (r, k) at A[r*ar + k*ac], rows x K) in the layout Packed reads
+template <typename T>
+void pack(const T* A, int64_t rows, int64_t ar, int64_t ac, int64_t K, T* P) {
+  row_blocks<block_rows<kMaxVectors>()>(rows, [&](auto r, int64_t r0) {
+    constexpr int R = decltype(r)::value;
+    for (int64_t k = 0; k < K; ++k)
+      for (int i = 0; i < R; ++i) P[r0 * K + k * R + i] = A[(r0 + i) * ar + k * ac];
+  });
+}
+
+// O[r*ldo + 0:width] (+)= sum_{k < K} a(r, k) * Y[k*ldy + 0:width] for r < rows (width a multiple of W): blocks of
+// vectors along O's contiguous axis (positions for an application, channels for a reduction) times blocks of rows
+template <bool kAccumulate, typename T, typename Operand>
+void gemm(const Operand& a, int64_t rows, int64_t K, const T* Y, int64_t ldy, int64_t width, T* O, int64_t ldo) {
+  vector_blocks<T>(width, [&](auto nv, int64_t c0) {
     constexpr int NV = decltype(nv)::value;
-    row_blocks<block_rows<NV>()>(rows, [&](auto r, int64_t r0) {
-      apply_block<T, decltype(r)::value, NV>(A + r0 * ar, ar, ac, K, Y + t0, ldy, O + r0 * ldo + t0, ldo);
+    row_blocks<Operand::template rows<NV>()>(rows, [&](auto r, int64_t r0) {
+      constexpr int R = decltype(r)::value;
+      int64_t ar, ac;
+      const T* A = a.block(r0, R, &ar, &ac);
+      gemm_block<T, R, NV, kAccumulate>(A, ar, ac, K, Y + c0, ldy, O + r0 * ldo + c0, ldo);
     });
   });
 }
@@ -377,7 +386,7 @@ void forward_kernel(const Geometry& g, const std::vector<int64_t>& offsets, cons
         load_softplus(k + grp * d * g.nk, d, g.nk, lo, len, k_s.get(), static_cast<T*>(nullptr), ld);
         transpose(k_s.get(), d, ld, len, k_t.get(), ldp);
         load_rows(v + grp * m * g.nk, m, g.nk, lo, len, v_ext.get(), ld);
-        outer_accumulate(v_ext.get(), m + 1, ld, k_t.get(), ldp, dp, len, acc, ldp);
+        gemm<true>(Strided<T>{v_ext.get(), ld, 1}, m + 1, len, k_t.get(), ldp, dp, acc, ldp);
       }
     }
   });
@@ -390,6 +399,11 @@ void forward_kernel(const Geometry& g, const std::vector<int64_t>& offsets, cons
     }
   });
   // 2. application over query positions: the query tile is read and activated once for all segments
+  Scratch<T> ctx_p(g.groups * J * ctx_size);  // [S; z] of each (group, segment), packed
+  at::parallel_for(0, g.groups * J, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item)
+      pack(context + item * ctx_size, m + 1, d, 1, d, ctx_p.get() + item * ctx_size);
+  });
   const int64_t n_tiles = (g.nq + tile - 1) / tile;
   at::parallel_for(0, g.groups * n_tiles, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> q_s(d * ld), o((m + 1) * ld), rden(tile);
@@ -398,8 +412,7 @@ void forward_kernel(const Geometry& g, const std::vector<int64_t>& offsets, cons
       const int64_t tp = round_up(len, W);
       load_softplus(q + grp * d * g.nq, d, g.nq, lo, len, q_s.get(), static_cast<T*>(nullptr), ld);
       for (int64_t j = 0; j < J; ++j) {
-        const T* ctx = context + (grp * J + j) * ctx_size;
-        apply(ctx, m + 1, d, 1, d, q_s.get(), ld, tp, o.get(), ld);
+        gemm<false>(Packed<T>{ctx_p.get() + (grp * J + j) * ctx_size, d}, m + 1, d, q_s.get(), ld, tp, o.get(), ld);
         for (int64_t t = 0; t < len; ++t) rden.get()[t] = T(1) / clamp_den(o.get()[m * ld + t]);
         scalar_t* dst = out + ((grp * J + j) * m) * g.nq + lo;
         for (int64_t i = 0; i < m; ++i)
@@ -422,11 +435,9 @@ void backward_kernel(const Geometry& g, const std::vector<int64_t>& offsets, con
   const int64_t n_chunks = (g.nq + g.chunk - 1) / g.chunk;
   const int64_t part = g.partial();
   Scratch<T> partial(g.groups * n_chunks * J * part);
-  // S^T of each (group, segment), so that u = S^T g reads rows of the small operand
-  Scratch<T> s_t(g.groups * J * d * m);
+  Scratch<T> s_t(g.groups * J * d * m);  // S^T of each (group, segment), packed
   at::parallel_for(0, g.groups * J, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item)
-      transpose(context + item * ctx_size, m, d, d, s_t.get() + item * d * m, m);
+    for (int64_t item = begin; item < end; ++item) pack(context + item * ctx_size, d, 1, d, m, s_t.get() + item * d * m);
   });
   at::parallel_for(0, g.groups * n_chunks, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> q_s(d * ld), sig(d * ld), q_t(tile * ldp), g_b(m * ld), u(d * ld), x_a((m + 1) * ld), dq_acc(d * ld),
@@ -443,7 +454,7 @@ void backward_kernel(const Geometry& g, const std::vector<int64_t>& offsets, con
           const T* s = context + (grp * J + j) * ctx_size;
           const T* z = s + m * d;
           load_rows(grad + ((grp * J + j) * m) * g.nq, m, g.nq, lo, len, g_b.get(), ld);
-          apply(s_t.get() + (grp * J + j) * d * m, d, m, 1, m, g_b.get(), ld, tp, u.get(), ld);  // u = S^T g
+          gemm<false>(Packed<T>{s_t.get() + (grp * J + j) * d * m, m}, d, m, g_b.get(), ld, tp, u.get(), ld);  // S^T g
           T* dn = den.get();
           T* wt = w.get();
           std::fill(dn, dn + tp, T(0));
@@ -470,7 +481,8 @@ void backward_kernel(const Geometry& g, const std::vector<int64_t>& offsets, con
           }
           for (int64_t i = 0; i < m; ++i)
             for (int64_t t = 0; t < tp; ++t) x_a.get()[i * ld + t] = g_b.get()[i * ld + t] * rden.get()[t];
-          outer_accumulate(x_a.get(), m + 1, ld, q_t.get(), ldp, dp, len, partial.get() + (item * J + j) * part, ldp);
+          gemm<true>(Strided<T>{x_a.get(), ld, 1}, m + 1, len, q_t.get(), ldp, dp, partial.get() + (item * J + j) * part,
+                     ldp);
         }
         for (int64_t c = 0; c < d; ++c) {
           scalar_t* dst = dq + (grp * d + c) * g.nq + lo;
@@ -480,13 +492,15 @@ void backward_kernel(const Geometry& g, const std::vector<int64_t>& offsets, con
       }
     }
   });
-  Scratch<T> d_ctx(g.groups * J * part), ds_t(g.groups * J * d * m);  // dS and dz per (group, segment); dS^T
+  // dS and dz per (group, segment), and dS^T and dS packed
+  Scratch<T> d_ctx(g.groups * J * part), ds_t(g.groups * J * d * m), ds_p(g.groups * J * m * d);
   at::parallel_for(0, g.groups * J, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t grp = item / J, j = item % J;
       sum_partials(partial.get() + (grp * n_chunks * J + j) * part, n_chunks, J * part, g, d_ctx.get() + item * part,
                    ldp);
-      transpose(d_ctx.get() + item * part, m, ldp, d, ds_t.get() + item * d * m, m);
+      pack(d_ctx.get() + item * part, d, 1, ldp, m, ds_t.get() + item * d * m);
+      pack(d_ctx.get() + item * part, m, ldp, 1, d, ds_p.get() + item * m * d);
     }
   });
   // 2. source pass: dk = (dS^T v + dz) * sigmoid(kp), dv = dS k, tile by tile within each segment
@@ -498,13 +512,12 @@ void backward_kernel(const Geometry& g, const std::vector<int64_t>& offsets, con
       const int64_t grp = item / n_tiles;
       const Span& sp = tiles[item % n_tiles];
       const int64_t lo = sp.lo, len = sp.hi - sp.lo, tp = round_up(len, W);
-      const T* ds = d_ctx.get() + (grp * J + sp.segment) * part;
-      const T* ds_tr = ds_t.get() + (grp * J + sp.segment) * d * m;
-      const T* dz = ds + m * ldp;
+      const int64_t packed = (grp * J + sp.segment) * d * m;
+      const T* dz = d_ctx.get() + (grp * J + sp.segment) * part + m * ldp;
       load_softplus(k + grp * d * g.nk, d, g.nk, lo, len, k_s.get(), sig.get(), ld);
       load_rows(v + grp * m * g.nk, m, g.nk, lo, len, v_b.get(), ld);
-      apply(ds_tr, d, m, 1, m, v_b.get(), ld, tp, dk_t.get(), ld);
-      apply(ds, m, ldp, 1, d, k_s.get(), ld, tp, dv_t.get(), ld);
+      gemm<false>(Packed<T>{ds_t.get() + packed, m}, d, m, v_b.get(), ld, tp, dk_t.get(), ld);  // dS^T v
+      gemm<false>(Packed<T>{ds_p.get() + packed, d}, m, d, k_s.get(), ld, tp, dv_t.get(), ld);  // dS k
       for (int64_t c = 0; c < d; ++c) {
         scalar_t* dst = dk + (grp * d + c) * g.nk + lo;
         for (int64_t t = 0; t < len; ++t)
