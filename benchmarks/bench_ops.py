@@ -7,7 +7,8 @@ CTAM: P = M(M-1) stacked (query, source) pairs for M = 2..5 tasks (P = 2, 6, 12,
 CSAM: target scale k = 0, 1, 2 queries the J = 3, 2, 1 coarser sources gathered along positions,
       q [B, C_k, N_k], k, v [B, C_k, sum_j N_j] (the sources already projected to C_k), out [B, J, C_k, N_k].
 
-Per case and backend: median forward (no grad), backward (of a retained graph) and forward+backward times; the
+Per case and backend: median forward (no grad), backward (of a retained graph) and forward+backward times (on a CPU
+the backends' calls interleaved, with all of the process's threads); the
 activation bytes autograd saves for backward, and on a GPU the peak allocated memory of forward+backward above the
 inputs; the minimum bytes the op must move and the achieved bandwidth:
   fwd_bytes = (|q| + |k| + |v| + |out|) * itemsize           (read q, k, v; write out)
@@ -34,7 +35,9 @@ import argparse
 import contextlib
 import math
 import os
+import statistics
 import sys
+import time
 
 import torch
 
@@ -109,37 +112,72 @@ def make_fn(case, backend, compiled):
     return lambda q, k, v: cross_scale_attention(q, k, v, offsets, backend=backend)
 
 
-def run_case(fn, shapes, device, dtype, min_run_time):
-    """Timing and memory fields of one (case, backend); the callables leave synchronisation to median_ms."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    inputs = [torch.randn(shapes[0], generator=g), torch.randn(shapes[1], generator=g),
-              torch.rand(shapes[2], generator=g)]
-    inputs = [t.to(device=device, dtype=dtype).requires_grad_(True) for t in inputs]
-    out = fn(*inputs)
-    grad = torch.randn_like(out)
+class Timed:
+    """One (case, backend): its inputs and the three timed callables (forward without grad, backward of a retained
+    graph, forward + backward), run with the cpu kernels of `isa` where given."""
 
-    def forward():
+    def __init__(self, fn, shapes, device, dtype, isa=None):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        inputs = [torch.randn(shapes[0], generator=g), torch.randn(shapes[1], generator=g),
+                  torch.rand(shapes[2], generator=g)]
+        self.inputs = [t.to(device=device, dtype=dtype).requires_grad_(True) for t in inputs]
+        self.fn, self.device, self.isa = fn, device, isa
+        with use_isa(isa):
+            self.out = fn(*self.inputs)
+        self.grad = torch.randn_like(self.out)
+
+    def forward(self):
         with torch.no_grad():
-            fn(*inputs)
+            self.fn(*self.inputs)
 
-    def backward():
-        torch.autograd.grad(out, inputs, grad, retain_graph=True)
+    def backward(self):
+        torch.autograd.grad(self.out, self.inputs, self.grad, retain_graph=True)
 
-    def both():
-        torch.autograd.grad(fn(*inputs), inputs, grad)
+    def both(self):
+        torch.autograd.grad(self.fn(*self.inputs), self.inputs, self.grad)
 
-    row = {"fwd_ms": median_ms(forward, device, min_run_time), "bwd_ms": median_ms(backward, device, min_run_time),
-           "fwd_bwd_ms": median_ms(both, device, min_run_time)}
-    del out
-    row["saved_mb"] = saved_bytes(lambda: fn(*inputs)) / 2**20
+    def phases(self):
+        return {"fwd_ms": self.forward, "bwd_ms": self.backward, "fwd_bwd_ms": self.both}
+
+    def memory(self) -> dict:
+        self.out = None
+        with use_isa(self.isa):
+            row = {"saved_mb": saved_bytes(lambda: self.fn(*self.inputs)) / 2**20}
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                self.both()
+                torch.cuda.synchronize()
+                row["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        return row
+
+
+def time_backends(timed: dict, device, min_run_time) -> dict:
+    """{label: {fwd_ms, bwd_ms, fwd_bwd_ms}} medians. On a GPU each backend in turn (CUDA timing is steady). On a
+    CPU interleaved: rounds of one call of every phase of every backend, so that the drifts of a shared machine hit
+    all backends alike, until each phase has at least 5 calls and about min_run_time seconds."""
     if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        both()
-        torch.cuda.synchronize()
-        row["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return row
+        out = {}
+        for label, t in timed.items():
+            with use_isa(t.isa):
+                out[label] = {k: median_ms(f, device, min_run_time) for k, f in t.phases().items()}
+        return out
+    calls = {label: {k: [] for k in t.phases()} for label, t in timed.items()}
+    for t in timed.values():  # warm-up
+        with use_isa(t.isa):
+            for f in t.phases().values():
+                f()
+    start, rounds = time.perf_counter(), 0
+    while rounds < 5 or (time.perf_counter() - start < min_run_time * 3 * len(timed) and rounds < 200):
+        for label, t in timed.items():
+            with use_isa(t.isa):
+                for k, f in t.phases().items():
+                    t0 = time.perf_counter()
+                    f()
+                    calls[label][k].append(time.perf_counter() - t0)
+        rounds += 1
+    return {label: {k: statistics.median(v) * 1e3 for k, v in phases.items()} for label, phases in calls.items()}
 
 
 def memory_mb(row):
@@ -227,30 +265,37 @@ def main(argv=None):
     for batch in batches:
         for case in cases(datasets, pairs, batch, args.positions_scale):
             fwd_bytes, bwd_bytes = min_bytes(case, itemsize)
-            case_rows = []
+            case_rows, timed = [], {}
             for label, backend, compiled, isa in backends:
                 row = dict(env, dataset=case["dataset"], case=case["name"], scale=case["scale"], op=case["op"],
                            hw=case["hw"], channels=case["shapes"][0][-2], backend=label, cpu_isa=isa,
                            dtype=args.dtype, batch=batch, shapes=[list(s) for s in case["shapes"]],
                            offsets=case["offsets"], fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes,
                            min_bytes=fwd_bytes + bwd_bytes, device_gb_per_s=device_gbs)
+                case_rows.append(row)
                 try:
-                    with use_isa(isa):
-                        row.update(run_case(make_fn(case, backend, compiled), case["shapes"], device, dtype,
-                                            min_run_time))
+                    timed[label] = Timed(make_fn(case, backend, compiled), case["shapes"], device, dtype, isa)
+                    for f in timed[label].phases().values():  # a backend that fails, fails here, not mid-timing
+                        with use_isa(isa):
+                            f()
                 except Exception as exc:  # an OOM or a backend's refusal costs one row, not the run
+                    timed.pop(label, None)
                     row["error"] = error_text(exc)
                     if device == "cuda":
                         torch.cuda.empty_cache()
-                    print(f"{case['dataset']:<6} {case['name']:<9} {case['scale']:>5} {row['backend']:<14} "
+                    print(f"{case['dataset']:<6} {case['name']:<9} {case['scale']:>5} {label:<14} "
                           f"FAILED {row['error']}", flush=True)
-                    case_rows.append(row)
+            times = time_backends(timed, device, min_run_time)
+            for row in case_rows:
+                if row["backend"] not in timed:
                     continue
+                row.update(times[row["backend"]])
+                row.update(timed[row["backend"]].memory())
                 row.update(fwd_gb_per_s=fwd_bytes / (row["fwd_ms"] * 1e-3) / 1e9,
                            bwd_gb_per_s=bwd_bytes / (row["bwd_ms"] * 1e-3) / 1e9,
                            gb_per_s=(fwd_bytes + bwd_bytes) / (row["fwd_bwd_ms"] * 1e-3) / 1e9)
                 row["bw_fraction"] = row["gb_per_s"] / device_gbs
-                case_rows.append(row)
+            del timed
             eager = next((r for r in case_rows if r["backend"] == "eager" and "error" not in r), None)
             for row in case_rows:
                 if "error" in row:
