@@ -50,7 +50,8 @@ def series_order(name):
 
 def title_env(rows):
     r = rows[0]
-    return f"{r.get('device_name')} ({r.get('device')}), torch {r.get('torch')}, triton {r.get('triton')}, " \
+    isa = f", cpu kernels {r['cpu_isa']}, {r.get('threads')} threads" if r.get("cpu_isa") else ""
+    return f"{r.get('device_name')} ({r.get('device')}{isa}), torch {r.get('torch')}, triton {r.get('triton')}, " \
            f"commit {r.get('commit')}"
 
 
