@@ -43,15 +43,16 @@ template <typename T> inline V<T> vsplat(T x) { return V<T>{} + x; }
 
 inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
-// a zeroed, 64-byte aligned scratch array owned by one work item
+// a 64-byte aligned scratch array, zeroed if asked (most are written before they are read: zeroing them would be
+// a pass over memory, on one thread where the array is shared)
 template <typename T>
 struct Scratch {
   T* ptr;
-  explicit Scratch(int64_t n) {
+  explicit Scratch(int64_t n, bool zeroed = false) {
     const size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(n, 1) * sizeof(T), 64));
     ptr = static_cast<T*>(std::aligned_alloc(64, bytes));
     TORCH_CHECK(ptr != nullptr, "fused_mtl_attn: out of memory for a ", bytes, "-byte scratch buffer");
-    std::memset(ptr, 0, bytes);
+    if (zeroed) std::memset(ptr, 0, bytes);
   }
   ~Scratch() { std::free(ptr); }
   Scratch(const Scratch&) = delete;
@@ -278,13 +279,16 @@ void gemm(const Operand& a, int64_t rows, int64_t K, const T* Y, int64_t ldy, in
   });
 }
 
-// buf[r*ld + t] = src[r*n + lo + t] for r < rows, t < len (converted to the accumulation type)
+// buf[r*ld + t] = src[r*n + lo + t] for r < rows, t < len (converted to the accumulation type); 0 up to the next
+// multiple of W, where the products read whole vectors
 template <typename scalar_t, typename T>
 void load_rows(const scalar_t* src, int64_t rows, int64_t n, int64_t lo, int64_t len, T* buf, int64_t ld) {
+  const int64_t tp = round_up(len, Vec<T>::W);
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* s = src + r * n + lo;
     T* b = buf + r * ld;
     for (int64_t t = 0; t < len; ++t) b[t] = static_cast<T>(s[t]);
+    for (int64_t t = len; t < tp; ++t) b[t] = T(0);
   }
 }
 
@@ -330,6 +334,7 @@ Geometry geometry(const Tensor& q, const Tensor& v, int64_t nk, int64_t segments
   const int64_t rows = 5 * g.d + 2 * g.m + 1 + g.ldp;  // the backward query pass holds the most
   g.tile = std::clamp<int64_t>((196608 / static_cast<int64_t>(sizeof(T)) / rows) / widest * widest,
                                std::max<int64_t>(128, widest), std::max<int64_t>(512, widest));
+  g.tile = std::min(g.tile, round_up(std::max<int64_t>({g.nq, g.nk, 1}), widest));  // no larger than the data
   g.ld = row_stride<T>(g.tile);
   g.chunk = g.tile * std::max<int64_t>(1, 2048 / g.tile);
   return g;
@@ -375,12 +380,13 @@ void forward_kernel(const Geometry& g, const std::vector<int64_t>& offsets, cons
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
   Scratch<T> partial(g.groups * n_chunks * g.partial());
   at::parallel_for(0, g.groups * n_chunks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> k_s(d * ld), k_t(tile * ldp), v_ext((m + 1) * ld);
+    Scratch<T> k_s(d * ld), k_t(tile * ldp, /*zeroed: columns d..dp stay 0*/ true), v_ext((m + 1) * ld);
     for (int64_t t = 0; t < tile; ++t) v_ext.get()[m * ld + t] = T(1);  // the ones row gives z
     for (int64_t item = begin; item < end; ++item) {
       const int64_t grp = item / n_chunks;
       const Span& ch = chunks[item % n_chunks];
       T* acc = partial.get() + item * g.partial();
+      std::fill(acc, acc + g.partial(), T(0));
       for (int64_t lo = ch.lo; lo < ch.hi; lo += tile) {
         const int64_t len = std::min(tile, ch.hi - lo);
         load_softplus(k + grp * d * g.nk, d, g.nk, lo, len, k_s.get(), static_cast<T*>(nullptr), ld);
@@ -440,11 +446,12 @@ void backward_kernel(const Geometry& g, const std::vector<int64_t>& offsets, con
     for (int64_t item = begin; item < end; ++item) pack(context + item * ctx_size, d, 1, d, m, s_t.get() + item * d * m);
   });
   at::parallel_for(0, g.groups * n_chunks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> q_s(d * ld), sig(d * ld), q_t(tile * ldp), g_b(m * ld), u(d * ld), x_a((m + 1) * ld), dq_acc(d * ld),
+    Scratch<T> q_s(d * ld), sig(d * ld), q_t(tile * ldp, /*zeroed: columns d..dp stay 0*/ true), g_b(m * ld), u(d * ld), x_a((m + 1) * ld), dq_acc(d * ld),
         den(tile), w(tile), rden(tile);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t grp = item / n_chunks, chunk_lo = (item % n_chunks) * g.chunk;
       const int64_t chunk_hi = std::min(chunk_lo + g.chunk, g.nq);
+      std::fill(partial.get() + item * J * part, partial.get() + (item + 1) * J * part, T(0));
       for (int64_t lo = chunk_lo; lo < chunk_hi; lo += tile) {
         const int64_t len = std::min(tile, chunk_hi - lo), tp = round_up(len, W);
         load_softplus(q + grp * d * g.nq, d, g.nq, lo, len, q_s.get(), sig.get(), ld);
