@@ -195,7 +195,8 @@ def cpu_isas(arg, parser):
     isas = supported if arg == "all" else [a for a in arg.split(",") if a]
     for isa in isas:
         if isa not in supported:
-            parser.error(f"--cpu-isa: {isa!r} is not an instruction set this CPU runs (it runs: {', '.join(supported)})")
+            parser.error(f"--cpu-isa: {isa!r} is not an instruction set this CPU runs "
+                         f"(it runs: {', '.join(supported)})")
     return isas
 
 

@@ -189,7 +189,8 @@ def main(argv=None):
             if args.json:  # after every case, so that a run cut short by a time limit keeps what it measured
                 write_json(args.json, rows)
     isa = f", cpu kernels {env['cpu_isa']}" if env.get("cpu_isa") else ""
-    print(f"\n{env['device_name']} ({device}, {env['threads']} threads{isa}), torch {env['torch']}, commit {env['commit']}")
+    print(f"\n{env['device_name']} ({device}, {env['threads']} threads{isa}), torch {env['torch']}, "
+          f"commit {env['commit']}")
     header = f"{'config':<8} {'dtype':<13} {'variant':<23} {'step ms':>9} {'x ref':>6} {'saved MiB':>10} {'x ref':>6}"
     if device == "cuda":
         header += f" {'peak MiB':>9} {'x ref':>6}"

@@ -20,7 +20,8 @@ struct CpuKernels {
 #endif
 
 // one definition per instruction set, in kernels_<isa>.cpp
-namespace cpu_baseline { extern const CpuKernels kernels; }  // x86-64: SSE2 (16 registers of 16 bytes); else the compiler's default
+// x86-64: SSE2 (16 registers of 16 bytes); elsewhere the compiler's default for the architecture
+namespace cpu_baseline { extern const CpuKernels kernels; }
 #ifdef FMA_CPU_X86
 namespace cpu_avx2 { extern const CpuKernels kernels; }      // AVX2 + FMA: 16 registers of 32 bytes
 namespace cpu_avx512 { extern const CpuKernels kernels; }    // AVX-512 F/BW/DQ/VL: 32 registers of 64 bytes

@@ -397,19 +397,16 @@ void forward_kernel(const Geometry& g, const std::vector<int64_t>& offsets, cons
     }
   });
   const int64_t ctx_size = (m + 1) * d;
+  Scratch<T> ctx_p(g.groups * J * ctx_size);  // [S; z] of each (group, segment), packed for the application
   at::parallel_for(0, g.groups * J, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t grp = item / J, j = item % J;
       sum_partials(partial.get() + (grp * n_chunks + first[j]) * g.partial(), first[j + 1] - first[j], g.partial(),
                    g, context + item * ctx_size, d);
+      pack(context + item * ctx_size, m + 1, d, 1, d, ctx_p.get() + item * ctx_size);
     }
   });
   // 2. application over query positions: the query tile is read and activated once for all segments
-  Scratch<T> ctx_p(g.groups * J * ctx_size);  // [S; z] of each (group, segment), packed
-  at::parallel_for(0, g.groups * J, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item)
-      pack(context + item * ctx_size, m + 1, d, 1, d, ctx_p.get() + item * ctx_size);
-  });
   const int64_t n_tiles = (g.nq + tile - 1) / tile;
   at::parallel_for(0, g.groups * n_tiles, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> q_s(d * ld), o((m + 1) * ld), rden(tile);
@@ -443,11 +440,12 @@ void backward_kernel(const Geometry& g, const std::vector<int64_t>& offsets, con
   Scratch<T> partial(g.groups * n_chunks * J * part);
   Scratch<T> s_t(g.groups * J * d * m);  // S^T of each (group, segment), packed
   at::parallel_for(0, g.groups * J, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) pack(context + item * ctx_size, d, 1, d, m, s_t.get() + item * d * m);
+    for (int64_t item = begin; item < end; ++item)
+      pack(context + item * ctx_size, d, 1, d, m, s_t.get() + item * d * m);
   });
   at::parallel_for(0, g.groups * n_chunks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> q_s(d * ld), sig(d * ld), q_t(tile * ldp, /*zeroed: columns d..dp stay 0*/ true), g_b(m * ld), u(d * ld), x_a((m + 1) * ld), dq_acc(d * ld),
-        den(tile), w(tile), rden(tile);
+    Scratch<T> q_s(d * ld), sig(d * ld), q_t(tile * ldp, /*zeroed: columns d..dp stay 0*/ true), g_b(m * ld),
+        u(d * ld), x_a((m + 1) * ld), dq_acc(d * ld), den(tile), w(tile), rden(tile);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t grp = item / n_chunks, chunk_lo = (item % n_chunks) * g.chunk;
       const int64_t chunk_hi = std::min(chunk_lo + g.chunk, g.nq);
@@ -458,8 +456,7 @@ void backward_kernel(const Geometry& g, const std::vector<int64_t>& offsets, con
         transpose(q_s.get(), d, ld, len, q_t.get(), ldp);
         std::fill(dq_acc.get(), dq_acc.get() + d * ld, T(0));
         for (int64_t j = 0; j < J; ++j) {
-          const T* s = context + (grp * J + j) * ctx_size;
-          const T* z = s + m * d;
+          const T* z = context + (grp * J + j) * ctx_size + m * d;
           load_rows(grad + ((grp * J + j) * m) * g.nq, m, g.nq, lo, len, g_b.get(), ld);
           gemm<false>(Packed<T>{s_t.get() + (grp * J + j) * d * m, m}, d, m, g_b.get(), ld, tp, u.get(), ld);  // S^T g
           T* dn = den.get();
@@ -488,8 +485,8 @@ void backward_kernel(const Geometry& g, const std::vector<int64_t>& offsets, con
           }
           for (int64_t i = 0; i < m; ++i)
             for (int64_t t = 0; t < tp; ++t) x_a.get()[i * ld + t] = g_b.get()[i * ld + t] * rden.get()[t];
-          gemm<true>(Strided<T>{x_a.get(), ld, 1}, m + 1, len, q_t.get(), ldp, dp, partial.get() + (item * J + j) * part,
-                     ldp);
+          T* acc = partial.get() + (item * J + j) * part;
+          gemm<true>(Strided<T>{x_a.get(), ld, 1}, m + 1, len, q_t.get(), ldp, dp, acc, ldp);
         }
         for (int64_t c = 0; c < d; ++c) {
           scalar_t* dst = dq + (grp * d + c) * g.nq + lo;
