@@ -12,6 +12,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 
+#include <algorithm>
+
 namespace fused_mtl_attn {
 namespace {
 
@@ -21,6 +23,50 @@ constexpr int PER = TILE / ROWS;
 constexpr int64_t CHUNK = 1024;  // positions per partial sum
 
 __host__ __device__ inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------- pieces of segments
+// Up to WINDOW consecutive segments cut into pieces of at most `size` positions, passed to the kernels by value:
+// each block finds its piece from blockIdx.x, so no table is copied to the device (a copy from pageable memory
+// synchronises the stream, and a CUDA graph cannot capture it). More segments take one launch per window.
+constexpr int WINDOW = 32;
+
+struct Piece {
+  int64_t seg, lo, hi;  // positions [lo, hi) of segment seg
+};
+
+struct Pieces {
+  int64_t start[WINDOW + 1];  // segment j0 + i spans positions [start[i], start[i + 1])
+  int64_t first[WINDOW + 1];  // its pieces are first[i] .. first[i + 1] - 1, counted from the window's first
+  int64_t j0, size;
+  int n;  // segments in the window
+
+  __host__ __device__ int64_t count() const { return first[n]; }
+  // piece b < count(); a linear search: a window is short and it runs once per block
+  __host__ __device__ Piece piece(int64_t b) const {
+    int i = 0;
+    while (first[i + 1] <= b) ++i;  // passes over empty segments (first[i] == first[i + 1])
+    const int64_t lo = start[i] + (b - first[i]) * size;
+    return {j0 + i, lo, lo + size < start[i + 1] ? lo + size : start[i + 1]};
+  }
+};
+
+// the windows of the J segments given by offsets (J + 1 values), in segment order; none for J = 0
+std::vector<Pieces> windows(const std::vector<int64_t>& offsets, int64_t size) {
+  std::vector<Pieces> out;
+  const int64_t J = static_cast<int64_t>(offsets.size()) - 1;
+  for (int64_t j0 = 0; j0 < J; j0 += WINDOW) {
+    Pieces w{};
+    w.j0 = j0;
+    w.size = size;
+    w.n = static_cast<int>(std::min<int64_t>(WINDOW, J - j0));
+    for (int i = 0; i <= w.n; ++i) {
+      w.start[i] = offsets[j0 + i];
+      w.first[i] = i == 0 ? 0 : w.first[i - 1] + cdiv(w.start[i] - w.start[i - 1], size);
+    }
+    out.push_back(w);
+  }
+  return out;
+}
 
 // ---------------------------------------------------------------- tile primitives
 // acc[s] += sum_k A(ty + ROWS*s, k) * Y(k, tx) over k < K (A and Y return 0 out of range)
@@ -45,14 +91,15 @@ __device__ __forceinline__ void apply_tile(T (&acc)[PER], int64_t K, const ALoad
 }
 
 // partial[chunk, g][r][c] = sum_{t in chunk} X(g, seg, r, t) * Y(g, c, t), rows r < R, columns c < C
-// grid: x = chunk, y = row tile * column tiles, z = group; chunks: (segment, lo, hi) triplets
+// grid: x = chunk of the window, y = row tile * column tiles, z = group
 template <typename T, typename XLoad, typename YLoad>
-__global__ void reduce_kernel(const int64_t* chunks, int64_t R, int64_t C, XLoad X, YLoad Y, T* partial) {
+__global__ void reduce_kernel(Pieces chunks, int64_t R, int64_t C, XLoad X, YLoad Y, T* partial) {
   __shared__ T Xs[TILE][TILE + 1], Ys[TILE][TILE + 1];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t g = blockIdx.z, col_tiles = cdiv(C, TILE);
   const int64_t r0 = (blockIdx.y / col_tiles) * TILE, c0 = (blockIdx.y % col_tiles) * TILE;
-  const int64_t seg = chunks[3 * blockIdx.x], lo = chunks[3 * blockIdx.x + 1], hi = chunks[3 * blockIdx.x + 2];
+  const Piece pc = chunks.piece(blockIdx.x);
+  const int64_t seg = pc.seg, lo = pc.lo, hi = pc.hi;
   T acc[PER] = {};
   for (int64_t t0 = lo; t0 < hi; t0 += TILE) {
     const int64_t t = t0 + tx;
@@ -76,15 +123,15 @@ __global__ void reduce_kernel(const int64_t* chunks, int64_t R, int64_t C, XLoad
   }
 }
 
-// dst[g, j][e] = sum over the chunks of segment j, in order, of partial[chunk, g][e]  (e < E)
+// dst[g, j][e] = sum over the chunks of segment j, in order, of partial[chunk, g][e]  (e < E), for the window's j
 template <typename T>
-__global__ void sum_chunks_kernel(const T* partial, const int64_t* first, int64_t G, int64_t J, int64_t E, T* dst) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= G * J * E) return;
-  const int64_t e = idx % E, gj = idx / E, j = gj % J, g = gj / J;
+__global__ void sum_chunks_kernel(const T* partial, Pieces chunks, int64_t G, int64_t J, int64_t E, T* dst) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x, n = chunks.n;
+  if (idx >= G * n * E) return;
+  const int64_t e = idx % E, gi = idx / E, i = gi % n, g = gi / n;
   T s = T(0);
-  for (int64_t ch = first[j]; ch < first[j + 1]; ++ch) s += partial[(ch * G + g) * E + e];
-  dst[idx] = s;
+  for (int64_t ch = chunks.first[i]; ch < chunks.first[i + 1]; ++ch) s += partial[(ch * G + g) * E + e];
+  dst[(g * J + chunks.j0 + i) * E + e] = s;
 }
 
 // ---------------------------------------------------------------- loaders
@@ -216,13 +263,14 @@ __global__ void dq_kernel(const scalar_t* grad, const scalar_t* q, const T* ctx,
 }
 
 // dk = (dS^T v + dz) * sigmoid(kp) (rows c) or dv = dS softplus(k) (rows i), over one tile of a segment;
-// grid x = tile (segment, lo, hi), y = row tile, z = g
+// grid x = tile of the window, y = row tile, z = g
 template <typename scalar_t, typename T, bool KEYS>
-__global__ void source_kernel(const int64_t* tiles, const scalar_t* k, const scalar_t* v, const T* dctx, int64_t J,
+__global__ void source_kernel(Pieces tiles, const scalar_t* k, const scalar_t* v, const T* dctx, int64_t J,
                               int64_t d, int64_t m, int64_t nk, scalar_t* dst) {
   __shared__ T As[TILE][TILE + 1], Ys[TILE][TILE + 1];
   const int64_t g = blockIdx.z, r0 = blockIdx.y * TILE;
-  const int64_t seg = tiles[3 * blockIdx.x], lo = tiles[3 * blockIdx.x + 1], hi = tiles[3 * blockIdx.x + 2];
+  const Piece pc = tiles.piece(blockIdx.x);
+  const int64_t seg = pc.seg, lo = pc.lo, hi = pc.hi;
   const T* ds = dctx + (g * J + seg) * (m + 1) * d;
   const int64_t rows = KEYS ? d : m, inner = KEYS ? m : d;
   auto A = [&](int rr, int64_t x) {
@@ -250,41 +298,28 @@ __global__ void source_kernel(const int64_t* tiles, const scalar_t* k, const sca
 }
 
 // ---------------------------------------------------------------- host side
-// (segment, lo, hi) pieces of at most `size` positions per segment, and where each segment's pieces start
-Tensor spans(const std::vector<int64_t>& offsets, int64_t size, const at::Device& device,
-             std::vector<int64_t>* first = nullptr) {
-  std::vector<int64_t> table;
-  for (size_t j = 0; j + 1 < offsets.size(); ++j) {
-    if (first) first->push_back(static_cast<int64_t>(table.size() / 3));
-    for (int64_t lo = offsets[j]; lo < offsets[j + 1]; lo += size) {
-      table.insert(table.end(), {static_cast<int64_t>(j), lo, std::min(lo + size, offsets[j + 1])});
-    }
-  }
-  if (first) first->push_back(static_cast<int64_t>(table.size() / 3));
-  return at::tensor(table.empty() ? std::vector<int64_t>{0} : table, at::kLong).to(device);
-}
-
-// sum of reduce_kernel partials per (group, segment) into dst [G, J, R, C]
+// sum of reduce_kernel partials per (group, segment) into dst [G, J, R, C]; `options` give the partials' dtype
 template <typename T, typename XLoad, typename YLoad>
 void reduce(const std::vector<int64_t>& offsets, int64_t G, int64_t R, int64_t C, XLoad X, YLoad Y, T* dst,
-            const at::Device& device, cudaStream_t stream) {
-  std::vector<int64_t> first;
-  const Tensor chunks = spans(offsets, CHUNK, device, &first);
-  const int64_t n_chunks = first.back(), J = static_cast<int64_t>(offsets.size()) - 1;
-  const at::ScalarType acc_type = sizeof(T) == 8 ? at::kDouble : at::kFloat;
-  Tensor partial = at::empty({std::max<int64_t>(n_chunks, 1), G, R, C}, at::TensorOptions(acc_type).device(device));
-  if (n_chunks > 0 && G > 0 && R * C > 0) {
-    const dim3 grid(n_chunks, cdiv(R, TILE) * cdiv(C, TILE), G);
-    reduce_kernel<T><<<grid, dim3(TILE, ROWS), 0, stream>>>(chunks.const_data_ptr<int64_t>(), R, C, X, Y,
-                                                            partial.mutable_data_ptr<T>());
+            const at::TensorOptions& options, cudaStream_t stream) {
+  const int64_t J = static_cast<int64_t>(offsets.size()) - 1;
+  if (J == 0 || G * R * C == 0) return;
+  const std::vector<Pieces> ws = windows(offsets, CHUNK);
+  int64_t most = 1;
+  for (const Pieces& w : ws) most = std::max(most, w.count());
+  // one scratch for all windows: the stream runs a window's sums before the next window's partials overwrite it
+  Tensor partial = at::empty({most, G, R, C}, options);
+  for (const Pieces& w : ws) {
+    if (w.count() > 0) {
+      const dim3 grid(w.count(), cdiv(R, TILE) * cdiv(C, TILE), G);
+      reduce_kernel<T><<<grid, dim3(TILE, ROWS), 0, stream>>>(w, R, C, X, Y, partial.mutable_data_ptr<T>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    // also for a window without chunks: its segments are empty and sum to zero
+    sum_chunks_kernel<T><<<cdiv(G * w.n * R * C, 256), 256, 0, stream>>>(partial.const_data_ptr<T>(), w, G, J, R * C,
+                                                                         dst);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const int64_t total = G * J * R * C;
-  if (total == 0) return;
-  const Tensor first_d = at::tensor(first, at::kLong).to(device);
-  sum_chunks_kernel<T><<<cdiv(total, 256), 256, 0, stream>>>(partial.const_data_ptr<T>(),
-                                                             first_d.const_data_ptr<int64_t>(), G, J, R * C, dst);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::tuple<Tensor, Tensor> forward_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -300,7 +335,7 @@ std::tuple<Tensor, Tensor> forward_cuda(const Tensor& q, const Tensor& k, const 
     using T = at::opmath_type<scalar_t>;
     ValuesAndOnes<scalar_t, T> x{{v.const_data_ptr<scalar_t>(), m, nk}};
     SoftplusRows<scalar_t, T> y{k.const_data_ptr<scalar_t>(), d, nk};
-    reduce<T>(offsets, G, m + 1, d, x, y, ctx.mutable_data_ptr<T>(), q.device(), stream);
+    reduce<T>(offsets, G, m + 1, d, x, y, ctx.mutable_data_ptr<T>(), ctx.options(), stream);
     if (out.numel() == 0) return;
     Tensor den = at::empty({G, J, nq}, ctx.options());
     den_kernel<scalar_t, T><<<cdiv(G * J * nq, 256), 256, 0, stream>>>(
@@ -351,20 +386,20 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tenso
     GradRows<scalar_t, T> x{grad.const_data_ptr<scalar_t>(), rden.const_data_ptr<T>(), b.const_data_ptr<T>(), J, m, nq};
     SoftplusRows<scalar_t, T> y{q.const_data_ptr<scalar_t>(), d, nq};
     reduce<T>(query_offsets, G, m + 1, d, QueryRowsOfSegment<decltype(x)>{x, nq}, QueryColumns<decltype(y)>{y, nq},
-              dctx.mutable_data_ptr<T>(), q.device(), stream);
-    const Tensor tiles = spans(offsets, TILE, q.device());
-    const int64_t n_tiles = tiles.numel() / 3;
-    if (nk > 0 && n_tiles > 0) {
+              dctx.mutable_data_ptr<T>(), ctx.options(), stream);
+    for (const Pieces& tiles : windows(offsets, TILE)) {
+      const int64_t n_tiles = tiles.count();
+      if (n_tiles == 0) continue;
       if (d > 0) {
         source_kernel<scalar_t, T, true><<<dim3(n_tiles, cdiv(d, TILE), G), dim3(TILE, ROWS), 0, stream>>>(
-            tiles.const_data_ptr<int64_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-            dctx.const_data_ptr<T>(), J, d, m, nk, dk.mutable_data_ptr<scalar_t>());
+            tiles, k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), dctx.const_data_ptr<T>(), J, d, m, nk,
+            dk.mutable_data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       if (m > 0) {
         source_kernel<scalar_t, T, false><<<dim3(n_tiles, cdiv(m, TILE), G), dim3(TILE, ROWS), 0, stream>>>(
-            tiles.const_data_ptr<int64_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-            dctx.const_data_ptr<T>(), J, d, m, nk, dv.mutable_data_ptr<scalar_t>());
+            tiles, k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), dctx.const_data_ptr<T>(), J, d, m, nk,
+            dv.mutable_data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }
