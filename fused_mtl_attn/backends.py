@@ -45,8 +45,18 @@ _LAZY = {
 _loaded: dict = {"eager": EAGER}
 _load_errors: dict = {}
 
-# what "auto" tries, in order, per device type; eager is always last
-AUTO_ORDER = {"cuda": ("cuda", "triton", "eager"), "cpu": ("cpu", "eager")}
+OPS = ("cross_task", "cross_scale")
+
+# What "auto" tries, in order, per (device type, op): the backends by measured speed on that device, eager last.
+# CPU: the cpu kernels beat eager at every paper shape of both ops (benchmarks/RESULTS.md, AVX2 and baseline).
+# CUDA: not measured yet (no GPU has run the kernels); the CUDA kernels come first until benchmarks/gpu_check.sh's
+# op benchmark, which prints the fastest backend per op, says otherwise.
+AUTO_ORDER = {
+    ("cpu", "cross_task"): ("cpu", "eager"),
+    ("cpu", "cross_scale"): ("cpu", "eager"),
+    ("cuda", "cross_task"): ("cuda", "triton", "eager"),
+    ("cuda", "cross_scale"): ("cuda", "triton", "eager"),
+}
 
 
 def _get(name: str):
@@ -79,16 +89,19 @@ def available_backends() -> dict:
     return out
 
 
-def select(backend: str, q: torch.Tensor) -> Backend:
-    """The backend that runs input `q`: the requested one (raising with its reasons) or the best for "auto"."""
+def select(backend: str, q: torch.Tensor, op: str = "cross_task") -> Backend:
+    """The backend that runs op `op` on input `q`: the requested one (raising with its reasons) or, for "auto", the
+    first of AUTO_ORDER[(device type, op)] that can run it."""
     if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
     if backend != "auto":
         reasons = _machine_reasons(backend) or list(_get(backend).unsupported(q))
         if reasons:
             raise RuntimeError(f"backend {backend!r} cannot run this input: " + "; ".join(reasons))
         return _get(backend)
-    for name in AUTO_ORDER.get(q.device.type, ("eager",)):
+    for name in AUTO_ORDER.get((q.device.type, op), ("eager",)):
         if not _machine_reasons(name) and not _get(name).unsupported(q):
             return _get(name)
     return EAGER
@@ -101,7 +114,7 @@ def cross_task_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, back
     softplus(q_p)-queries against its own softplus(k_p), v_p (see ../shared/spec/attention-op.md).
     """
     check_cross_task(q, k, v)
-    return select(backend, q).cross_task(q, k, v)
+    return select(backend, q, "cross_task").cross_task(q, k, v)
 
 
 def cross_scale_attention(
@@ -109,9 +122,9 @@ def cross_scale_attention(
 ) -> torch.Tensor:
     """One query [B, d, Nq] against J sources gathered along positions: k [B, d, Ntot], v [B, m, Ntot].
 
-    `offsets` holds J+1 non-decreasing ints from 0 to Ntot (a list, tuple or 1-D integer tensor); source j
+    `offsets` holds J+1 non-decreasing ints from 0 to Ntot (a list, tuple or 1-D integer CPU tensor); source j
     occupies positions offsets[j]:offsets[j+1]. Returns [B, J, m, Nq].
     """
     offsets = normalize_offsets(offsets)
     check_cross_scale(q, k, v, offsets)
-    return select(backend, q).cross_scale(q, k, v, offsets)
+    return select(backend, q, "cross_scale").cross_scale(q, k, v, offsets)

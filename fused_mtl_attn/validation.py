@@ -41,11 +41,15 @@ def check_cross_task(q, k, v) -> None:
 
 
 def normalize_offsets(offsets) -> list[int]:
-    """Accept a list/tuple of ints or a 1-D integer tensor; return a list of Python ints."""
+    """Accept a list/tuple of ints or a 1-D integer CPU tensor; return a list of Python ints. The offsets set the
+    output's shape, so they live on the host: reading a GPU tensor would synchronise with the device."""
     if isinstance(offsets, torch.Tensor):
         if offsets.dim() != 1 or offsets.is_floating_point() or offsets.is_complex():
             raise TypeError(f"offsets must be a 1-D integer tensor or a sequence of ints, got {offsets.dtype} "
                             f"tensor of shape {tuple(offsets.shape)}")
+        if offsets.device.type != "cpu":
+            raise ValueError(f"offsets must be a CPU tensor or a sequence of ints (they set the output's shape), got "
+                             f"a tensor on {offsets.device}")
         return [int(o) for o in offsets.tolist()]
     if not isinstance(offsets, Sequence) or isinstance(offsets, (str, bytes)):
         raise TypeError(f"offsets must be a sequence of ints, got {type(offsets).__name__}")

@@ -14,6 +14,19 @@ if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_sessionstart(session):
+    """FUSED_MTL_ATTN_REQUIRE_GPU=1 (benchmarks/gpu_check.sh): no GPU, or a GPU backend that cannot run, is an
+    error, not a run in which every GPU test quietly skips."""
+    if os.environ.get("FUSED_MTL_ATTN_REQUIRE_GPU", "0") in ("", "0"):
+        return
+    import fused_mtl_attn
+
+    missing = {name: reasons for name, (ok, reasons) in fused_mtl_attn.available_backends().items()
+               if name in ("cuda", "triton") and not ok}
+    if not HAS_GPU or missing:
+        raise pytest.UsageError(f"FUSED_MTL_ATTN_REQUIRE_GPU is set but GPU={HAS_GPU}, unavailable: {missing}")
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_GPU:
         return
