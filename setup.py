@@ -10,10 +10,17 @@ adds -march=<value> to the whole build, e.g. "native" for a build that runs only
 import glob
 import os
 import platform
+import re
 
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _version():
+    """The one version source: fused_mtl_attn.__version__ (read, not imported: the build may run without torch)."""
+    with open(os.path.join(HERE, "fused_mtl_attn", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 
 def _flag(name):
@@ -74,10 +81,11 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     name="fused_mtl_attn",
-    version="0.1.0",
+    version=_version(),
     description="Fused Triton and C++/CUDA kernels for the cross-task and cross-scale attention of SCA-MTL",
-    packages=find_packages(include=["fused_mtl_attn", "fused_mtl_attn.*", "model", "model.*"]),
-    package_data={"model": ["configs/*.yaml", "db_info/*.json"]},
+    # only the kernels are installed: the network (model/) and the benchmarks run from the repository, as in the
+    # MTI-Net family of code bases, so no generic top-level name such as `model` lands in site-packages
+    packages=find_packages(include=["fused_mtl_attn", "fused_mtl_attn.*"]),
     python_requires=">=3.10",
     ext_modules=ext_modules,
     cmdclass=cmdclass,

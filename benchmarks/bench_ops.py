@@ -19,7 +19,7 @@ inputs; the minimum bytes the op must move and the achieved bandwidth:
   bw_fraction = gb_per_s / device_gb_per_s
 eager_over_this = eager fwd_bwd time / this backend's (the speed-up over eager); mem_over_eager likewise for memory.
 
-    python benchmarks/bench_ops.py [--quick] [--device cpu|cuda] [--batch 1 8] [--datasets nyud,pascal]
+    python -m benchmarks.bench_ops [--quick] [--device cpu|cuda] [--batch 1 8] [--datasets nyud,pascal]
                                    [--pairs 2,6,12,20] [--cpu-isa avx2,baseline|all] [--compile] [--json PATH]
 
 --cpu-isa times the cpu backend once per instruction set named (rows "cpu[avx2]", ...; "all": every set this CPU
@@ -34,16 +34,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import environment, error_text, median_ms, saved_bytes, write_json  # noqa: E402
-from fused_mtl_attn import available_backends, cross_scale_attention, cross_task_attention, reference  # noqa: E402
+from benchmarks.common import environment, error_text, median_ms, saved_bytes, write_json
+from fused_mtl_attn import available_backends, cross_scale_attention, cross_task_attention, reference
+from fused_mtl_attn.backends import AUTO_ORDER
 
 CHANNELS = (36, 72, 144, 288)
 DATASETS = {"nyud": (480, 640), "pascal": (512, 512)}  # input size; scale s has (H, W) / (4 * 2**s) positions
@@ -209,11 +207,29 @@ def use_isa(isa):
     return cpp_backend.use_cpu_isa(isa)
 
 
+def fastest_by_op(rows) -> dict:
+    """{op: [(backend, geometric mean of eager_over_this over its cases)], fastest first}: what backends.AUTO_ORDER
+    should say for this device."""
+    speedups = {}
+    for r in rows:
+        if r.get("eager_over_this"):
+            speedups.setdefault(r["op"], {}).setdefault(r["backend"], []).append(math.log(r["eager_over_this"]))
+    return {op: sorted(((b, math.exp(statistics.fmean(v))) for b, v in per.items()), key=lambda bv: -bv[1])
+            for op, per in speedups.items()}
+
+
+def print_auto_order(rows, device):
+    for op, ranked in fastest_by_op(rows).items():
+        measured = ", ".join(f"{b} {x:.2f}x" for b, x in ranked)
+        print(f"# fastest for {op} on {device} (geometric mean of eager/this over the cases): {measured}; "
+              f"auto tries {AUTO_ORDER.get((device, op))}")
+
+
 def csv_ints(text):
     return [int(x) for x in text.split(",") if x]
 
 
-def main(argv=None):
+def _parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="NYUD, CTAM P=2 and CSAM only, short timing")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -229,6 +245,80 @@ def main(argv=None):
     parser.add_argument("--json", help="write one row per case and backend (a JSON list) to this file")
     # tests and dry runs: multiply every scale's height and width by this factor
     parser.add_argument("--positions-scale", type=float, default=1.0, help=argparse.SUPPRESS)
+    return parser
+
+
+def backends_to_time(device, cpu_isa_arg, compile_eager, parser) -> list:
+    """(label, backend, compiled, cpu instruction set) of every backend available here, eager last."""
+    avail = available_backends()
+    order = BACKEND_ORDER[device]
+    for b in order:
+        if not avail[b][0]:
+            print(f"# skipping backend {b}: {'; '.join(avail[b][1])}")
+    backends = []
+    for b in order:
+        if not avail[b][0]:
+            continue
+        if b == "cpu":
+            isas = cpu_isas(cpu_isa_arg, parser)
+            backends += [("cpu" if len(isas) == 1 else f"cpu[{isa}]", "cpu", False, isa) for isa in isas]
+        else:
+            backends.append((b, b, False, None))
+    backends += [("eager+compile", "eager", True, None)] if compile_eager else []
+    return backends
+
+
+def measure_case(case, backends, batch, env, device, dtype, itemsize, device_gbs, min_run_time) -> list:
+    """One row per backend for one case: times (interleaved on a CPU), memory, bandwidth, ratios to eager."""
+    fwd_bytes, bwd_bytes = min_bytes(case, itemsize)
+    case_rows, timed = [], {}
+    for label, backend, compiled, isa in backends:
+        row = dict(env, dataset=case["dataset"], case=case["name"], scale=case["scale"], op=case["op"],
+                   hw=case["hw"], channels=case["shapes"][0][-2], backend=label, cpu_isa=isa,
+                   dtype=str(dtype).removeprefix("torch."), batch=batch, shapes=[list(s) for s in case["shapes"]],
+                   offsets=case["offsets"], fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes,
+                   min_bytes=fwd_bytes + bwd_bytes, device_gb_per_s=device_gbs)
+        case_rows.append(row)
+        try:
+            timed[label] = Timed(make_fn(case, backend, compiled), case["shapes"], device, dtype, isa)
+            for f in timed[label].phases().values():  # a backend that fails, fails here, not mid-timing
+                with use_isa(isa):
+                    f()
+        except Exception as exc:  # an OOM or a backend's refusal costs one row, not the run
+            timed.pop(label, None)
+            row["error"] = error_text(exc)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            print(f"{case['dataset']:<6} {case['name']:<9} {case['scale']:>5} {label:<14} "
+                  f"FAILED {row['error']}", flush=True)
+    times = time_backends(timed, device, min_run_time)
+    for row in case_rows:
+        if row["backend"] not in timed:
+            continue
+        row.update(times[row["backend"]])
+        row.update(timed[row["backend"]].memory())
+        row.update(fwd_gb_per_s=fwd_bytes / (row["fwd_ms"] * 1e-3) / 1e9,
+                   bwd_gb_per_s=bwd_bytes / (row["bwd_ms"] * 1e-3) / 1e9,
+                   gb_per_s=(fwd_bytes + bwd_bytes) / (row["fwd_bwd_ms"] * 1e-3) / 1e9)
+        row["bw_fraction"] = row["gb_per_s"] / device_gbs
+    del timed
+    eager = next((r for r in case_rows if r["backend"] == "eager" and "error" not in r), None)
+    for row in case_rows:
+        if "error" in row:
+            continue
+        row["eager_over_this"] = eager["fwd_bwd_ms"] / row["fwd_bwd_ms"] if eager else None
+        row["mem_over_eager"] = memory_mb(row) / memory_mb(eager) if eager and memory_mb(eager) else None
+        ratio = f"{row['eager_over_this']:.2f}x" if eager else "-"
+        hw = "x".join(map(str, case["hw"]))
+        print(f"{case['dataset']:<6} {case['name']:<9} {case['scale']:>5} {hw:>7} {batch:>2} "
+              f"{row['backend']:<14} {row['fwd_ms']:>9.2f} {row['bwd_ms']:>9.2f} {row['fwd_bwd_ms']:>9.2f} "
+              f"{memory_mb(row):>8.1f} {row['gb_per_s']:>7.1f} {100 * row['bw_fraction']:>4.0f}% "
+              f"{ratio:>10}", flush=True)
+    return case_rows
+
+
+def main(argv=None):
+    parser = _parser()
     args = parser.parse_args(argv)
     device, dtype = args.device, getattr(torch, args.dtype)
     batches = args.batch or ([2] if device == "cpu" else [1, 8])
@@ -238,22 +328,7 @@ def main(argv=None):
             parser.error(f"--datasets: unknown dataset {d!r}; choose from {list(DATASETS)}")
     pairs = args.pairs or ([2] if args.quick else list(PAIRS))
     min_run_time = args.min_run_time or (0.1 if args.quick or device == "cuda" else 0.5)
-    avail = available_backends()
-    order = BACKEND_ORDER[device]
-    for b in order:
-        if not avail[b][0]:
-            print(f"# skipping backend {b}: {'; '.join(avail[b][1])}")
-    # (label, backend, compiled, cpu instruction set)
-    backends = []
-    for b in order:
-        if not avail[b][0]:
-            continue
-        if b == "cpu":
-            isas = cpu_isas(args.cpu_isa, parser)
-            backends += [("cpu" if len(isas) == 1 else f"cpu[{isa}]", "cpu", False, isa) for isa in isas]
-        else:
-            backends.append((b, b, False, None))
-    backends += [("eager+compile", "eager", True, None)] if args.compile else []
+    backends = backends_to_time(device, args.cpu_isa, args.compile, parser)
     env = environment(device)
     device_gbs = device_bandwidth(device)
     itemsize = torch.tensor([], dtype=dtype).element_size()
@@ -265,53 +340,10 @@ def main(argv=None):
     rows = []
     for batch in batches:
         for case in cases(datasets, pairs, batch, args.positions_scale):
-            fwd_bytes, bwd_bytes = min_bytes(case, itemsize)
-            case_rows, timed = [], {}
-            for label, backend, compiled, isa in backends:
-                row = dict(env, dataset=case["dataset"], case=case["name"], scale=case["scale"], op=case["op"],
-                           hw=case["hw"], channels=case["shapes"][0][-2], backend=label, cpu_isa=isa,
-                           dtype=args.dtype, batch=batch, shapes=[list(s) for s in case["shapes"]],
-                           offsets=case["offsets"], fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes,
-                           min_bytes=fwd_bytes + bwd_bytes, device_gb_per_s=device_gbs)
-                case_rows.append(row)
-                try:
-                    timed[label] = Timed(make_fn(case, backend, compiled), case["shapes"], device, dtype, isa)
-                    for f in timed[label].phases().values():  # a backend that fails, fails here, not mid-timing
-                        with use_isa(isa):
-                            f()
-                except Exception as exc:  # an OOM or a backend's refusal costs one row, not the run
-                    timed.pop(label, None)
-                    row["error"] = error_text(exc)
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-                    print(f"{case['dataset']:<6} {case['name']:<9} {case['scale']:>5} {label:<14} "
-                          f"FAILED {row['error']}", flush=True)
-            times = time_backends(timed, device, min_run_time)
-            for row in case_rows:
-                if row["backend"] not in timed:
-                    continue
-                row.update(times[row["backend"]])
-                row.update(timed[row["backend"]].memory())
-                row.update(fwd_gb_per_s=fwd_bytes / (row["fwd_ms"] * 1e-3) / 1e9,
-                           bwd_gb_per_s=bwd_bytes / (row["bwd_ms"] * 1e-3) / 1e9,
-                           gb_per_s=(fwd_bytes + bwd_bytes) / (row["fwd_bwd_ms"] * 1e-3) / 1e9)
-                row["bw_fraction"] = row["gb_per_s"] / device_gbs
-            del timed
-            eager = next((r for r in case_rows if r["backend"] == "eager" and "error" not in r), None)
-            for row in case_rows:
-                if "error" in row:
-                    continue
-                row["eager_over_this"] = eager["fwd_bwd_ms"] / row["fwd_bwd_ms"] if eager else None
-                row["mem_over_eager"] = memory_mb(row) / memory_mb(eager) if eager and memory_mb(eager) else None
-                ratio = f"{row['eager_over_this']:.2f}x" if eager else "-"
-                hw = "x".join(map(str, case["hw"]))
-                print(f"{case['dataset']:<6} {case['name']:<9} {case['scale']:>5} {hw:>7} {batch:>2} "
-                      f"{row['backend']:<14} {row['fwd_ms']:>9.2f} {row['bwd_ms']:>9.2f} {row['fwd_bwd_ms']:>9.2f} "
-                      f"{memory_mb(row):>8.1f} {row['gb_per_s']:>7.1f} {100 * row['bw_fraction']:>4.0f}% "
-                      f"{ratio:>10}", flush=True)
-            rows.extend(case_rows)
+            rows.extend(measure_case(case, backends, batch, env, device, dtype, itemsize, device_gbs, min_run_time))
             if args.json:
                 write_json(args.json, rows)
+    print_auto_order(rows, device)
     if args.json:
         print(f"# wrote {len(rows)} rows to {args.json}")
     return rows

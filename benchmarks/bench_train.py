@@ -5,23 +5,20 @@ Reports the median step time (the variants' steps interleaved: one step of each 
 activation bytes autograd saves for backward (parameters excluded) and, on a GPU, the peak allocated memory; ratios
 are fused / reference. Example:
 
-    python benchmarks/bench_train.py --quick            # CPU: NYUD 2-task 256x320 and PASCAL 5-task 256x256, batch 2
-    python benchmarks/bench_train.py --device cuda      # GPU: NYUD 480x640 and PASCAL 512x512, batch 8, fp32 + bf16
+    python -m benchmarks.bench_train --quick            # CPU: NYUD 2-task 256x320 and PASCAL 5-task 256x256, batch 2
+    python -m benchmarks.bench_train --device cuda      # GPU: NYUD 480x640 and PASCAL 512x512, batch 8, fp32 + bf16
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import environment, error_text, saved_bytes, write_json  # noqa: E402
-from model import TASK_SETS, build_model  # noqa: E402
-from model.losses import MultiTaskLoss  # noqa: E402
+from benchmarks.common import environment, error_text, saved_bytes, write_json
+from model import TASK_SETS, build_model
+from model.losses import MultiTaskLoss
 
 # task set and the paper's loss weights (None: equal weights)
 CONFIGS = {
@@ -128,7 +125,7 @@ def measure(variants: dict, loss_fn, batch, device, amp, repeats: int) -> dict:
     return {variant: results[variant] for variant in variants}
 
 
-def main(argv=None):
+def _parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--configs", default="nyud2,pascal5", help="comma-separated: " + ",".join(CONFIGS))
@@ -144,6 +141,56 @@ def main(argv=None):
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="override the input size of every config")
     parser.add_argument("--widths", type=int, nargs=4, help="decoder widths C_k (default 36 72 144 288)")
     parser.add_argument("--json", help="write the rows (a JSON list) to this file")
+    return parser
+
+
+def variants_of(reference, device, layouts: bool, compile_reference: bool) -> dict:
+    """{name: network} of the variants timed side by side, all from the same parameters."""
+    variants = {"reference": reference, "fused": copy.deepcopy(reference).set_fused(True)}
+    if layouts:
+        variants["reference_channels_last"] = ChannelsLastInput(copy.deepcopy(reference))
+        other = device != "cpu"  # the fused path's default is channels-last on CPU only
+        variants["fused_channels_last" if other else "fused_nchw"] = \
+            copy.deepcopy(reference).set_fused(True, channels_last=other)
+    if compile_reference:
+        variants["compiled_reference"] = torch.compile(copy.deepcopy(reference))
+    return variants
+
+
+def rows_of(results: dict, env: dict, **case) -> list:
+    """One row per variant with the case's fields and its ratios to the reference."""
+    rows, base = [], results["reference"]
+    for variant, res in results.items():
+        row = dict(env, **case, variant=variant, **res)
+        if "error" not in res and "error" not in base:
+            row.update(time_ratio=res["step_ms"] / base["step_ms"], saved_ratio=res["saved_bytes"] / base["saved_bytes"])
+            if "peak_bytes" in res:
+                row["peak_ratio"] = res["peak_bytes"] / base["peak_bytes"]
+        rows.append(row)
+    return rows
+
+
+def print_table(rows, env, device):
+    isa = f", cpu kernels {env['cpu_isa']}" if env.get("cpu_isa") else ""
+    print(f"\n{env['device_name']} ({device}, {env['threads']} threads{isa}), torch {env['torch']}, "
+          f"commit {env['commit']}")
+    header = f"{'config':<8} {'dtype':<13} {'variant':<23} {'step ms':>9} {'x ref':>6} {'saved MiB':>10} {'x ref':>6}"
+    if device == "cuda":
+        header += f" {'peak MiB':>9} {'x ref':>6}"
+    print(header)
+    for r in rows:
+        if "time_ratio" not in r:
+            print(f"{r['config']:<8} {r['dtype']:<13} {r['variant']:<23} {r.get('error', 'no reference to compare')}")
+            continue
+        line = (f"{r['config']:<8} {r['dtype']:<13} {r['variant']:<23} {r['step_ms']:9.1f} {r['time_ratio']:6.2f} "
+                f"{r['saved_bytes'] / 2**20:10.1f} {r['saved_ratio']:6.2f}")
+        if "peak_bytes" in r:
+            line += f" {r['peak_bytes'] / 2**20:9.1f} {r['peak_ratio']:6.2f}"
+        print(line)
+
+
+def main(argv=None):
+    parser = _parser()
     args = parser.parse_args(argv)
     device = args.device
     batch_size = args.batch or (8 if device == "cuda" else 2)
@@ -161,54 +208,22 @@ def main(argv=None):
         for amp in amp_modes:
             torch.manual_seed(0)
             reference = build_model(tasks, **({"widths": tuple(args.widths)} if args.widths else {})).to(device).train()
-            variants = {"reference": reference, "fused": copy.deepcopy(reference).set_fused(True)}
-            if args.layouts:
-                variants["reference_channels_last"] = ChannelsLastInput(copy.deepcopy(reference))
-                other = device != "cpu"  # the fused path's default is channels-last on CPU only
-                variants["fused_channels_last" if other else "fused_nchw"] = \
-                    copy.deepcopy(reference).set_fused(True, channels_last=other)
-            if args.compile:
-                variants["compiled_reference"] = torch.compile(copy.deepcopy(reference))
-            results = measure(variants, loss_fn, batch, device, amp, repeats)
+            results = measure(variants_of(reference, device, args.layouts, args.compile), loss_fn, batch, device, amp,
+                              repeats)
+            dtype = "bf16-autocast" if amp else "fp32"
             for variant, res in results.items():
-                if "error" in res:
-                    print(f"{name} {'bf16' if amp else 'fp32'} {variant:<23} FAILED {res['error']}", flush=True)
-                else:
-                    print(f"{name} {'bf16' if amp else 'fp32'} {variant:<23} {res['step_ms']:9.1f} ms  "
-                          f"saved {res['saved_bytes'] / 2**20:8.1f} MiB", flush=True)
-            base = results["reference"]
-            for variant, res in results.items():
-                row = dict(env, config=name, tasks=list(tasks), batch=batch_size, size=list(size),
-                           dtype="bf16-autocast" if amp else "fp32", variant=variant, **res)
-                if "error" not in res and "error" not in base:
-                    row.update(time_ratio=res["step_ms"] / base["step_ms"],
-                               saved_ratio=res["saved_bytes"] / base["saved_bytes"])
-                    if "peak_bytes" in res:
-                        row["peak_ratio"] = res["peak_bytes"] / base["peak_bytes"]
-                rows.append(row)
+                done = f"FAILED {res['error']}" if "error" in res else \
+                    f"{res['step_ms']:9.1f} ms  saved {res['saved_bytes'] / 2**20:8.1f} MiB"
+                print(f"{name} {dtype} {variant:<23} {done}", flush=True)
+            rows += rows_of(results, env, config=name, tasks=list(tasks), batch=batch_size, size=list(size),
+                            dtype=dtype)
             if args.json:  # after every case, so that a run cut short by a time limit keeps what it measured
                 write_json(args.json, rows)
-    isa = f", cpu kernels {env['cpu_isa']}" if env.get("cpu_isa") else ""
-    print(f"\n{env['device_name']} ({device}, {env['threads']} threads{isa}), torch {env['torch']}, "
-          f"commit {env['commit']}")
-    header = f"{'config':<8} {'dtype':<13} {'variant':<23} {'step ms':>9} {'x ref':>6} {'saved MiB':>10} {'x ref':>6}"
-    if device == "cuda":
-        header += f" {'peak MiB':>9} {'x ref':>6}"
-    print(header)
-    for r in rows:
-        if "time_ratio" not in r:
-            print(f"{r['config']:<8} {r['dtype']:<13} {r['variant']:<23} {r.get('error', 'no reference to compare')}")
-            continue
-        line = (f"{r['config']:<8} {r['dtype']:<13} {r['variant']:<23} {r['step_ms']:9.1f} {r['time_ratio']:6.2f} "
-                f"{r['saved_bytes'] / 2**20:10.1f} {r['saved_ratio']:6.2f}")
-        if "peak_bytes" in r:
-            line += f" {r['peak_bytes'] / 2**20:9.1f} {r['peak_ratio']:6.2f}"
-        print(line)
+    print_table(rows, env, device)
     if args.json:
         write_json(args.json, rows)
         print(f"# wrote {len(rows)} rows to {args.json}")
     return rows
-
 
 
 if __name__ == "__main__":

@@ -1,22 +1,31 @@
 #!/usr/bin/env bash
-# The one script for a GPU machine (an H100/H200 with PyTorch + Triton, nvcc and ninja, no internet); about 8 minutes.
+# The one script for a GPU machine (an H100/H200 with PyTorch + Triton, nvcc and ninja, no network): build, every
+# GPU test, the op and training-step benchmarks, in at most 9 minutes (GPU_CHECK_BUDGET, default 540 s).
 #
 #   bash benchmarks/gpu_check.sh OUTDIR                  # on the GPU machine, from the repository root
-#   bash benchmarks/gpu_check.sh --cpu-dry-run OUTDIR    # the same steps on a CPU with tiny sizes (no build, no GPU tests)
+#   bash benchmarks/gpu_check.sh --cpu-dry-run OUTDIR    # the same steps on a CPU: no build, the tests collected
+#                                                        # only, the benchmarks at tiny sizes
 #
-# Steps, each under `timeout` and within an overall budget (GPU_CHECK_BUDGET seconds, default 450), each one's exit
-# code recorded in OUTDIR/steps.tsv and the summary (124 = timed out); a failed step does not stop the next:
-#   env        nvidia-smi -L, python / torch / triton versions, available backends       -> OUTDIR/env.log
-#   build      pip install --no-build-isolation --no-deps -e . (fallback: setup.py build_ext --inplace)
-#                                                                                         -> OUTDIR/build.log
-#   gpu_tests  pytest -m gpu tests/test_cpp_ops.py tests/test_triton.py tests/test_fused_network.py -> OUTDIR/gpu_tests.log, gpu_tests.xml
-#   train      bench_train.py at the paper sizes (NYUD 480x640 2 tasks, PASCAL 512x512 5 tasks), batch 8, fp32 and
-#              bf16 autocast, reference vs fused, plus the layout rows (--layouts) -> OUTDIR/train.json, train.log
-#   ops        bench_ops.py at the paper's per-scale shapes, batch 8 then 1 -> OUTDIR/ops.json, ops.log (the JSON is
-#              rewritten after every case, so a timeout keeps what was measured)
-#   plot       plot.py: PNGs and OUTDIR/summary.md, printed last
-# Environment: PYTHON (default python, else python3), GPU_CHECK_BUDGET, TRAIN_REPEATS (5), OPS_ARGS (extra bench_ops
-# arguments, e.g. "--pairs 2,20"), CUDA_HOME (default /usr/local/cuda), MAX_JOBS (build parallelism, default nproc).
+# Steps, in order of what a short GPU session needs most; each under `timeout` with its own cap, cut to what is left
+# of the budget; each writes its files before the next starts; a failed step does not stop the next. Exit codes go
+# to OUTDIR/steps.tsv and the summary (124 = timed out, "skipped" = no time left).
+#   step            cap (s)  what                                                   -> OUTDIR/
+#   env               30     nvidia-smi, versions, available backends, auto's choice   env.log
+#   build            180     pip install -e . for this GPU's architecture only, in parallel; fails loudly when the
+#                            CUDA kernels are not in the build                         build.log
+#   kernel_tests     150     the whole of test_cpp_ops.py, test_triton.py, test_cuda_sync.py, with the GPU backends
+#                                                                                      kernel_tests.log, .xml
+#   network_tests     90     the GPU tests of test_fused_network.py (float64 parity per GPU backend, float32, bf16)
+#                                                                                      network_tests.log, .xml
+#   ops               90     bench_ops.py at the paper's per-scale shapes, batch 8    ops.json, ops.log
+#   train            150     bench_train.py NYUD 480x640 2 tasks, PASCAL 512x512 5 tasks, batch 8, fp32 and bf16
+#                            autocast, reference vs fused: time, saved and peak memory train.json, train.log
+#   train_compiled   150     the same for NYUD fp32 with torch.compile of the reference train_compiled.json, .log
+#   plot              20     PNGs and summary.md (printed last)
+# The JSON files are rewritten after every case, so a step cut short keeps what it measured.
+# Environment: PYTHON (default .venv/bin/python if present, else python, else python3), GPU_CHECK_BUDGET,
+# TRAIN_REPEATS (5), OPS_ARGS (extra bench_ops arguments, e.g. "--batch 1 8"), CUDA_HOME (default: /usr/local/cuda if
+# it has nvcc, else the toolkit of the nvcc on PATH), TORCH_CUDA_ARCH_LIST (default: this GPU's), MAX_JOBS (nproc).
 set -u
 export PYTHONUNBUFFERED=1
 
@@ -33,11 +42,15 @@ OUT=$1
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.." || exit 2
-PY=${PYTHON:-python}
-command -v "$PY" >/dev/null 2>&1 || PY=python3
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+    if [ -x .venv/bin/python ]; then PY=.venv/bin/python
+    elif command -v python >/dev/null 2>&1; then PY=python
+    else PY=python3; fi
+fi
 START=$(date +%s)
-BUDGET=${GPU_CHECK_BUDGET:-$([ "$DRY" = 1 ] && echo 900 || echo 450)}  # a shared 2-core CPU is slow
-RESERVE=25  # seconds kept for plot + summary
+BUDGET=${GPU_CHECK_BUDGET:-$([ "$DRY" = 1 ] && echo 2400 || echo 540)}
+RESERVE=20  # seconds kept for plot + summary
 : > "$OUT/steps.tsv"
 
 record() {  # name, exit code, seconds
@@ -45,9 +58,10 @@ record() {  # name, exit code, seconds
     echo "=== step $1: exit $2 after $3 s"
 }
 
-# run_step NAME LIMIT_S LOG COMMAND: COMMAND (a bash string) under timeout, output to LOG, its tail on the console
+# run_step NAME CAP_S LOG COMMAND: COMMAND (a bash string) under timeout, output to LOG, its tail on the console;
+# the caps are the GPU's, times 4 in a dry run (a shared 2-core CPU)
 run_step() {
-    local name=$1 limit=$2 log=$3 cmd=$4
+    local name=$1 limit=$(($2 * (DRY ? 4 : 1))) log=$3 cmd=$4
     local left=$((START + BUDGET - RESERVE - $(date +%s)))
     [ "$name" = plot ] && left=$((left + RESERVE))
     [ "$limit" -gt "$left" ] && limit=$left
@@ -63,7 +77,10 @@ run_step() {
     record "$name" "$rc" $(($(date +%s) - t0))
 }
 
-run_step env 60 "$OUT/env.log" "
+AUTO_CHOICE="import torch, fused_mtl_attn as f; from fused_mtl_attn import backends as b; \
+dev = 'cuda' if torch.cuda.is_available() else 'cpu'; q = torch.zeros(1, 1, 2, 3, device=dev); \
+print('auto on', dev, {op: b.select('auto', q, op).name for op in b.OPS})"
+run_step env 30 "$OUT/env.log" "
     (nvidia-smi -L || echo 'nvidia-smi: not available') 2>&1
     $PY -c 'import sys, torch; print(\"python\", sys.version.split()[0]); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"gpu\", torch.cuda.is_available() and torch.cuda.get_device_name())'
     $PY -c 'import triton; print(\"triton\", triton.__version__)' || echo 'triton: not importable'
@@ -71,33 +88,59 @@ run_step env 60 "$OUT/env.log" "
     nvcc --version 2>/dev/null | tail -n 1; ninja --version 2>/dev/null | sed 's/^/ninja /'"
 cat "$OUT/env.log"
 
+TESTS_KERNELS="tests/test_cpp_ops.py tests/test_triton.py tests/test_cuda_sync.py"
 if [ "$DRY" = 1 ]; then
     record build skipped 0
-    record gpu_tests skipped 0
-    TRAIN="--device cpu --configs nyud2,pascal5 --batch 1 --size 64 64 --widths 12 24 48 96 --amp both --layouts --repeats 1"
+    COLLECT="--collect-only"  # the test commands and their collection, not the tests
+    TRAIN="--device cpu --batch 1 --size 64 64 --widths 12 24 48 96 --repeats 1"
+    TRAIN_STEPS="--configs nyud2,pascal5 --amp both"
     OPS="--device cpu --quick --positions-scale 0.25 --min-run-time 0.02"
 else
-    export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+    COLLECT=""
+    if [ -z "${CUDA_HOME:-}" ]; then  # the toolkit itself: the nvcc on PATH may be a wrapper script
+        if [ -x /usr/local/cuda/bin/nvcc ]; then CUDA_HOME=/usr/local/cuda
+        elif command -v nvcc >/dev/null 2>&1; then CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+        fi
+    fi
+    export CUDA_HOME=${CUDA_HOME:-/nonexistent}
     export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-    # the build counts as good when the extension loads with its CUDA kernels
-    CHECK_CUDA="$PY -c 'import fused_mtl_attn as f; a = f.available_backends(); print(a); assert a[\"cuda\"][0]'"
-    run_step build 300 "$OUT/build.log" "
-        $PY -m pip install --no-build-isolation --no-deps -v -e . && $CHECK_CUDA && exit 0
+    export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c \
+        'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo "9.0")}
+    # the build counts only if the extension loads with its CUDA kernels
+    CHECK_CUDA="$PY -c 'import fused_mtl_attn as f; a = f.available_backends(); print(a); assert a[\"cuda\"][0], a[\"cuda\"][1]'"
+    run_step build 180 "$OUT/build.log" "
+        echo CUDA_HOME=\$CUDA_HOME TORCH_CUDA_ARCH_LIST=\$TORCH_CUDA_ARCH_LIST MAX_JOBS=\$MAX_JOBS
+        test -x \"\$CUDA_HOME/bin/nvcc\" || { echo 'no CUDA toolkit: set CUDA_HOME to the folder with bin/nvcc'; exit 3; }
+        FORCE_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -v -e . && $CHECK_CUDA && exit 0
         echo '### pip install failed or the CUDA backend is unavailable: setup.py build_ext --inplace'
-        $PY setup.py build_ext --inplace && $CHECK_CUDA"
-    run_step gpu_tests 150 "$OUT/gpu_tests.log" \
-        "$PY -m pytest -q -m gpu tests/test_cpp_ops.py tests/test_triton.py tests/test_fused_network.py --junitxml='$OUT/gpu_tests.xml'"
-    TRAIN="--device cuda --configs nyud2,pascal5 --batch 8 --amp both --layouts --repeats ${TRAIN_REPEATS:-5}"
-    OPS="--device cuda --batch 8 1 ${OPS_ARGS:-}"
+        FORCE_CUDA=1 $PY setup.py build_ext --inplace && $CHECK_CUDA"
+    if ! grep -q "^build	0	" "$OUT/steps.tsv"; then
+        echo "##########################################################################################"
+        echo "### FAILED: the CUDA kernels were not built (see $OUT/build.log); the tests below fail on it"
+        echo "##########################################################################################"
+    fi
+    # conftest.py turns a missing GPU or GPU backend into a failure instead of skips
+    export FUSED_MTL_ATTN_REQUIRE_GPU=1
+    TRAIN="--device cuda --batch 8 --repeats ${TRAIN_REPEATS:-5}"
+    TRAIN_STEPS="--configs nyud2,pascal5 --amp both"
+    OPS="--device cuda --batch 8 ${OPS_ARGS:-}"
 fi
 
-run_step train "$([ "$DRY" = 1 ] && echo 600 || echo 180)" "$OUT/train.log" "$PY benchmarks/bench_train.py $TRAIN --json '$OUT/train.json'"
-run_step ops 600 "$OUT/ops.log" "$PY benchmarks/bench_ops.py $OPS --json '$OUT/ops.json'"
-run_step plot 60 "$OUT/plot.log" \
-    "$PY benchmarks/plot.py --ops '$OUT/ops.json' --train '$OUT/train.json' --out '$OUT' --summary '$OUT/summary.md.tmp' --steps '$OUT/steps.tsv'"
+$PY -c "$AUTO_CHOICE" 2>&1 | tee -a "$OUT/env.log"  # after the build, so that the compiled backends load
+run_step kernel_tests 150 "$OUT/kernel_tests.log" \
+    "$PY -m pytest -q $COLLECT $TESTS_KERNELS --junitxml='$OUT/kernel_tests.xml'"
+run_step network_tests 90 "$OUT/network_tests.log" \
+    "$PY -m pytest -q $COLLECT -m gpu tests/test_fused_network.py --junitxml='$OUT/network_tests.xml'"
+run_step ops 90 "$OUT/ops.log" "$PY -m benchmarks.bench_ops $OPS --json '$OUT/ops.json'"
+run_step train 150 "$OUT/train.log" "$PY -m benchmarks.bench_train $TRAIN $TRAIN_STEPS --json '$OUT/train.json'"
+run_step train_compiled 150 "$OUT/train_compiled.log" \
+    "$PY -m benchmarks.bench_train $TRAIN --configs nyud2 --amp off --compile --json '$OUT/train_compiled.json'"
+TRAIN_JSON="'$OUT/train.json' '$OUT/train_compiled.json'"
+run_step plot 20 "$OUT/plot.log" \
+    "$PY -m benchmarks.plot --ops '$OUT/ops.json' --train $TRAIN_JSON --out '$OUT' --summary '$OUT/summary.md.tmp' --steps '$OUT/steps.tsv'"
 # the summary again, now with the plot step's own exit code
-$PY benchmarks/plot.py --ops "$OUT/ops.json" --train "$OUT/train.json" --out "$OUT" --no-plots \
-    --summary "$OUT/summary.md" --steps "$OUT/steps.tsv" > /dev/null 2>&1 || cp "$OUT/summary.md.tmp" "$OUT/summary.md" 2>/dev/null
+eval "$PY -m benchmarks.plot --ops '$OUT/ops.json' --train $TRAIN_JSON --out '$OUT' --no-plots \
+    --summary '$OUT/summary.md' --steps '$OUT/steps.tsv'" > /dev/null 2>&1 || cp "$OUT/summary.md.tmp" "$OUT/summary.md" 2>/dev/null
 rm -f "$OUT/summary.md.tmp"
 echo
 echo "=== total $(($(date +%s) - START)) s; logs, JSON, PNGs in $OUT"

@@ -1,6 +1,6 @@
 """Plots and a markdown summary of the benchmark JSON files (bench_ops.py --json, bench_train.py --json).
 
-    python benchmarks/plot.py --ops OPS.json --train TRAIN.json --out DIR [--summary DIR/summary.md --steps STEPS.tsv]
+    python -m benchmarks.plot --ops OPS.json --train TRAIN.json [MORE_TRAIN.json ...] --out DIR [--summary DIR/summary.md --steps STEPS.tsv]
 
 PNGs written to DIR (each input optional; without matplotlib the plots are skipped with a note, the summary is not):
   ops_speedup.png   op-level speed-up over eager (eager f+b time / backend f+b time) per scale, one line per case and
@@ -239,13 +239,13 @@ def read_steps(path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", help="bench_ops.py --json output")
-    parser.add_argument("--train", help="bench_train.py --json output")
+    parser.add_argument("--train", nargs="+", default=[], help="bench_train.py --json outputs (rows concatenated)")
     parser.add_argument("--out", required=True, help="folder for the PNGs")
     parser.add_argument("--summary", help="also write a markdown summary to this file (and print it)")
     parser.add_argument("--no-plots", action="store_true", help="only the summary")
     parser.add_argument("--steps", help="tab-separated step name, exit code, seconds (for the summary)")
     args = parser.parse_args(argv)
-    ops, train = load(args.ops), load(args.train)
+    ops, train = load(args.ops), [row for path in args.train for row in load(path)]
     paths = [] if args.no_plots else make_plots(ops, train, args.out)
     if args.summary:
         text = summary(ops, train, read_steps(args.steps))

@@ -1,4 +1,4 @@
-// Per-element math shared by the CPU and CUDA kernels (the spec's softplus/sigmoid with threshold 20, the clamp).
+// Per-element math shared by the CPU and CUDA kernels (docs/attention-op.md: softplus/sigmoid with threshold 20, the clamp).
 #pragma once
 
 #include <cmath>

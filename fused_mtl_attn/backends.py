@@ -111,7 +111,7 @@ def cross_task_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, back
     """Global-context attention of P stacked (query, source) pairs.
 
     q, k: [B, P, d, N] pre-softplus logits; v: [B, P, m, N] values. Returns [B, P, m, N] where pair p is
-    softplus(q_p)-queries against its own softplus(k_p), v_p (see ../shared/spec/attention-op.md).
+    softplus(q_p)-queries against its own softplus(k_p), v_p (see docs/attention-op.md).
     """
     check_cross_task(q, k, v)
     return select(backend, q, "cross_task").cross_task(q, k, v)

@@ -1,7 +1,7 @@
 """The eager reference of the global-context attention core: the one oracle every backend is tested against.
 
-Math (../shared/spec/attention-op.md): q = softplus(qp), k = softplus(kp), S = v k^T, z = sum_j k_j,
-out_p = S q_p / max(z . q_p, eps). Autograd of these few torch calls gives the backward of the spec
+Math (docs/attention-op.md): q = softplus(qp), k = softplus(kp), S = v k^T, z = sum_j k_j,
+out_p = S q_p / max(z . q_p, eps). Autograd of these few torch calls gives the backward derived there
 (including the zero gradient of the denominator where the clamp is active).
 """
 from __future__ import annotations

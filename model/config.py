@@ -122,6 +122,19 @@ def validate(cfg: dict, source="config") -> dict:
     unknown = sorted(set(cfg) - set(DEFAULTS))
     if unknown:
         _fail(source, f"unknown key(s) {unknown}; allowed keys: {', '.join(DEFAULTS)} (and 'base')")
+    _check_scalars(cfg, source)
+    _check_tasks_and_weights(cfg, source)
+    _check_shapes(cfg, source)
+    for k in ("dataset_options", "val_dataset_options"):
+        if not isinstance(cfg[k], dict):
+            _fail(source, f"{k} must be a mapping, got {cfg[k]!r}")
+    if cfg["dataset"] != "synthetic" and (cfg["dataset_options"] or cfg["val_dataset_options"]):
+        _fail(source, f"dataset_options are only for the synthetic data set, not '{cfg['dataset']}'")
+    return cfg
+
+
+def _check_scalars(cfg: dict, source) -> None:
+    """Choices, integers, numbers (made float) and booleans, in place."""
     for k, allowed in CHOICES.items():
         if cfg[k] not in allowed:
             _fail(source, f"{k} must be one of {list(allowed)}, got {cfg[k]!r}")
@@ -143,6 +156,9 @@ def validate(cfg: dict, source="config") -> dict:
         if not isinstance(cfg[k], bool):
             _fail(source, f"{k} must be true or false, got {cfg[k]!r}")
 
+
+def _check_tasks_and_weights(cfg: dict, source) -> None:
+    """The task list against the data set, and one non-negative loss weight per task (default 1), in place."""
     from .data import DatasetError, num_outputs
     tasks = cfg["tasks"]
     if isinstance(tasks, str) or not isinstance(tasks, (list, tuple)) or not tasks:
@@ -171,6 +187,9 @@ def validate(cfg: dict, source="config") -> dict:
     if not any(cfg["loss_weights"].values()):
         _fail(source, "every task has loss weight 0; nothing would be trained")
 
+
+def _check_shapes(cfg: dict, source) -> None:
+    """The input size ([H, W], an int means square) and the decoder widths, made lists, in place."""
     size = cfg["size"]
     if size is not None:
         size = [size, size] if isinstance(size, int) and not isinstance(size, bool) else size
@@ -183,16 +202,10 @@ def validate(cfg: dict, source="config") -> dict:
         _fail(source, f"widths must be a list of 4 ints, got {widths!r}")
     try:
         from .network import check_widths
-        check_widths(widths, len(tasks))
+        check_widths(widths, len(cfg["tasks"]))
     except ValueError as e:
         _fail(source, str(e))
     cfg["widths"] = list(widths)
-    for k in ("dataset_options", "val_dataset_options"):
-        if not isinstance(cfg[k], dict):
-            _fail(source, f"{k} must be a mapping, got {cfg[k]!r}")
-    if cfg["dataset"] != "synthetic" and (cfg["dataset_options"] or cfg["val_dataset_options"]):
-        _fail(source, f"dataset_options are only for the synthetic data set, not '{cfg['dataset']}'")
-    return cfg
 
 
 def supervised_tasks(cfg) -> list:

@@ -9,7 +9,7 @@ from fused_mtl_attn import reference
 
 
 def _softplus64(x):
-    # the spec's rule written out: x above 20, log1p(exp(x)) otherwise
+    # the softplus rule of docs/attention-op.md written out: x above 20, log1p(exp(x)) otherwise
     return torch.where(x > 20, x, torch.log1p(torch.exp(torch.clamp(x, max=20))))
 
 
