@@ -5,11 +5,12 @@ PYTHON ?= python3
 # nvcc on PATH may be a wrapper script; point the build at the toolkit itself
 export CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda) $(CUDA_PATH))
 STAMP := $(VENV)/.installed
+TRITON36 := $(VENV)/triton36
 BUILD_INPUTS := requirements.txt setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
 .PHONY: setup demo test bench clean check-aarch64
 
-setup: $(STAMP)
+setup: $(STAMP) $(TRITON36)/.installed
 
 $(STAMP): $(BUILD_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +18,13 @@ $(STAMP): $(BUILD_INPUTS)
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
 
-demo: setup
+# the GPU machine's Triton beside the pinned one (requirements-triton36.txt says why)
+$(TRITON36)/.installed: requirements-triton36.txt | $(STAMP)
+	rm -rf $(TRITON36)
+	$(PY) -m pip install -q --no-deps --target $(TRITON36) -r requirements-triton36.txt
+	touch $@
+
+demo: $(STAMP)
 	$(PY) -m model.demo
 
 test: setup

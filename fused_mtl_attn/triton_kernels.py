@@ -50,9 +50,10 @@ def _softplus_grad(x):
 
 @triton.jit
 def _dot(a, b, acc):
-    # fp32 through tensor cores at ~fp32 accuracy (3 TF32 products); plain TF32 would miss the 1e-5 contract
+    # fp32 through tensor cores at ~fp32 accuracy (3 TF32 products); plain TF32 would miss the 1e-5 contract.
+    # out_dtype spelled out: Triton 3.6 defaults it to fp32 whatever acc is and asserts they match
     if a.dtype == tl.float64:
-        return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float64)
     else:
         return tl.dot(a, b, acc, input_precision="tf32x3")
 
@@ -242,6 +243,26 @@ def _apply_grad_kernel(
 
 
 INTERPRETED = not isinstance(_reduce_kernel, triton.runtime.JITFunction)
+
+
+def _patch_interpreter_loop_bounds() -> None:
+    """Triton 3.6's interpreter turns a runtime loop bound (`range(0, C, BLOCK_C)`) into an int with int() of
+    its 1-element array, which NumPy >= 2.4 refuses (triton-lang/triton#9171): every kernel here loops so, so
+    every launch failed. Later Tritons take the one element out first (#9172); this applies that same fix."""
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRETED and tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 8):  # 3.8 has the fix
+    _patch_interpreter_loop_bounds()
+
 # for the ahead-of-time compile check: name -> (kernel, its pointers in the accumulation dtype (the others are
 # in the input dtype), the flag values it is launched with)
 KERNELS = {
