@@ -23,7 +23,11 @@
 #   train_compiled   150     the same for NYUD fp32 with torch.compile of the reference train_compiled.json, .log
 #   plot              20     PNGs and summary.md (printed last)
 # The JSON files are rewritten after every case, so a step cut short keeps what it measured.
+# Through the device tool (which returns at most 8 files from $OUT, so the folder comes back as one archive, written
+# on exit whatever happened; the summary is the output's tail):
+#   GPU_CHECK_ARCHIVE=$OUT/gpu_check.tgz bash benchmarks/gpu_check.sh /tmp/gpu_check      (timeout_s 600)
 # Environment: PYTHON (default .venv/bin/python if present, else python, else python3), GPU_CHECK_BUDGET,
+# GPU_CHECK_ARCHIVE (a .tgz of OUTDIR written on exit),
 # TRAIN_REPEATS (5), OPS_ARGS (extra bench_ops arguments, e.g. "--batch 1 8"), CUDA_HOME (default: /usr/local/cuda if
 # it has nvcc, else the toolkit of the nvcc on PATH), TORCH_CUDA_ARCH_LIST (default: this GPU's), MAX_JOBS (nproc).
 set -u
@@ -52,6 +56,9 @@ START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET:-$([ "$DRY" = 1 ] && echo 2400 || echo 540)}
 RESERVE=20  # seconds kept for plot + summary
 : > "$OUT/steps.tsv"
+if [ -n "${GPU_CHECK_ARCHIVE:-}" ]; then
+    trap 'tar -czf "$GPU_CHECK_ARCHIVE" -C "$(dirname "$OUT")" "$(basename "$OUT")"' EXIT
+fi
 
 record() {  # name, exit code, seconds
     printf '%s\t%s\t%s\n' "$1" "$2" "$3" >> "$OUT/steps.tsv"
