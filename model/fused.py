@@ -1,23 +1,21 @@
-"""The fused execution path of SCA-MTL: the same function and parameters as the reference modules, with
-stacked/gathered computation and the fused attention ops of `fused_mtl_attn`.
+"""The fused execution path of SCA-MTL: a subclass per reference module that computes the same function from the
+same parameters in fewer, larger operations, with the fused attention ops of `fused_mtl_attn`. A fused class only
+overrides methods, so `SCAMTL.set_fused` swaps it in and out in place (`select_path`) and every parameter, buffer
+and state-dict key stays as it is. Each override reads its module's named layers and, where the order matters
+(CTAM's block input, the aggregation's input pieces), the reference class's own definition of it.
 
-- CTAM: the projections of all ordered pairs run as a few batched matrix products, one
-  `cross_task_attention` call attends every pair, and the shared BasicBlock runs for all targets at once.
-- CSAM: the query projection runs once per target scale, the sources are gathered along positions and
-  attended by one `cross_scale_attention` call.
-- Aggregation: the 1x1 conv commutes with bilinear upsampling, so it runs per scale at the scale's own
-  resolution with the weights of the repeated Y_k copies summed; BN-ReLU-conv runs by blocks of channels, so
-  no 1080-channel full-resolution concatenation exists (backward keeps the pre-BN blocks on CPU and rebuilds
-  them on a GPU).
-- FPMA: the reference module's computation, kept in the input's memory layout.
-- Encoder: optionally recomputed in backward (activation checkpointing).
-- Layout: on CPU the network runs channels-last (set in network.py); every function here accepts both layouts.
+- Encoder: optionally recomputed in backward (activation checkpointing); on CPU the network runs channels-last.
+- CTAM: the projections of all ordered pairs run as a few batched matrix products, one `cross_task_attention`
+  call attends every pair, and the shared BasicBlock runs for all targets at once.
+- FPMA: the reference computation, kept in the input's memory layout.
+- CSAM: the query projection runs once per target scale, the sources are gathered along positions and attended by
+  one `cross_scale_attention` call.
+- Aggregation: the 1x1 conv commutes with bilinear upsampling, so it runs per scale at the scale's own resolution
+  with the weights of the repeated Y_k copies summed; BN-ReLU-conv runs by blocks of channels, so no 1080-channel
+  full-resolution concatenation exists (fused_ops._Aggregation).
 BatchNorm sees the same statistics as each reference call and updates running statistics call by call.
 """
 from __future__ import annotations
-
-import contextlib
-from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -25,472 +23,172 @@ import torch.nn.functional as F
 
 from fused_mtl_attn import cross_scale_attention, cross_task_attention
 
-from .modules import csam_name, pair_name
-
-# ---------------------------------------------------------------------------------------------- BatchNorm
-
-
-def _update_running_stats(norm: nn.BatchNorm2d, mean: torch.Tensor, var_unbiased: torch.Tensor) -> None:
-    """One running-statistics update of `norm`, as its own forward in training mode would do."""
-    if not norm.track_running_stats or norm.running_mean is None:
-        return
-    norm.num_batches_tracked.add_(1)
-    factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-    norm.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
-    norm.running_var.mul_(1 - factor).add_(var_unbiased, alpha=factor)
+from .fused_ops import (batch_norm_per_sample_group, batch_norm_repeated, batch_norm_segments, batch_norm_stacked,
+                        blocked_aggregation, conv1x1_stacked, is_channels_last, recompute_in_backward, upsample)
+from .modules import GlobalContextAttention, csam_name, pair_name
+from .network import AGGREGATION_INPUTS, SCAMTL, CrossTaskAttention, FeaturePropagation, TaskHead
 
 
-def _uses_batch_stats(norm: nn.BatchNorm2d) -> bool:
-    return norm.training or norm.running_mean is None
+def hrnet_features(net, x: torch.Tensor, run_stem) -> list:
+    """timm's HRNet feature forward, with the stem and first stage run through `run_stem(fn, x)`."""
+    def stem(x):
+        x = net.act1(net.bn1(net.conv1(x)))
+        return net.layer1(net.act2(net.bn2(net.conv2(x))))
+
+    x = run_stem(stem, x)
+    branches = [t(x) for t in net.transition1]
+    branches = net.stage2(branches)
+    for transition, stage in ((net.transition2, net.stage3), (net.transition3, net.stage4)):
+        branches = stage([branches[i] if isinstance(t, nn.Identity) else t(branches[-1])
+                          for i, t in enumerate(transition)])
+    return branches
 
 
-def _batch_norm_train(x: torch.Tensor, weight, bias, eps: float):
-    """Training-mode BatchNorm of x that also returns the batch mean and unbiased variance, taken from the
-    kernel's own running-statistics update (momentum 1 into zeroed buffers gives exactly the batch statistics
-    that the reference's call folds into its buffers) instead of a second pass over x."""
-    mean = torch.zeros(x.shape[1], dtype=weight.dtype, device=x.device)  # the buffers' dtype (mixed under autocast)
-    var = torch.zeros_like(mean)
-    return F.batch_norm(x, mean, var, weight, bias, True, 1.0, eps), mean, var
+class FusedSCAMTL(SCAMTL):
+    """The network's own steps: the input's memory layout, the encoder's recomputation, the faster resize."""
+
+    resize = staticmethod(upsample)  # the same bilinear map as F.interpolate, faster on CPU
+
+    def encode(self, x: torch.Tensor) -> list:
+        channels_last = x.device.type == "cpu" if self.channels_last is None else self.channels_last
+        if channels_last:  # the convolutions follow their input's layout
+            x = x.contiguous(memory_format=torch.channels_last)
+        if not (self.recompute and torch.is_grad_enabled()):
+            return super().encode(x)
+        # the stem and first stage hold the backbone's largest activations (64-256 channels at strides 2-4)
+        # for a small share of its compute; the Swin layers likewise: recompute those, keep the rest
+        feats = hrnet_features(self.backbone, x,
+                               lambda stem, x: recompute_in_backward(stem, x, modules=(self.backbone,)))
+        return self.attend_scales(feats, lambda att, f: recompute_in_backward(att, f, modules=()))
 
 
-def batch_norm_stacked(x: torch.Tensor, norms: Sequence[nn.BatchNorm2d], calls: int = 1) -> torch.Tensor:
-    """BatchNorm of x [B, sum C_i, ...] whose channel blocks are what each of `norms` would see in its own
-    call, in order (a module listed twice is two calls), each call repeated `calls` times on the same input.
-    Same output and running statistics as those calls."""
-    weight = torch.cat([n.weight for n in norms]) if len(norms) > 1 else norms[0].weight
-    bias = torch.cat([n.bias for n in norms]) if len(norms) > 1 else norms[0].bias
-    eps = norms[0].eps
-    if not _uses_batch_stats(norms[0]):
-        mean = torch.cat([n.running_mean for n in norms])
-        var = torch.cat([n.running_var for n in norms])
-        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
-    if not norms[0].track_running_stats:
-        return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
-    out, mean, var = _batch_norm_train(x, weight, bias, eps)
-    with torch.no_grad():
-        for _ in range(calls):
-            start = 0
-            for n in norms:
-                stop = start + n.num_features
-                _update_running_stats(n, mean[start:stop], var[start:stop])
-                start = stop
-    return out
-
-
-def batch_norm_repeated(x: torch.Tensor, norm: nn.BatchNorm2d, calls: int) -> torch.Tensor:
-    """`norm` applied to x, counted as `calls` identical reference calls (the same input each time)."""
-    return batch_norm_stacked(x, [norm], calls)
-
-
-def batch_norm_segments(x: torch.Tensor, norm: nn.BatchNorm2d, offsets: Sequence[int]) -> torch.Tensor:
-    """`norm` called once per position segment of x [B, C, Ntot] (sources of different sizes), in order."""
-    pieces = [norm(x[..., lo:hi].unsqueeze(-1)).squeeze(-1) for lo, hi in zip(offsets[:-1], offsets[1:])]
-    return torch.cat(pieces, dim=-1)
-
-
-@contextlib.contextmanager
-def _running_stats_frozen(modules):
-    """BatchNorm layers of `modules` leave their running statistics untouched (a recomputation must not count
-    as a second call): momentum 0 keeps them exactly, and the batch counters are put back afterwards."""
-    norms = [m for mod in modules for m in mod.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(n.momentum, n.num_batches_tracked.clone() if n.num_batches_tracked is not None else None)
-             for n in norms]
-    for n in norms:
-        n.momentum = 0.0
-    try:
-        yield
-    finally:
-        for n, (momentum, count) in zip(norms, saved):
-            n.momentum = momentum
-            if count is not None:
-                n.num_batches_tracked.copy_(count)
-
-
-def recompute_in_backward(fn, *args, modules):
-    """fn(*args), keeping only its inputs for backward and running it again there (activation checkpointing),
-    with the same random state (drop path) and without a second running-statistics update."""
-    from torch.utils.checkpoint import checkpoint
-
-    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True,
-                      context_fn=lambda: (contextlib.nullcontext(), _running_stats_frozen(modules)))
-
-
-# ---------------------------------------------------------------------------------------------- convolutions
-
-
-def _channels_last(x: torch.Tensor) -> bool:
-    return x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
-
-
-def conv1x1_stacked(x: torch.Tensor, convs: Sequence[nn.Conv2d], groups: int) -> torch.Tensor:
-    """Grouped 1x1 convolution of x [B, G*Cin, N] as one batched matrix product (much faster than a grouped
-    convolution on CPU, forward and backward): group g goes through its share of `convs`, listed group by group."""
-    weight = torch.cat([c.weight[..., 0, 0] for c in convs]).view(groups, -1, x.shape[1] // groups)
-    b, _, n = x.shape
-    return torch.matmul(weight, x.view(b, groups, -1, n)).view(b, -1, n)
-
-
-def batch_norm_per_sample_group(x: torch.Tensor, norm: nn.BatchNorm2d, groups: int) -> torch.Tensor:
-    """`norm` called once per group of samples, in order: x [G*B, C, ...] holds G batches stacked along the batch
-    axis (each group is a view of x in either memory layout, so nothing is reordered)."""
-    return torch.cat([norm(part) for part in x.chunk(groups)])
-
-
-def basic_block_batched(block, x: torch.Tensor, groups: int) -> torch.Tensor:
-    """One BasicBlock over `groups` batches stacked along the batch axis, with the BatchNorm statistics of one
-    reference call per group: the convolutions run once for all groups with the shared weights."""
-    out = F.relu(batch_norm_per_sample_group(block.conv1(x), block.bn1, groups))
-    out = batch_norm_per_sample_group(block.conv2(out), block.bn2, groups)
-    if isinstance(block.shortcut, nn.Identity):
-        short = x
-    else:
-        conv, norm = block.shortcut
-        short = batch_norm_per_sample_group(conv(x), norm, groups)
-    return F.relu(out + short)
-
-
-# ---------------------------------------------------------------------------------------------- CTAM
-
-
-def _pair_projections(ctam, x3: torch.Tensor, by_source: list):
-    """q, k, v [B, P, C, N] of every ordered pair (in `by_source` order) from the task-stacked x3 [B, M*C, N]."""
-    tasks = ctam.tasks
-    m, n_pairs = len(tasks), len(by_source)
-    b, mc, n = x3.shape
-
-    def project(x, convs, norms, groups, relu):
-        out = batch_norm_stacked(conv1x1_stacked(x, convs, groups), norms)
-        return F.relu(out) if relu else out
-
-    by_target = [(t, a) for t in tasks for a in tasks if a != t]
-    gca = [ctam.attention[pair_name(t, a)] for t, a in by_target]
-    q = project(x3, [g.query[0] for g in gca], [g.query[1] for g in gca], m, True)
-    q = project(q, [g.query[3] for g in gca], [g.query[4] for g in gca], n_pairs, False)
-    order = torch.tensor([by_target.index(p) for p in by_source], device=x3.device)
-    q = q.view(b, n_pairs, mc // m, n).index_select(1, order)
-    gca = [ctam.attention[pair_name(t, a)] for t, a in by_source]
-    k = project(x3, [g.key[0] for g in gca], [g.key[1] for g in gca], m, True)
-    k = project(k, [g.key[3] for g in gca], [g.key[4] for g in gca], n_pairs, False)
-    v = project(x3, [g.value[0] for g in gca], [g.value[1] for g in gca], m, True)
-    return q, k.view(q.shape), v.view(q.shape)
-
-
-def cross_task_fused(ctam, features: dict, backend: str = "auto", recompute: bool = False) -> dict:
-    """Fused CTAM at one scale; same result as `ctam(features)`. With `recompute`, the pair projections
-    (cheap batched products, but ten activations of every pair's size) are recomputed in backward."""
-    tasks = ctam.tasks
-    m = len(tasks)
-    x = torch.cat([features[t] for t in tasks], dim=1)  # task-stacked [B, M*C, H, W]
-    b, mc, h, w = x.shape
-    c = mc // m
-    # pairs in "by source" order: the source-side projections then come out of the grouped products in that order
-    by_source = [(t, a) for a in tasks for t in tasks if t != a]
-    project = lambda x3: _pair_projections(ctam, x3, by_source)  # noqa: E731
-    x3 = x.view(b, mc, h * w)
-    q, k, v = recompute_in_backward(project, x3, modules=(ctam.attention,)) if recompute else project(x3)
-    attended = cross_task_attention(q, k, v, backend=backend)
-    if _channels_last(x):  # lay the pairs out [B, H, W, P, C] so that the block's input stays channels-last
-        attended = attended.permute(0, 3, 1, 2).contiguous().view(b, h, w, -1, c).permute(0, 3, 4, 1, 2)
-    else:
-        attended = attended.view(b, -1, c, h, w)
-    # the shared block's input, targets stacked along the batch axis: [M*B, 2(M-1)C, H, W]
-    inputs = []
-    for t in tasks:
-        pieces = []
-        for a in reversed([a for a in tasks if a != t]):  # the reference prepends each new pair
-            pieces += [features[t], attended[:, by_source.index((t, a))]]
-        inputs.append(torch.cat(pieces, dim=1))
-    out = basic_block_batched(ctam.block, torch.cat(inputs, dim=0), m)
-    return {t: features[t] + out[i * b:(i + 1) * b] for i, t in enumerate(tasks)}
-
-
-def propagation_fused(fpma, features: dict) -> dict:
-    """FPMA, same result as `fpma(features)`, keeping a channels-last input channels-last throughout (the
-    reference's softmax over a [B, C, M, H, W] view would return an NCHW tensor and every later convolution
-    would follow it); an NCHW input simply runs the module."""
-    tasks = fpma.tasks
-    z = torch.cat([features[t] for t in tasks], dim=1)
-    if not _channels_last(z):
-        return fpma(features)
-    m = len(tasks)
-    b, mc, h, w = z.shape
-    # softmax over the M interleaved copies of each channel, in the [B, H, W, C] memory order
-    weights = fpma.attention(z).permute(0, 2, 3, 1).reshape(b, h, w, mc // m, m).softmax(dim=-1)
-    weights = weights.permute(0, 3, 4, 1, 2)
-    shared = fpma.block((weights * z.view(b, mc // m, m, h, w)).view(b, mc, h, w))
-    return {t: fpma.excite[t](shared) + features[t] for t in tasks}
-
-
-# ---------------------------------------------------------------------------------------------- heads
-
-
-def _projection(seq: nn.Sequential, x: torch.Tensor, norm_call):
-    """Run a conv/BN/ReLU Sequential of the GCA block with BN through `norm_call(x, bn)`."""
-    for layer in seq:
-        if isinstance(layer, nn.BatchNorm2d):
-            x = norm_call(x, layer)
-        elif isinstance(layer, nn.Conv2d):
-            x = F.conv2d(x, layer.weight) if x.dim() == 4 else F.conv1d(x, layer.weight[..., 0])
-        else:
-            x = layer(x)
+def _projections_stacked(x: torch.Tensor, projections: list, groups: int) -> torch.Tensor:
+    """Many Projections at once on x [B, groups*C, N]: stage by stage, every projection's conv as one grouped
+    product (group g of x feeds its share of `projections`, listed group by group; later stages are grouped by
+    projection) and its BatchNorm over the stacked channels, each with its own parameters and statistics."""
+    for stage in zip(*(p.stages() for p in projections)):
+        convs, norms, relus = zip(*stage)
+        x = batch_norm_stacked(conv1x1_stacked(x, convs, groups), norms)
+        x = F.relu(x) if relus[0] else x
+        groups = len(projections)
     return x
 
 
-def cross_scale_fused(head, features: list, target: int, backend: str = "auto") -> torch.Tensor:
-    """Fused CSAM for one target scale of one task head: [B, J, C_k, H_k, W_k], sources k+1..3 in order."""
-    gca = head.attention[target]
-    y = features[target]
-    b, c, h, w = y.shape
-    sources = list(range(target + 1, 4))
-    calls = len(sources)  # the reference recomputes the query once per source
-    q = _projection(gca.query, y, lambda x, n: batch_norm_repeated(x, n, calls)).flatten(2)
-    gathered = [head.projection[csam_name(target, j)](features[j]).flatten(2) for j in sources]
-    offsets = [0]
-    for s in gathered:
-        offsets.append(offsets[-1] + s.shape[-1])
-    src = torch.cat(gathered, dim=-1)
-    per_segment = lambda x, n: batch_norm_segments(x, n, offsets)  # noqa: E731 - one BN call per source
-    k = _projection(gca.key, src, per_segment)
-    v = _projection(gca.value, src, per_segment)
-    return cross_scale_attention(q, k, v, offsets, backend=backend).view(b, calls, c, h, w)
+class FusedCrossTaskAttention(CrossTaskAttention):
+    """CTAM at one scale with every ordered pair in one `cross_task_attention` call. With `recompute`, the pair
+    projections (cheap batched products, but ten activations of every pair's size) are recomputed in backward."""
+
+    def pair_projections(self, x3: torch.Tensor, by_source: list):
+        """q, k, v [B, P, C, N] of every ordered pair (in `by_source` order) from the task-stacked x3 [B, M*C, N]:
+        the first convs grouped by the task they read (target for q, source for k and v), the rest by pair."""
+        m, n_pairs = len(self.tasks), len(by_source)
+        b, mc, n = x3.shape
+        by_target = [(t, a) for t in self.tasks for a in self.sources(t)]
+        gca = {pair: self.attention[pair_name(*pair)] for pair in by_target}
+        q = _projections_stacked(x3, [gca[pair].query for pair in by_target], m)
+        order = torch.tensor([by_target.index(pair) for pair in by_source], device=x3.device)
+        q = q.view(b, n_pairs, mc // m, n).index_select(1, order)
+        k = _projections_stacked(x3, [gca[pair].key for pair in by_source], m)
+        v = _projections_stacked(x3, [gca[pair].value for pair in by_source], m)
+        return q, k.view(q.shape), v.view(q.shape)
+
+    def forward(self, features: dict) -> dict:
+        tasks = self.tasks
+        m = len(tasks)
+        x = torch.cat([features[t] for t in tasks], dim=1)  # task-stacked [B, M*C, H, W]
+        b, mc, h, w = x.shape
+        c = mc // m
+        # pairs in "by source" order: the source-side projections then come out of the grouped products in that order
+        by_source = [(t, a) for a in tasks for t in self.sources(a)]
+        project = lambda x3: self.pair_projections(x3, by_source)  # noqa: E731
+        x3 = x.view(b, mc, h * w)
+        recompute = self.recompute and torch.is_grad_enabled()
+        q, k, v = recompute_in_backward(project, x3, modules=(self.attention,)) if recompute else project(x3)
+        attended = cross_task_attention(q, k, v, backend=self.backend)
+        if is_channels_last(x):  # lay the pairs out [B, H, W, P, C] so that the block's input stays channels-last
+            attended = attended.permute(0, 3, 1, 2).contiguous().view(b, h, w, -1, c).permute(0, 3, 4, 1, 2)
+        else:
+            attended = attended.view(b, -1, c, h, w)
+        # the shared block's input, targets stacked along the batch axis: [M*B, 2(M-1)C, H, W]
+        inputs = [self.block_input(features[t], {a: attended[:, by_source.index((t, a))] for a in self.sources(t)})
+                  for t in tasks]
+        # one block call for all targets, each BatchNorm taking one reference call's statistics per target
+        out = self.block(torch.cat(inputs, dim=0), norm=lambda bn, y: batch_norm_per_sample_group(y, bn, m))
+        return {t: features[t] + out[i * b:(i + 1) * b] for i, t in enumerate(tasks)}
 
 
-def _aggregation_weights(head, widths):
-    """Split the aggregation conv's weight by input piece: per scale, [summed Y_k copies, S_k<-j ...]."""
-    weight = head.aggregate[0].weight[..., 0, 0]
-    per_scale = [[None] for _ in range(4)]
-    start = 0
-    for k, j in [(k, j) for k in range(3) for j in range(k + 1, 4)]:
-        wy, ws = weight[:, start:start + widths[k]], weight[:, start + widths[k]:start + 2 * widths[k]]
-        per_scale[k][0] = wy if per_scale[k][0] is None else per_scale[k][0] + wy
-        per_scale[k].append(ws)
-        start += 2 * widths[k]
-    wy = weight[:, start:start + widths[3]]
-    per_scale[3][0] = wy if per_scale[3][0] is None else per_scale[3][0] + wy
-    return [torch.cat(ws, dim=1)[..., None, None] for ws in per_scale]
+class FusedFeaturePropagation(FeaturePropagation):
+    """FPMA keeping a channels-last input channels-last throughout: the reference's softmax over a [B, C, M, H, W]
+    view would return an NCHW tensor, and every later convolution would follow it."""
+
+    def task_weights(self, z: torch.Tensor) -> torch.Tensor:
+        if not is_channels_last(z):
+            return super().task_weights(z)
+        b, mc, h, w = z.shape
+        m = len(self.tasks)
+        # the same softmax in z's [B, H, W, C] memory order
+        scores = self.attention(z).permute(0, 2, 3, 1).reshape(b, h, w, mc // m, m)
+        return scores.softmax(dim=-1).permute(0, 3, 4, 1, 2)
 
 
-class _Aggregation(torch.autograd.Function):
-    """The aggregation head after CSAM, conv_out(ReLU(BN(h))) with h = sum_k up(W_k x_k) + bias, computed block
-    of channels by block of channels: BatchNorm is per channel, so each block of h is built, normalised and
-    folded into the output before the next. Backward takes each block of h from the copy kept in forward
-    (`keep_h`, CPU) or rebuilds it from the small per-scale inputs (GPU: then no 1080-channel full-resolution
-    tensor is ever stored) and sends its gradient straight back to them. Loops run in a fixed order, so results
-    are deterministic."""
+class FusedGlobalContextAttention(GlobalContextAttention):
+    """GCA that attends several sources in one `cross_scale_attention` call (CSAM)."""
 
-    @staticmethod
-    def forward(ctx, eps, sizes, keep_h, running_mean, running_var, x0, x1, x2, x3, w0, w1, w2, w3, bias, gamma,
-                beta, w_out, b_out):
-        ctx.sizes, ctx.input_shapes = sizes, [x.shape for x in (x0, x1, x2, x3)]
-        running = None if running_mean is None else (running_mean, running_var)
-        xs = [x.flatten(2) for x in (x0, x1, x2, x3)]
-        ws = [w0, w1, w2, w3]
-        batch, channels, n0 = xs[0].shape[0], ws[0].shape[0], xs[0].shape[2]
-        geometry = ctx.geometry = _geometry(ctx, xs)
-        block = ctx.block = _channel_block(batch, channels, n0, xs[0].device)
-        mean, var = (torch.empty(channels, dtype=xs[0].dtype, device=xs[0].device) for _ in range(2))
-        if running is not None:
-            mean.copy_(running[0])
-            var.copy_(running[1])
-        out = b_out[None, :, None].expand(batch, -1, n0).contiguous()
-        kept = torch.empty(batch, channels, n0, dtype=xs[0].dtype, device=xs[0].device) if keep_h else None
-        for c0 in range(0, channels, block):
-            sl = slice(c0, min(c0 + block, channels))
-            h = _build_block(xs, ws, bias, sl, geometry, None if kept is None else kept[:, sl])
-            if running is None:
-                mean[sl], var[sl] = _channel_stats(h)
-            scale = gamma[sl] * torch.rsqrt(var[sl] + eps)
-            shift = (beta[sl] - mean[sl] * scale)[:, None]
-            act = (h.mul_(scale[:, None]).add_(shift) if kept is None else torch.addcmul(shift, h, scale[:, None]))
-            act.clamp_(min=0)
-            for b in range(batch):
-                out[b].addmm_(w_out[:, sl], act[b])
-        ctx.eps, ctx.batch_stats = eps, running is None
-        ctx.save_for_backward(*xs, *ws, bias, gamma, beta, w_out, mean, var, kept)
-        return out.view(batch, -1, *geometry[0]), mean, var
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_mean, _grad_var):
-        saved = ctx.saved_tensors
-        xs, ws = list(saved[:4]), list(saved[4:8])
-        bias, gamma, beta, w_out, mean, var, kept = saved[8:]
-        batch, n0 = xs[0].shape[0], xs[0].shape[2]
-        channels, geometry = ws[0].shape[0], ctx.geometry
-        g = grad_out.flatten(2)
-        grad_xs = [torch.zeros_like(x) for x in xs]
-        grad_ws = [torch.zeros_like(w) for w in ws]
-        grad_bias, grad_gamma, grad_beta = (torch.zeros_like(gamma) for _ in range(3))
-        grad_w_out = torch.zeros_like(w_out)
-        n = batch * n0
-        for c0 in range(0, channels, ctx.block):
-            sl = slice(c0, min(c0 + ctx.block, channels))
-            invstd = torch.rsqrt(var[sl] + ctx.eps)
-            h = _build_block(xs, ws, bias, sl, geometry) if kept is None else kept[:, sl]
-            xhat = (h.sub_(mean[sl, None]) if kept is None else h - mean[sl, None]).mul_(invstd[:, None])
-            pre = torch.addcmul(beta[sl, None], xhat, gamma[sl, None])
-            inactive = pre <= 0
-            act = pre.clamp_(min=0)
-            for b in range(batch):
-                grad_w_out[:, sl].addmm_(g[b], act[b].t())
-            grad = act  # reuse the buffer: dL/d(BN output)
-            for b in range(batch):
-                torch.mm(w_out[:, sl].t(), g[b], out=grad[b])
-            grad.masked_fill_(inactive, 0)
-            grad_beta[sl] = grad.sum(2).sum(0)
-            grad_gamma[sl] = torch.linalg.vecdot(grad, xhat, dim=2).sum(0)
-            if ctx.batch_stats:  # the batch mean and variance depend on h too
-                grad.sub_((grad_beta[sl] / n)[:, None]).addcmul_(xhat, -(grad_gamma[sl] / n)[:, None])
-            grad.mul_((gamma[sl] * invstd)[:, None])  # dL/dh of this block
-            grad_bias[sl] = grad.sum(2).sum(0)
-            for b in range(batch):
-                _block_backward(grad[b], xs, ws, b, sl, geometry, grad_xs, grad_ws)
-        grad_b_out = g.sum(2).sum(0)
-        grad_xs = [gx.view(shape) for gx, shape in zip(grad_xs, ctx.input_shapes)]
-        return (None, None, None, None, None, *grad_xs, *grad_ws, grad_bias, grad_gamma, grad_beta,
-                grad_w_out, grad_b_out)
+    def attend_sources(self, query: torch.Tensor, sources: list) -> torch.Tensor:
+        """[B, J, C, H, W]: the reference's forward(query, s) for each of the J sources, in order. The query is
+        projected once (its BatchNorm counted as the J reference calls); the sources are gathered along positions
+        and projected once, every BatchNorm called once per source."""
+        b, c, h, w = query.shape
+        calls = len(sources)
+        q = self.query(query, norm=lambda bn, x: batch_norm_repeated(x, bn, calls)).flatten(2)
+        offsets = [0]
+        for s in sources:
+            offsets.append(offsets[-1] + s.shape[-2] * s.shape[-1])
+        gathered = torch.cat([s.flatten(2) for s in sources], dim=-1).unsqueeze(2)  # [B, C, 1, N_total]
+        per_source = lambda bn, x: batch_norm_segments(x, bn, offsets)  # noqa: E731
+        k = self.key(gathered, norm=per_source).flatten(2)
+        v = self.value(gathered, norm=per_source).flatten(2)
+        return cross_scale_attention(q, k, v, offsets, backend=self.backend).view(b, calls, c, h, w)
 
 
-def _geometry(ctx, xs):
-    """Sizes of scale 0 and, per coarser scale, its size and the two interpolation matrices to scale 0."""
-    size0 = ctx.sizes[0]
-    scales = []
-    for x, size in zip(xs[1:], ctx.sizes[1:]):
-        scales.append((size, _interpolation_matrix(size[0], size0[0], x), _interpolation_matrix(size[1], size0[1], x)))
-    return size0, scales
+class FusedTaskHead(TaskHead):
+    """CSAM with one attention call per target scale, and the aggregation computed per scale by blocks of channels
+    (no full-resolution concatenation of the pieces)."""
+
+    def aggregation_weights(self) -> list:
+        """The aggregation conv's weight split by input piece and regrouped per scale k as [W(Y_k), W(S_k<-j)...]
+        (as `sources(k)`): the repeated Y_k pieces' weights summed, since up(x) repeated is the same map."""
+        weight = self.aggregate.conv.weight[..., 0, 0]
+        per_scale = [{} for _ in range(4)]  # source j (None for Y_k) -> weight columns
+        start = 0
+        for k, j in AGGREGATION_INPUTS:
+            columns = weight[:, start:start + self.widths[k]]
+            per_scale[k][j] = per_scale[k][j] + columns if j in per_scale[k] else columns
+            start += self.widths[k]
+        return [torch.cat([ws[None]] + [ws[j] for j in self.sources(k)], dim=1) for k, ws in enumerate(per_scale)]
+
+    def forward(self, features: list) -> torch.Tensor:
+        xs = []
+        for k, y in enumerate(features):
+            if self.sources(k):
+                projected = [self.projection[csam_name(k, j)](features[j]) for j in self.sources(k)]
+                y = torch.cat([y, self.attention[k].attend_sources(y, projected).flatten(1, 2)], dim=1)
+            xs.append(y)
+        return blocked_aggregation(xs, self.aggregation_weights(), self.aggregate.conv.bias, self.aggregate.bn,
+                                   self.aggregate.predict)
 
 
-def _channel_block(batch: int, channels: int, positions: int, device) -> int:
-    """Channels per block: about 16 MB of activations on a CPU (large enough for efficient matrix products, small
-    enough to stay out of fresh page-faulting allocations), a few hundred MB on a GPU."""
-    budget = (1 << 22) if device.type == "cpu" else (1 << 27)
-    return int(max(8, min(channels, budget // max(batch * positions, 1))))
+FUSED = {SCAMTL: FusedSCAMTL, CrossTaskAttention: FusedCrossTaskAttention, FeaturePropagation: FusedFeaturePropagation,
+         GlobalContextAttention: FusedGlobalContextAttention, TaskHead: FusedTaskHead}
+REFERENCE = {fused: reference for reference, fused in FUSED.items()}
 
 
-def _keep_blocks(device) -> bool:
-    """Keep the pre-BN blocks of h for backward (one [B, 1080, N0] map per task) instead of rebuilding them: on
-    CPU, where memory is plentiful and the rebuild costs about 90 ms per task at 256x320; not on a GPU, where
-    peak memory is the scarce resource."""
-    return device.type == "cpu"
-
-
-def _build_block(xs, ws, bias, sl, geometry, h=None):
-    """Channels `sl` of h = W_0 x_0 + sum_k up(W_k x_k) + bias, as [B, c, N0] (into `h` if given)."""
-    (height, width), scales = geometry
-    batch, n0 = xs[0].shape[0], xs[0].shape[2]
-    c = sl.stop - sl.start
-    if h is None:
-        h = torch.empty(batch, c, n0, dtype=xs[0].dtype, device=xs[0].device)
-    for b in range(batch):
-        torch.addmm(bias[sl, None], ws[0][sl], xs[0][b], out=h[b])
-        plane = h[b].view(c, height, width)
-        for x, w, ((hk, wk), rows, cols) in zip(xs[1:], ws[1:], scales):
-            z = torch.mm(w[sl], x[b]).view(c * hk, wk)
-            plane.baddbmm_(rows.expand(c, -1, -1), torch.mm(z, cols.t()).view(c, hk, width))
-    return h
-
-
-def _block_backward(grad_h, xs, ws, b, sl, geometry, grad_xs, grad_ws):
-    """Accumulate into grad_xs / grad_ws the gradients from dL/dh of channels `sl` of sample b ([c, N0])."""
-    (height, width), scales = geometry
-    c = sl.stop - sl.start
-    grad_xs[0][b].addmm_(ws[0][sl].t(), grad_h)
-    grad_ws[0][sl].addmm_(grad_h, xs[0][b].t())
-    for k, ((hk, wk), rows, cols) in enumerate(scales, start=1):
-        t = torch.matmul(rows.t(), grad_h.view(c, height, width))  # adjoint of the row interpolation
-        grad_z = torch.mm(t.view(c * hk, width), cols).view(c, hk * wk)
-        grad_xs[k][b].addmm_(ws[k][sl].t(), grad_z)
-        grad_ws[k][sl].addmm_(grad_z, xs[k][b].t())
-
-
-def _channel_stats(h: torch.Tensor):
-    """Per-channel mean and biased variance of h [B, C, N], two passes (as accurate as BatchNorm's own and
-    several times faster than torch.var_mean over dims (0, 2) on CPU)."""
-    n = h.shape[0] * h.shape[2]
-    mean = h.sum(2).sum(0) / n
-    centred = h - mean[:, None]
-    return mean, torch.linalg.vecdot(centred, centred, dim=2).sum(0) / n
-
-
-def aggregate(head, pieces: list, widths) -> torch.Tensor:
-    """head.aggregate(cat(up(pieces))) from per-scale inputs [Y_k, S_k<-j ...]; running statistics as one call."""
-    norm, conv_out = head.aggregate[1], head.aggregate[3]
-    xs = [torch.cat(p, dim=1) if len(p) > 1 else p[0] for p in pieces]
-    if torch.is_autocast_enabled(xs[0].device.type) or xs[0].dtype != norm.weight.dtype:
-        # the blocked kernel accumulates in place, which autocast cannot follow: run it in the parameters' dtype
-        with torch.autocast(xs[0].device.type, enabled=False):
-            return aggregate(head, [[x.to(norm.weight.dtype)] for x in xs], widths)
-    weights = [w[..., 0, 0] for w in _aggregation_weights(head, widths)]
-    batch_stats = _uses_batch_stats(norm)
-    running = (None, None) if batch_stats else (norm.running_mean, norm.running_var)
-    sizes = tuple(tuple(x.shape[-2:]) for x in xs)
-    out, mean, var = _Aggregation.apply(norm.eps, sizes, _keep_blocks(xs[0].device), *running, *xs, *weights,
-                                        head.aggregate[0].bias, norm.weight, norm.bias, conv_out.weight[..., 0, 0],
-                                        conv_out.bias)
-    if batch_stats and norm.track_running_stats:
-        n = out.shape[0] * out.shape[2] * out.shape[3]
-        with torch.no_grad():
-            _update_running_stats(norm, mean, var * n / max(n - 1, 1))
-    return out
-
-
-class _Upsample(torch.autograd.Function):
-    """Bilinear resize (align_corners=False) as two small matrix products, one per axis; the backward is the
-    transposed products. On CPU this is several times faster than F.interpolate and saves nothing. A
-    channels-last input is resized in its own layout (channels innermost) and stays channels-last."""
-
-    @staticmethod
-    def forward(ctx, x, rows, cols):
-        b, c, h, w = x.shape
-        ctx.save_for_backward(rows, cols)
-        ctx.channels_last = _channels_last(x)
-        if ctx.channels_last:  # memory [b, h, w, c]: rows over h, then cols over w, c carried along
-            t = torch.matmul(rows, x.permute(0, 2, 3, 1).reshape(b, h, w * c))
-            out = torch.matmul(cols, t.view(-1, w, c))
-            return out.view(b, rows.shape[0], cols.shape[0], c).permute(0, 3, 1, 2)
-        t = torch.matmul(x.reshape(b * c * h, w), cols.t()).view(b * c, h, -1)
-        return torch.matmul(rows, t).view(b, c, rows.shape[0], cols.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad):
-        rows, cols = ctx.saved_tensors
-        b, c, hh, ww = grad.shape
-        h, w = rows.shape[1], cols.shape[1]
-        if ctx.channels_last:
-            t = torch.matmul(cols.t(), grad.permute(0, 2, 3, 1).reshape(b * hh, ww, c))
-            out = torch.matmul(rows.t(), t.view(b, hh, w * c))
-            return out.view(b, h, w, c).permute(0, 3, 1, 2), None, None
-        t = torch.matmul(rows.t(), grad.reshape(b * c, hh, ww))
-        return torch.matmul(t.view(-1, ww), cols).view(b, c, h, w), None, None
-
-
-def _interpolation_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
-    """[n_out, n_in] weights of PyTorch's bilinear (align_corners=False) resize along one axis."""
-    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
-    lo = src.floor().long().clamp(max=n_in - 1)
-    hi = torch.where(lo < n_in - 1, lo + 1, lo)
-    frac = src - lo
-    m = torch.zeros(n_out, n_in, dtype=torch.float64)
-    rows = torch.arange(n_out)
-    m.index_put_((rows, lo), 1 - frac, accumulate=True)
-    m.index_put_((rows, hi), frac, accumulate=True)
-    return m.to(dtype=like.dtype, device=like.device)
-
-
-def upsample(x: torch.Tensor, size) -> torch.Tensor:
-    """Same function as F.interpolate(x, size, mode="bilinear", align_corners=False), faster on CPU."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    if x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    rows = _interpolation_matrix(x.shape[-2], size[0], x)
-    cols = _interpolation_matrix(x.shape[-1], size[1], x)
-    return _Upsample.apply(x, rows, cols)
-
-
-def head_fused(head, features: list, widths, backend: str = "auto") -> torch.Tensor:
-    """Fused CSAM + aggregation of one task: same result as `head(features)`."""
-    per_scale = [[features[k]] for k in range(4)]
-    for k in range(3):
-        attended = cross_scale_fused(head, features, k, backend)
-        per_scale[k] += list(attended.unbind(1))
-    return aggregate(head, per_scale, widths)
+def select_path(net: SCAMTL, fused: bool, backend: str, recompute: bool) -> None:
+    """Give every module of `net` that has a fused class that class (or its reference class back), in place, with
+    the options its fused methods read."""
+    for module in net.modules():
+        reference = REFERENCE.get(type(module), type(module))
+        if reference in FUSED:
+            module.__class__ = FUSED[reference] if fused else reference
+            if fused:
+                module.backend, module.recompute = backend, recompute

@@ -1,5 +1,8 @@
-"""Building blocks of SCA-MTL (../shared/spec/architecture.md): BasicBlock, squeeze-and-excitation, the Swin
-self-attention layer without MLP, and the global-context attention (GCA) block of CTAM and CSAM."""
+"""Building blocks of SCA-MTL (docs/architecture.md): BasicBlock, squeeze-and-excitation, the Swin
+self-attention layer without MLP, and the global-context attention (GCA) block of CTAM and CSAM.
+
+Each BatchNorm is applied through `norm(bn, x)` where the fused path needs other statistics than one call's; the
+layers once held in nn.Sequential positions are named (model/keys.py maps the old keys)."""
 from __future__ import annotations
 
 import torch
@@ -24,6 +27,34 @@ def conv1x1(cin: int, cout: int, bias: bool = False) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel_size=1, bias=bias)
 
 
+def own_statistics(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """The default `norm(bn, x)` of the blocks below: the BatchNorm's own call. The fused path passes one that
+    gives several reference calls' statistics in one pass (model/fused.py)."""
+    return bn(x)
+
+
+class Projection(nn.Module):
+    """1x1 convolutions without bias, each followed by BatchNorm and, where `relu` says so, ReLU: GCA's query and
+    key (conv1-bn1-ReLU-conv2-bn2), its value (conv1-bn1-ReLU) and BasicBlock's projection shortcut (conv1-bn1)."""
+
+    def __init__(self, cin: int, cout: int, relu=(False,)):
+        super().__init__()
+        self.relu = tuple(relu)
+        for i in range(1, len(self.relu) + 1):
+            self.add_module(f"conv{i}", conv1x1(cin if i == 1 else cout, cout))
+            self.add_module(f"bn{i}", nn.BatchNorm2d(cout))
+
+    def stages(self) -> list:
+        """(conv, BatchNorm, ReLU after it) in order; the fused CTAM stacks the same stage of many projections."""
+        return [(getattr(self, f"conv{i}"), getattr(self, f"bn{i}"), relu) for i, relu in enumerate(self.relu, 1)]
+
+    def forward(self, x: torch.Tensor, norm=own_statistics) -> torch.Tensor:
+        for conv, bn, relu in self.stages():
+            x = norm(bn, conv(x))
+            x = F.relu(x) if relu else x
+        return x
+
+
 class BasicBlock(nn.Module):
     """ResNet basic block: 3x3 conv-BN-ReLU-3x3 conv-BN plus a (1x1 conv + BN when in != out) shortcut, then ReLU."""
 
@@ -33,12 +64,12 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential(conv1x1(cin, cout), nn.BatchNorm2d(cout)) if cin != cout else nn.Identity()
+        self.shortcut = Projection(cin, cout) if cin != cout else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+    def forward(self, x: torch.Tensor, norm=own_statistics) -> torch.Tensor:
+        out = F.relu(norm(self.bn1, self.conv1(x)))
+        out = norm(self.bn2, self.conv2(out))
+        return F.relu(out + (x if self.shortcut is None else self.shortcut(x, norm)))
 
 
 class SqueezeExcitation(nn.Module):
@@ -161,9 +192,9 @@ class GlobalContextAttention(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         c = channels
-        self.query = nn.Sequential(conv1x1(c, c), nn.BatchNorm2d(c), nn.ReLU(), conv1x1(c, c), nn.BatchNorm2d(c))
-        self.key = nn.Sequential(conv1x1(c, c), nn.BatchNorm2d(c), nn.ReLU(), conv1x1(c, c), nn.BatchNorm2d(c))
-        self.value = nn.Sequential(conv1x1(c, c), nn.BatchNorm2d(c), nn.ReLU())
+        self.query = Projection(c, c, relu=(True, False))
+        self.key = Projection(c, c, relu=(True, False))
+        self.value = Projection(c, c, relu=(True,))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)

@@ -1,13 +1,15 @@
-"""The SCA-MTL network (../shared/spec/architecture.md): HRNet-W18-small-v2 + per-scale Swin self-attention,
+"""The SCA-MTL network (docs/architecture.md): HRNet-W18-small-v2 + per-scale Swin self-attention,
 coarse-to-fine decoder with initial task predictions, CTAM and FPMA, and per-task CSAM + aggregation heads.
 
 This file builds the reference path: one module call per pair, per source and per piece, exactly like the
-authors' implementation. The fused path (same parameters) is selected with `fused=True` / `set_fused`.
+authors' implementation. The fused path (model/fused.py: a subclass per module, same parameters) is selected with
+`fused=True` / `set_fused`, which swaps those classes in; this file does not load it.
 """
 from __future__ import annotations
 
 import copy
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -17,7 +19,7 @@ from timm.models.hrnet import HighResolutionNetFeatures, cfg_cls
 
 from fused_mtl_attn.backends import BACKENDS
 
-from .fused import cross_task_fused, head_fused, propagation_fused, recompute_in_backward, upsample
+from .keys import upgrade_state_dict
 from .modules import (BasicBlock, GlobalContextAttention, SqueezeExcitation, SwinLayer, conv1x1, csam_name,
                       pair_name)
 
@@ -82,21 +84,6 @@ def load_backbone_weights(net: nn.Module, pretrained, widths) -> None:
     net.load_state_dict(usable, strict=False)
 
 
-def hrnet_features(net: HighResolutionNetFeatures, x: torch.Tensor, run_stem) -> list:
-    """timm's HRNet feature forward, with the stem and first stage run through `run_stem(fn, x)`."""
-    def stem(x):
-        x = net.act1(net.bn1(net.conv1(x)))
-        return net.layer1(net.act2(net.bn2(net.conv2(x))))
-
-    x = run_stem(stem, x)
-    branches = [t(x) for t in net.transition1]
-    branches = net.stage2(branches)
-    for transition, stage in ((net.transition2, net.stage3), (net.transition3, net.stage4)):
-        branches = stage([branches[i] if isinstance(t, nn.Identity) else t(branches[-1])
-                          for i, t in enumerate(transition)])
-    return branches
-
-
 class InitialPrediction(nn.Module):
     """Two BasicBlocks give the task feature X_k[t]; a 1x1 conv gives the deep-supervision prediction P_k[t]."""
 
@@ -121,14 +108,20 @@ class CrossTaskAttention(nn.Module):
         )
         self.block = BasicBlock(2 * (len(self.tasks) - 1) * channels, channels)
 
+    def sources(self, target: str) -> list:
+        return [a for a in self.tasks if a != target]
+
+    @staticmethod
+    def block_input(feature: torch.Tensor, attended: dict) -> torch.Tensor:
+        """The shared block's input for one target: [Y_t, GCA(t <- a)] for each source a in `attended`, the last
+        source first (each new pair is prepended, as the implementation does)."""
+        return torch.cat([piece for a in reversed(attended) for piece in (feature, attended[a])], dim=1)
+
     def forward(self, features: dict) -> dict:
         out = {}
         for t in self.tasks:
-            pieces = []
-            for a in self.tasks:
-                if a != t:  # each new pair is prepended, as the implementation does
-                    pieces = [features[t], self.attention[pair_name(t, a)](features[t], features[a])] + pieces
-            out[t] = features[t] + self.block(torch.cat(pieces, dim=1))
+            attended = {a: self.attention[pair_name(t, a)](features[t], features[a]) for a in self.sources(t)}
+            out[t] = features[t] + self.block(self.block_input(features[t], attended))
         return out
 
 
@@ -144,16 +137,23 @@ class FeaturePropagation(nn.Module):
         self.block = BasicBlock(m * channels, channels)
         self.excite = nn.ModuleDict({t: SqueezeExcitation(channels) for t in self.tasks})
 
+    def task_weights(self, z: torch.Tensor) -> torch.Tensor:
+        """Softmax over the M interleaved copies of each channel of the attended task stack z: [B, C, M, H, W]."""
+        b, mc, h, w = z.shape
+        m = len(self.tasks)
+        return self.attention(z).view(b, mc // m, m, h, w).softmax(dim=2)
+
     def forward(self, features: dict) -> dict:
         z = torch.cat([features[t] for t in self.tasks], dim=1)
         b, mc, h, w = z.shape
         m = len(self.tasks)
-        weights = self.attention(z).view(b, mc // m, m, h, w).softmax(dim=2)
-        shared = self.block((weights * z.view(b, mc // m, m, h, w)).view(b, mc, h, w))
+        shared = self.block((self.task_weights(z) * z.view(b, mc // m, m, h, w)).view(b, mc, h, w))
         return {t: self.excite[t](shared) + features[t] for t in self.tasks}
 
 
 CSAM_PAIRS = tuple((k, j) for k in range(3) for j in range(k + 1, 4))  # 0<-1, 0<-2, 0<-3, 1<-2, 1<-3, 2<-3
+# the aggregation conv's input pieces in order, (scale k, source j): Y_k (j None) and S_k<-j per pair, then Y_3
+AGGREGATION_INPUTS = tuple(piece for k, j in CSAM_PAIRS for piece in ((k, None), (k, j))) + ((3, None),)
 
 
 class TaskHead(nn.Module):
@@ -161,24 +161,28 @@ class TaskHead(nn.Module):
 
     def __init__(self, widths, n_out: int):
         super().__init__()
+        self.widths = tuple(widths)
         self.projection = nn.ModuleDict(
             {csam_name(k, j): nn.Sequential(conv1x1(widths[j], widths[k]), nn.BatchNorm2d(widths[k]))
              for k, j in CSAM_PAIRS}
         )
         # one GCA per target scale, shared by all of that target's sources
         self.attention = nn.ModuleList(GlobalContextAttention(widths[k]) for k in range(3))
-        channels = sum(2 * widths[k] for k, _ in CSAM_PAIRS) + widths[3]
-        self.aggregate = nn.Sequential(
-            conv1x1(channels, channels, bias=True), nn.BatchNorm2d(channels), nn.ReLU(),
-            conv1x1(channels, n_out, bias=True),
-        )
+        channels = sum(widths[k] for k, _ in AGGREGATION_INPUTS)
+        self.aggregate = nn.Sequential(OrderedDict(
+            conv=conv1x1(channels, channels, bias=True), bn=nn.BatchNorm2d(channels), relu=nn.ReLU(),
+            predict=conv1x1(channels, n_out, bias=True),
+        ))
+
+    @staticmethod
+    def sources(target: int) -> list:
+        """The coarser scales that scale `target` queries, in the aggregation's order."""
+        return [j for k, j in CSAM_PAIRS if k == target]
 
     def forward(self, features: list) -> torch.Tensor:
-        pieces = []
-        for k, j in CSAM_PAIRS:
-            source = self.projection[csam_name(k, j)](features[j])
-            pieces.append(torch.cat([features[k], self.attention[k](features[k], source)], dim=1))
-        pieces.append(features[3])
+        attended = {(k, j): self.attention[k](features[k], self.projection[csam_name(k, j)](features[j]))
+                    for k, j in CSAM_PAIRS}
+        pieces = [features[k] if j is None else attended[k, j] for k, j in AGGREGATION_INPUTS]
         size = features[0].shape[-2:]
         pieces = [p if p.shape[-2:] == size else up(p, size) for p in pieces]
         return self.aggregate(torch.cat(pieces, dim=1))
@@ -215,6 +219,8 @@ class SCAMTL(nn.Module):
     """Sequential cross attention multi-task network. forward(image [B,3,H,W]) returns
     {task: [B, n_out, H, W], "deep_supervision": {scale k: {task: [B, n_out, ceil(H/4/2^k), ceil(W/4/2^k)]}}}."""
 
+    resize = staticmethod(up)
+
     def __init__(self, tasks: dict, widths=DEFAULT_WIDTHS, pretrained=False, fused: bool = False):
         super().__init__()
         self.tasks = check_tasks(tasks)
@@ -233,6 +239,8 @@ class SCAMTL(nn.Module):
             [nn.Identity()] + [FeaturePropagation(names, w) for w in self.widths[1:]]
         )
         self.heads = nn.ModuleDict({t: TaskHead(self.widths, n) for t, n in self.tasks.items()})
+        # state dicts saved while some layers were nn.Sequential positions still load
+        self.register_load_state_dict_pre_hook(upgrade_state_dict)
         self.fused = False
         self.set_fused(fused)
 
@@ -252,6 +260,10 @@ class SCAMTL(nn.Module):
             if not isinstance(value, allowed):
                 raise TypeError(f"set_fused: {name} must be {' or '.join(a.__name__ for a in allowed)}, "
                                 f"got {value!r}")
+        if flag or self.fused:  # the reference path never loads the fused one
+            from .fused import select_path
+
+            select_path(self, flag, backend, recompute)
         self.fused = flag
         self.backend = backend
         self.recompute = recompute
@@ -272,14 +284,11 @@ class SCAMTL(nn.Module):
 
     def encode(self, x: torch.Tensor) -> list:
         """Backbone maps fused with their self-attention: [ATT(F_k), F_k] per scale."""
-        if not (self.fused and self.recompute and torch.is_grad_enabled()):
-            return [torch.cat([att(f), f], dim=1) for att, f in zip(self.self_attention, self.backbone(x))]
-        # the stem and first stage hold the backbone's largest activations (64-256 channels at strides 2-4)
-        # for a small share of its compute; the Swin layers likewise: recompute those, keep the rest
-        feats = hrnet_features(self.backbone, x,
-                               lambda stem, x: recompute_in_backward(stem, x, modules=(self.backbone,)))
-        return [torch.cat([recompute_in_backward(att, f, modules=()), f], dim=1)
-                for att, f in zip(self.self_attention, feats)]
+        return self.attend_scales(self.backbone(x))
+
+    def attend_scales(self, feats: list, run=lambda layer, f: layer(f)) -> list:
+        """[ATT(F_k), F_k] per scale, each Swin layer called as run(layer, F_k)."""
+        return [torch.cat([run(att, f), f], dim=1) for att, f in zip(self.self_attention, feats)]
 
     def forward(self, x: torch.Tensor) -> dict:
         self._check_input(x)
@@ -288,36 +297,25 @@ class SCAMTL(nn.Module):
         pad_h, pad_w = (-height) % 32, (-width) % 32
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
-        channels_last = self.fused and (x.device.type == "cpu" if self.channels_last is None else self.channels_last)
-        if channels_last:  # the convolutions follow their input's layout
-            x = x.contiguous(memory_format=torch.channels_last)
         feats = self.encode(x)
         names = list(self.tasks)
-        resize = upsample if self.fused else up  # the same bilinear map; the fused one is faster on CPU
         per_scale = [None] * 4
         supervision = {}
         propagated = None
         for k in range(3, -1, -1):
             task_features, supervision[k] = {}, {}
             for t in names:
-                inp = feats[k] if k == 3 else torch.cat([feats[k], resize(propagated[t], feats[k].shape[-2:])], dim=1)
+                inp = feats[k]
+                if k < 3:  # with the coarser scale's propagated features
+                    inp = torch.cat([inp, self.resize(propagated[t], inp.shape[-2:])], dim=1)
                 task_features[t], supervision[k][t] = self.initial[k][t](inp)
-            if self.fused:
-                per_scale[k] = cross_task_fused(self.cross_task[k], task_features, self.backend,
-                                                recompute=self.recompute and torch.is_grad_enabled())
-            else:
-                per_scale[k] = self.cross_task[k](task_features)
+            per_scale[k] = self.cross_task[k](task_features)
             if k > 0:
-                fpma = self.propagation[k]
-                propagated = propagation_fused(fpma, per_scale[k]) if self.fused else fpma(per_scale[k])
+                propagated = self.propagation[k](per_scale[k])
         out = {}
         for t in names:
-            features = [per_scale[k][t] for k in range(4)]
-            if self.fused:
-                pred = head_fused(self.heads[t], features, self.widths, self.backend)
-            else:
-                pred = self.heads[t](features)
-            out[t] = resize(pred, x.shape[-2:])[..., :height, :width]
+            pred = self.heads[t]([per_scale[k][t] for k in range(4)])
+            out[t] = self.resize(pred, x.shape[-2:])[..., :height, :width]
         # NCHW maps, as the reference hands back (a loss's log_softmax would copy channels-last ones)
         out["deep_supervision"] = {
             k: {t: p.contiguous()[..., : -(-height // STRIDES[k]), : -(-width // STRIDES[k])] for t, p in preds.items()}

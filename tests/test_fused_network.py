@@ -239,17 +239,17 @@ def test_fused_path_under_bfloat16_autocast_on_gpu(backend):
 
 def test_aggregation_by_channel_blocks_matches_reference(monkeypatch):
     """Paper-size inputs split the aggregation head into blocks of channels; force small, uneven blocks here."""
-    import model.fused
+    import model.fused_ops
 
-    monkeypatch.setattr(model.fused, "_channel_block", lambda batch, channels, positions, device: 7)
+    monkeypatch.setattr(model.fused_ops, "_channel_block", lambda batch, channels, positions, device: 7)
     _parity("nyud2", True, torch.float64, 2)
 
 
 def test_aggregation_rebuilding_blocks_matches_reference(monkeypatch):
     """The GPU's way (backward rebuilds each block of h instead of keeping it), here on CPU, in NCHW as on a GPU."""
-    import model.fused
+    import model.fused_ops
 
-    monkeypatch.setattr(model.fused, "_keep_blocks", lambda device: False)
+    monkeypatch.setattr(model.fused_ops, "_keep_blocks", lambda device: False)
     _parity("nyud2", True, torch.float64, 2)
     _float32_accuracy("pascal5", False)
 

@@ -1,8 +1,11 @@
 """The reference SCA-MTL network: shapes for the field's task sets, gradients, determinism, errors, weights."""
+import copy
+
 import pytest
 import torch
 
 from model import TASK_SETS, build_model, parameter_counts
+from model.modules import Projection
 from model.network import CSAM_PAIRS
 
 SMALL = (12, 24, 48, 96)  # the default topology at a third of the width, so tests stay fast
@@ -33,7 +36,7 @@ def test_output_shapes(config, size):
 
 def test_default_widths_give_1080_channel_aggregation():
     net = build_model(CONFIGS["nyud2"])
-    conv = net.heads["semseg"].aggregate[0]
+    conv = net.heads["semseg"].aggregate.conv
     assert conv.in_channels == conv.out_channels == 1080
     assert [f["num_chs"] for f in net.backbone.feature_info.get_dicts()] == [18, 36, 72, 144]
     assert len(CSAM_PAIRS) == 6
@@ -114,7 +117,7 @@ def test_backbone_batchnorm_momentum_is_hrnet_s():
 
 def test_hrnet_features_is_timm_forward():
     """The fused path's backbone forward (stem split out for recomputation) is timm's, bit for bit."""
-    from model.network import hrnet_features
+    from model.fused import hrnet_features
 
     torch.manual_seed(0)
     net = build_model(CONFIGS["nyud2"], widths=SMALL).eval()
@@ -125,3 +128,40 @@ def test_hrnet_features_is_timm_forward():
     assert len(got) == len(want) == 4
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+def _sequential_layout(net):
+    """A copy of `net` whose named conv-BN layers sit in nn.Sequential positions again, as they did before they were
+    named: its state dict has the old keys."""
+    old = copy.deepcopy(net)
+    for module in list(old.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, Projection):
+                layers = [layer for conv, bn, relu in child.stages()
+                          for layer in (conv, bn) + ((torch.nn.ReLU(),) if relu else ())]
+                setattr(module, name, torch.nn.Sequential(*layers))
+            elif name == "aggregate":
+                setattr(module, name, torch.nn.Sequential(*child))
+    return old
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_state_dict_with_sequential_positions_loads(fused):
+    torch.manual_seed(0)
+    net = build_model(CONFIGS["nyud2"], widths=SMALL).eval()
+    old = _sequential_layout(net).state_dict()
+    for key in ("cross_task.0.attention.semseg_from_depth.query.4.running_var",
+                "heads.semseg.attention.2.value.1.weight", "initial.0.depth.blocks.0.shortcut.0.weight",
+                "heads.depth.aggregate.3.bias"):  # keys as the Sequential layout wrote them
+        assert key in old
+    assert len(set(old) - set(net.state_dict())) > 100
+    keys = list(old)
+    torch.manual_seed(1)
+    other = build_model(CONFIGS["nyud2"], widths=SMALL, fused=fused).eval()
+    other.load_state_dict(old)  # strict: every old key lands on its layer
+    assert list(old) == keys, "loading must not rename the caller's keys"
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want, got = net(x), other.set_fused(False)(x)
+    for t in CONFIGS["nyud2"]:
+        assert torch.equal(got[t], want[t]), t

@@ -1,0 +1,342 @@
+"""The machinery of the fused path (model/fused.py), independent of the SCA-MTL modules: BatchNorm that gives
+several reference calls' outputs and running statistics in one pass, recomputation in backward, grouped 1x1
+convolutions as matrix products, the aggregation head computed by blocks of channels, and bilinear resizing as
+matrix products. Every function accepts both memory layouts (NCHW and channels-last).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------- BatchNorm
+
+
+def _update_running_stats(norm: nn.BatchNorm2d, mean: torch.Tensor, var_unbiased: torch.Tensor) -> None:
+    """One running-statistics update of `norm`, as its own forward in training mode would do."""
+    if not norm.track_running_stats or norm.running_mean is None:
+        return
+    norm.num_batches_tracked.add_(1)
+    factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    norm.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+    norm.running_var.mul_(1 - factor).add_(var_unbiased, alpha=factor)
+
+
+def _uses_batch_stats(norm: nn.BatchNorm2d) -> bool:
+    return norm.training or norm.running_mean is None
+
+
+def _batch_norm_train(x: torch.Tensor, weight, bias, eps: float):
+    """Training-mode BatchNorm of x that also returns the batch mean and unbiased variance, taken from the
+    kernel's own running-statistics update (momentum 1 into zeroed buffers gives exactly the batch statistics
+    that the reference's call folds into its buffers) instead of a second pass over x."""
+    mean = torch.zeros(x.shape[1], dtype=weight.dtype, device=x.device)  # the buffers' dtype (mixed under autocast)
+    var = torch.zeros_like(mean)
+    return F.batch_norm(x, mean, var, weight, bias, True, 1.0, eps), mean, var
+
+
+def batch_norm_stacked(x: torch.Tensor, norms: Sequence[nn.BatchNorm2d], calls: int = 1) -> torch.Tensor:
+    """BatchNorm of x [B, sum C_i, ...] whose channel blocks are what each of `norms` would see in its own
+    call, in order (a module listed twice is two calls), each call repeated `calls` times on the same input.
+    Same output and running statistics as those calls."""
+    weight = torch.cat([n.weight for n in norms]) if len(norms) > 1 else norms[0].weight
+    bias = torch.cat([n.bias for n in norms]) if len(norms) > 1 else norms[0].bias
+    eps = norms[0].eps
+    if not _uses_batch_stats(norms[0]):
+        mean = torch.cat([n.running_mean for n in norms])
+        var = torch.cat([n.running_var for n in norms])
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+    if not norms[0].track_running_stats:
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+    out, mean, var = _batch_norm_train(x, weight, bias, eps)
+    with torch.no_grad():
+        for _ in range(calls):
+            start = 0
+            for n in norms:
+                stop = start + n.num_features
+                _update_running_stats(n, mean[start:stop], var[start:stop])
+                start = stop
+    return out
+
+
+def batch_norm_repeated(x: torch.Tensor, norm: nn.BatchNorm2d, calls: int) -> torch.Tensor:
+    """`norm` applied to x, counted as `calls` identical reference calls (the same input each time)."""
+    return batch_norm_stacked(x, [norm], calls)
+
+
+def batch_norm_segments(x: torch.Tensor, norm: nn.BatchNorm2d, offsets: Sequence[int]) -> torch.Tensor:
+    """`norm` called once per position segment of x [B, C, 1, Ntot] (sources of different sizes), in order."""
+    return torch.cat([norm(x[..., lo:hi]) for lo, hi in zip(offsets[:-1], offsets[1:])], dim=-1)
+
+
+@contextlib.contextmanager
+def _running_stats_frozen(modules):
+    """BatchNorm layers of `modules` leave their running statistics untouched (a recomputation must not count
+    as a second call): momentum 0 keeps them exactly, and the batch counters are put back afterwards."""
+    norms = [m for mod in modules for m in mod.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(n.momentum, n.num_batches_tracked.clone() if n.num_batches_tracked is not None else None)
+             for n in norms]
+    for n in norms:
+        n.momentum = 0.0
+    try:
+        yield
+    finally:
+        for n, (momentum, count) in zip(norms, saved):
+            n.momentum = momentum
+            if count is not None:
+                n.num_batches_tracked.copy_(count)
+
+
+def recompute_in_backward(fn, *args, modules):
+    """fn(*args), keeping only its inputs for backward and running it again there (activation checkpointing),
+    with the same random state (drop path) and without a second running-statistics update."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True,
+                      context_fn=lambda: (contextlib.nullcontext(), _running_stats_frozen(modules)))
+
+
+# ---------------------------------------------------------------------------------------------- convolutions
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def conv1x1_stacked(x: torch.Tensor, convs: Sequence[nn.Conv2d], groups: int) -> torch.Tensor:
+    """Grouped 1x1 convolution of x [B, G*Cin, N] as one batched matrix product (much faster than a grouped
+    convolution on CPU, forward and backward): group g goes through its share of `convs`, listed group by group."""
+    weight = torch.cat([c.weight[..., 0, 0] for c in convs]).view(groups, -1, x.shape[1] // groups)
+    b, _, n = x.shape
+    return torch.matmul(weight, x.view(b, groups, -1, n)).view(b, -1, n)
+
+
+def batch_norm_per_sample_group(x: torch.Tensor, norm: nn.BatchNorm2d, groups: int) -> torch.Tensor:
+    """`norm` called once per group of samples, in order: x [G*B, C, ...] holds G batches stacked along the batch
+    axis (each group is a view of x in either memory layout, so nothing is reordered)."""
+    return torch.cat([norm(part) for part in x.chunk(groups)])
+
+
+# ---------------------------------------------------------------------------------------------- aggregation
+
+
+class _Aggregation(torch.autograd.Function):
+    """The aggregation head after CSAM, conv_out(ReLU(BN(h))) with h = sum_k up(W_k x_k) + bias, computed block
+    of channels by block of channels: BatchNorm is per channel, so each block of h is built, normalised and
+    folded into the output before the next. Backward takes each block of h from the copy kept in forward
+    (`keep_h`, CPU) or rebuilds it from the small per-scale inputs (GPU: then no 1080-channel full-resolution
+    tensor is ever stored) and sends its gradient straight back to them. Loops run in a fixed order, so results
+    are deterministic."""
+
+    @staticmethod
+    def forward(ctx, eps, sizes, keep_h, running_mean, running_var, x0, x1, x2, x3, w0, w1, w2, w3, bias, gamma,
+                beta, w_out, b_out):
+        ctx.sizes, ctx.input_shapes = sizes, [x.shape for x in (x0, x1, x2, x3)]
+        running = None if running_mean is None else (running_mean, running_var)
+        xs = [x.flatten(2) for x in (x0, x1, x2, x3)]
+        ws = [w0, w1, w2, w3]
+        batch, channels, n0 = xs[0].shape[0], ws[0].shape[0], xs[0].shape[2]
+        geometry = ctx.geometry = _geometry(ctx, xs)
+        block = ctx.block = _channel_block(batch, channels, n0, xs[0].device)
+        mean, var = (torch.empty(channels, dtype=xs[0].dtype, device=xs[0].device) for _ in range(2))
+        if running is not None:
+            mean.copy_(running[0])
+            var.copy_(running[1])
+        out = b_out[None, :, None].expand(batch, -1, n0).contiguous()
+        kept = torch.empty(batch, channels, n0, dtype=xs[0].dtype, device=xs[0].device) if keep_h else None
+        for c0 in range(0, channels, block):
+            sl = slice(c0, min(c0 + block, channels))
+            h = _build_block(xs, ws, bias, sl, geometry, None if kept is None else kept[:, sl])
+            if running is None:
+                mean[sl], var[sl] = _channel_stats(h)
+            scale = gamma[sl] * torch.rsqrt(var[sl] + eps)
+            shift = (beta[sl] - mean[sl] * scale)[:, None]
+            act = (h.mul_(scale[:, None]).add_(shift) if kept is None else torch.addcmul(shift, h, scale[:, None]))
+            act.clamp_(min=0)
+            for b in range(batch):
+                out[b].addmm_(w_out[:, sl], act[b])
+        ctx.eps, ctx.batch_stats = eps, running is None
+        ctx.save_for_backward(*xs, *ws, bias, gamma, beta, w_out, mean, var, kept)
+        return out.view(batch, -1, *geometry[0]), mean, var
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
+        saved = ctx.saved_tensors
+        xs, ws = list(saved[:4]), list(saved[4:8])
+        bias, gamma, beta, w_out, mean, var, kept = saved[8:]
+        batch, n0 = xs[0].shape[0], xs[0].shape[2]
+        channels, geometry = ws[0].shape[0], ctx.geometry
+        g = grad_out.flatten(2)
+        grad_xs = [torch.zeros_like(x) for x in xs]
+        grad_ws = [torch.zeros_like(w) for w in ws]
+        grad_bias, grad_gamma, grad_beta = (torch.zeros_like(gamma) for _ in range(3))
+        grad_w_out = torch.zeros_like(w_out)
+        n = batch * n0
+        for c0 in range(0, channels, ctx.block):
+            sl = slice(c0, min(c0 + ctx.block, channels))
+            invstd = torch.rsqrt(var[sl] + ctx.eps)
+            h = _build_block(xs, ws, bias, sl, geometry) if kept is None else kept[:, sl]
+            xhat = (h.sub_(mean[sl, None]) if kept is None else h - mean[sl, None]).mul_(invstd[:, None])
+            pre = torch.addcmul(beta[sl, None], xhat, gamma[sl, None])
+            inactive = pre <= 0
+            act = pre.clamp_(min=0)
+            for b in range(batch):
+                grad_w_out[:, sl].addmm_(g[b], act[b].t())
+            grad = act  # reuse the buffer: dL/d(BN output)
+            for b in range(batch):
+                torch.mm(w_out[:, sl].t(), g[b], out=grad[b])
+            grad.masked_fill_(inactive, 0)
+            grad_beta[sl] = grad.sum(2).sum(0)
+            grad_gamma[sl] = torch.linalg.vecdot(grad, xhat, dim=2).sum(0)
+            if ctx.batch_stats:  # the batch mean and variance depend on h too
+                grad.sub_((grad_beta[sl] / n)[:, None]).addcmul_(xhat, -(grad_gamma[sl] / n)[:, None])
+            grad.mul_((gamma[sl] * invstd)[:, None])  # dL/dh of this block
+            grad_bias[sl] = grad.sum(2).sum(0)
+            for b in range(batch):
+                _block_backward(grad[b], xs, ws, b, sl, geometry, grad_xs, grad_ws)
+        grad_b_out = g.sum(2).sum(0)
+        grad_xs = [gx.view(shape) for gx, shape in zip(grad_xs, ctx.input_shapes)]
+        return (None, None, None, None, None, *grad_xs, *grad_ws, grad_bias, grad_gamma, grad_beta,
+                grad_w_out, grad_b_out)
+
+
+def _geometry(ctx, xs):
+    """Sizes of scale 0 and, per coarser scale, its size and the two interpolation matrices to scale 0."""
+    size0 = ctx.sizes[0]
+    scales = []
+    for x, size in zip(xs[1:], ctx.sizes[1:]):
+        scales.append((size, _interpolation_matrix(size[0], size0[0], x), _interpolation_matrix(size[1], size0[1], x)))
+    return size0, scales
+
+
+def _channel_block(batch: int, channels: int, positions: int, device) -> int:
+    """Channels per block: about 16 MB of activations on a CPU (large enough for efficient matrix products, small
+    enough to stay out of fresh page-faulting allocations), a few hundred MB on a GPU."""
+    budget = (1 << 22) if device.type == "cpu" else (1 << 27)
+    return int(max(8, min(channels, budget // max(batch * positions, 1))))
+
+
+def _keep_blocks(device) -> bool:
+    """Keep the pre-BN blocks of h for backward (one [B, 1080, N0] map per task) instead of rebuilding them: on
+    CPU, where memory is plentiful and the rebuild costs about 90 ms per task at 256x320; not on a GPU, where
+    peak memory is the scarce resource."""
+    return device.type == "cpu"
+
+
+def _build_block(xs, ws, bias, sl, geometry, h=None):
+    """Channels `sl` of h = W_0 x_0 + sum_k up(W_k x_k) + bias, as [B, c, N0] (into `h` if given)."""
+    (height, width), scales = geometry
+    batch, n0 = xs[0].shape[0], xs[0].shape[2]
+    c = sl.stop - sl.start
+    if h is None:
+        h = torch.empty(batch, c, n0, dtype=xs[0].dtype, device=xs[0].device)
+    for b in range(batch):
+        torch.addmm(bias[sl, None], ws[0][sl], xs[0][b], out=h[b])
+        plane = h[b].view(c, height, width)
+        for x, w, ((hk, wk), rows, cols) in zip(xs[1:], ws[1:], scales):
+            z = torch.mm(w[sl], x[b]).view(c * hk, wk)
+            plane.baddbmm_(rows.expand(c, -1, -1), torch.mm(z, cols.t()).view(c, hk, width))
+    return h
+
+
+def _block_backward(grad_h, xs, ws, b, sl, geometry, grad_xs, grad_ws):
+    """Accumulate into grad_xs / grad_ws the gradients from dL/dh of channels `sl` of sample b ([c, N0])."""
+    (height, width), scales = geometry
+    c = sl.stop - sl.start
+    grad_xs[0][b].addmm_(ws[0][sl].t(), grad_h)
+    grad_ws[0][sl].addmm_(grad_h, xs[0][b].t())
+    for k, ((hk, wk), rows, cols) in enumerate(scales, start=1):
+        t = torch.matmul(rows.t(), grad_h.view(c, height, width))  # adjoint of the row interpolation
+        grad_z = torch.mm(t.view(c * hk, width), cols).view(c, hk * wk)
+        grad_xs[k][b].addmm_(ws[k][sl].t(), grad_z)
+        grad_ws[k][sl].addmm_(grad_z, xs[k][b].t())
+
+
+def _channel_stats(h: torch.Tensor):
+    """Per-channel mean and biased variance of h [B, C, N], two passes (as accurate as BatchNorm's own and
+    several times faster than torch.var_mean over dims (0, 2) on CPU)."""
+    n = h.shape[0] * h.shape[2]
+    mean = h.sum(2).sum(0) / n
+    centred = h - mean[:, None]
+    return mean, torch.linalg.vecdot(centred, centred, dim=2).sum(0) / n
+
+def blocked_aggregation(xs: list, weights: list, bias: torch.Tensor, norm: nn.BatchNorm2d,
+                        conv_out: nn.Conv2d) -> torch.Tensor:
+    """conv_out(ReLU(norm(conv(cat(up(x_k)))))) for a 1x1 conv whose weight, split by input piece and summed over
+    repeated pieces, is W_k [C, C_k] per scale, with `bias`: scale 0 (x_0 [B, C_0, H, W]) is the finest and sets
+    the output's size. Computed by _Aggregation; running statistics as one call."""
+    if torch.is_autocast_enabled(xs[0].device.type) or xs[0].dtype != norm.weight.dtype:
+        # the blocked kernel accumulates in place, which autocast cannot follow: run it in the parameters' dtype
+        with torch.autocast(xs[0].device.type, enabled=False):
+            return blocked_aggregation([x.to(norm.weight.dtype) for x in xs], weights, bias, norm, conv_out)
+    batch_stats = _uses_batch_stats(norm)
+    running = (None, None) if batch_stats else (norm.running_mean, norm.running_var)
+    sizes = tuple(tuple(x.shape[-2:]) for x in xs)
+    out, mean, var = _Aggregation.apply(norm.eps, sizes, _keep_blocks(xs[0].device), *running, *xs, *weights, bias,
+                                        norm.weight, norm.bias, conv_out.weight[..., 0, 0], conv_out.bias)
+    if batch_stats and norm.track_running_stats:
+        n = out.shape[0] * out.shape[2] * out.shape[3]
+        with torch.no_grad():
+            _update_running_stats(norm, mean, var * n / max(n - 1, 1))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- resize
+
+
+class _Upsample(torch.autograd.Function):
+    """Bilinear resize (align_corners=False) as two small matrix products, one per axis; the backward is the
+    transposed products. On CPU this is several times faster than F.interpolate and saves nothing. A
+    channels-last input is resized in its own layout (channels innermost) and stays channels-last."""
+
+    @staticmethod
+    def forward(ctx, x, rows, cols):
+        b, c, h, w = x.shape
+        ctx.save_for_backward(rows, cols)
+        ctx.channels_last = is_channels_last(x)
+        if ctx.channels_last:  # memory [b, h, w, c]: rows over h, then cols over w, c carried along
+            t = torch.matmul(rows, x.permute(0, 2, 3, 1).reshape(b, h, w * c))
+            out = torch.matmul(cols, t.view(-1, w, c))
+            return out.view(b, rows.shape[0], cols.shape[0], c).permute(0, 3, 1, 2)
+        t = torch.matmul(x.reshape(b * c * h, w), cols.t()).view(b * c, h, -1)
+        return torch.matmul(rows, t).view(b, c, rows.shape[0], cols.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, cols = ctx.saved_tensors
+        b, c, hh, ww = grad.shape
+        h, w = rows.shape[1], cols.shape[1]
+        if ctx.channels_last:
+            t = torch.matmul(cols.t(), grad.permute(0, 2, 3, 1).reshape(b * hh, ww, c))
+            out = torch.matmul(rows.t(), t.view(b, hh, w * c))
+            return out.view(b, h, w, c).permute(0, 3, 1, 2), None, None
+        t = torch.matmul(rows.t(), grad.reshape(b * c, hh, ww))
+        return torch.matmul(t.view(-1, ww), cols).view(b, c, h, w), None, None
+
+
+def _interpolation_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+    """[n_out, n_in] weights of PyTorch's bilinear (align_corners=False) resize along one axis."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    lo = src.floor().long().clamp(max=n_in - 1)
+    hi = torch.where(lo < n_in - 1, lo + 1, lo)
+    frac = src - lo
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    rows = torch.arange(n_out)
+    m.index_put_((rows, lo), 1 - frac, accumulate=True)
+    m.index_put_((rows, hi), frac, accumulate=True)
+    return m.to(dtype=like.dtype, device=like.device)
+
+
+def upsample(x: torch.Tensor, size) -> torch.Tensor:
+    """Same function as F.interpolate(x, size, mode="bilinear", align_corners=False), faster on CPU."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    rows = _interpolation_matrix(x.shape[-2], size[0], x)
+    cols = _interpolation_matrix(x.shape[-1], size[1], x)
+    return _Upsample.apply(x, rows, cols)
+
