@@ -85,12 +85,12 @@ PyObject* PyInit__C(void) {
 
 // Forward returns (out, context): context [..., m+1, d] holds S = v k^T (rows 0..m-1) and z = sum k (row m) in the
 // accumulation dtype; autograd saves it (it is small) so backward needs no second reduction over the sources.
-// Backward takes `out` only where its kernels use it (CUDA: b = -(g . out) / den); the CPU kernels get b from S^T g.
+// Backward needs no `out`: every backend gets g . out from S and z (docs/attention-op.md, section 3).
 TORCH_LIBRARY(fused_mtl_attn, m) {
   m.def("cross_task(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)");
-  m.def("cross_task_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? out, Tensor context) "
+  m.def("cross_task_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor context) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("cross_scale(Tensor q, Tensor k, Tensor v, SymInt[] offsets) -> (Tensor, Tensor)");
-  m.def("cross_scale_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? out, Tensor context, "
-        "SymInt[] offsets) -> (Tensor, Tensor, Tensor)");
+  m.def("cross_scale_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor context, SymInt[] offsets) "
+        "-> (Tensor, Tensor, Tensor)");
 }

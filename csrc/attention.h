@@ -5,10 +5,11 @@
 // m, in the accumulation dtype). CTAM is G = B*P groups with one segment spanning N; CSAM is G = B with J segments.
 #pragma once
 
+#include "attention_math.h"
+
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
-#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -19,15 +20,9 @@ using at::Tensor;
 // forward core: (q, k, v, offsets) -> (out, context); inputs contiguous, checked
 using ForwardCore = std::tuple<Tensor, Tensor> (*)(const Tensor&, const Tensor&, const Tensor&,
                                                    const std::vector<int64_t>&);
-// backward core: (grad, q, k, v, out (optional), context, offsets) -> (dq, dk, dv); inputs contiguous, checked
-using OptionalTensor = std::optional<Tensor>;
+// backward core: (grad, q, k, v, context, offsets) -> (dq, dk, dv); inputs contiguous, checked
 using BackwardCore = std::tuple<Tensor, Tensor, Tensor> (*)(const Tensor&, const Tensor&, const Tensor&,
-                                                            const Tensor&, const OptionalTensor&, const Tensor&,
-                                                            const std::vector<int64_t>&);
-
-inline at::ScalarType accumulation_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
+                                                            const Tensor&, const Tensor&, const std::vector<int64_t>&);
 
 inline void check_input(const Tensor& t, const char* name, int64_t rank, const char* layout, const Tensor& q) {
   TORCH_CHECK(t.dim() == rank, name, " must have rank ", rank, " (", layout, "), got shape ", t.sizes());
@@ -49,15 +44,10 @@ inline std::vector<int64_t> checked_offsets(c10::IntArrayRef offsets, int64_t n_
   return std::vector<int64_t>(offsets.begin(), offsets.end());
 }
 
-// grad [G, J, m, Nq], out the same, context [G, J, m+1, d]
-inline void check_backward(const Tensor& grad, const OptionalTensor& out, const Tensor& context,
-                           c10::IntArrayRef out_shape, c10::IntArrayRef context_shape, const Tensor& q) {
+// grad [G, J, m, Nq], context [G, J, m+1, d]
+inline void check_backward(const Tensor& grad, const Tensor& context, c10::IntArrayRef out_shape,
+                           c10::IntArrayRef context_shape, const Tensor& q) {
   TORCH_CHECK(grad.sizes() == out_shape, "grad must have the output's shape ", out_shape, ", got ", grad.sizes());
-  if (out.has_value()) {
-    TORCH_CHECK(out->sizes() == out_shape, "out must have the output's shape ", out_shape, ", got ", out->sizes());
-    TORCH_CHECK(out->scalar_type() == q.scalar_type() && out->device() == q.device(), "out must have q's dtype ",
-                q.scalar_type(), " and device ", q.device());
-  }
   TORCH_CHECK(context.sizes() == context_shape, "context must have shape ", context_shape, ", got ",
               context.sizes());
   TORCH_CHECK(grad.scalar_type() == q.scalar_type(), "grad must have q's dtype ", q.scalar_type(), ", got ",
@@ -66,11 +56,6 @@ inline void check_backward(const Tensor& grad, const OptionalTensor& out, const 
               accumulation_dtype(q.scalar_type()), ", got ", context.scalar_type());
   TORCH_CHECK(grad.device() == q.device() && context.device() == q.device(),
               "grad and context must be on q's device ", q.device());
-}
-
-// a contiguous view of `out` with the core's shape, if given
-inline OptionalTensor core_out(const OptionalTensor& out, c10::IntArrayRef shape) {
-  return out.has_value() ? OptionalTensor(out->contiguous().view(shape)) : std::nullopt;
 }
 
 // ---- CTAM: q, k [B, P, d, N], v [B, P, m, N] ----
@@ -94,14 +79,13 @@ std::tuple<Tensor, Tensor> cross_task_forward(const Tensor& q, const Tensor& k, 
 
 template <BackwardCore F>
 std::tuple<Tensor, Tensor, Tensor> cross_task_backward(const Tensor& grad, const Tensor& q, const Tensor& k,
-                                                       const Tensor& v, const OptionalTensor& out,
-                                                       const Tensor& context) {
+                                                       const Tensor& v, const Tensor& context) {
   check_cross_task(q, k, v);
   const int64_t b = q.size(0), p = q.size(1), d = q.size(2), n = q.size(3), m = v.size(2);
-  check_backward(grad, out, context, {b, p, m, n}, {b, p, m + 1, d}, q);
+  check_backward(grad, context, {b, p, m, n}, {b, p, m + 1, d}, q);
   auto res = F(grad.contiguous().view({b * p, 1, m, n}), q.contiguous().view({b * p, d, n}),
                k.contiguous().view({b * p, d, n}), v.contiguous().view({b * p, m, n}),
-               core_out(out, {b * p, 1, m, n}), context.contiguous().view({b * p, 1, m + 1, d}), {0, n});
+               context.contiguous().view({b * p, 1, m + 1, d}), {0, n});
   return {std::get<0>(res).view(q.sizes()), std::get<1>(res).view(k.sizes()), std::get<2>(res).view(v.sizes())};
 }
 
@@ -127,14 +111,13 @@ std::tuple<Tensor, Tensor> cross_scale_forward(const Tensor& q, const Tensor& k,
 
 template <BackwardCore F>
 std::tuple<Tensor, Tensor, Tensor> cross_scale_backward(const Tensor& grad, const Tensor& q, const Tensor& k,
-                                                        const Tensor& v, const OptionalTensor& out,
-                                                        const Tensor& context, c10::IntArrayRef offsets) {
+                                                        const Tensor& v, const Tensor& context,
+                                                        c10::IntArrayRef offsets) {
   auto offs = check_cross_scale(q, k, v, offsets);
   const int64_t b = q.size(0), d = q.size(1), nq = q.size(2), m = v.size(1);
   const int64_t j = static_cast<int64_t>(offs.size()) - 1;
-  check_backward(grad, out, context, {b, j, m, nq}, {b, j, m + 1, d}, q);
-  return F(grad.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), core_out(out, {b, j, m, nq}),
-           context.contiguous(), offs);
+  check_backward(grad, context, {b, j, m, nq}, {b, j, m + 1, d}, q);
+  return F(grad.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), context.contiguous(), offs);
 }
 
 // registers the four ops of one device with its two cores

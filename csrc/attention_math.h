@@ -1,7 +1,12 @@
-// Per-element math shared by the CPU and CUDA kernels (docs/attention-op.md: softplus/sigmoid with threshold 20, the clamp).
+// The op's constants, its accumulation-dtype rule and the per-element math shared by the CPU and CUDA kernels
+// (docs/attention-op.md: softplus/sigmoid with threshold 20, the clamp). fused_mtl_attn/constants.py holds the same
+// values for the Python backends.
 #pragma once
 
+#include <c10/core/ScalarType.h>
+
 #include <cmath>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define FMA_HD __host__ __device__ __forceinline__
@@ -11,8 +16,16 @@
 
 namespace fused_mtl_attn {
 
-constexpr double kEps = 1e-12;        // den = max(z . q, eps)
+constexpr double kEps = 1e-12;  // den = max(z . q, eps), applied in the accumulation type
 constexpr double kSoftplusThreshold = 20.0;
+
+// sums and the saved context are fp64 for fp64 inputs, else fp32: as a C++ type and as a tensor dtype
+template <typename scalar_t>
+using accumulation_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+inline c10::ScalarType accumulation_dtype(c10::ScalarType t) {
+  return t == c10::kDouble ? c10::kDouble : c10::kFloat;
+}
 
 // softplus with beta 1, threshold 20: x above 20, log1p(exp(x)) otherwise (as torch.nn.functional.softplus)
 template <typename T>

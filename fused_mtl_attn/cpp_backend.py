@@ -8,8 +8,8 @@ benchmarks compare the sets in one process).
 
 Ops (schema in csrc/attention.cpp): `cross_task(q, k, v) -> (out, context)` and
 `cross_scale(q, k, v, offsets) -> (out, context)`, where context [..., m+1, d] holds S = v k^T and z = sum k in the
-accumulation dtype; autograd saves q, k, v, context (and out for CUDA), and the backward ops recompute softplus and the
-denominators from them.
+accumulation dtype; autograd saves q, k, v and context (not out: backward gets g . out from S and z), and the
+backward ops recompute softplus and the denominators from them.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from typing import Iterator, List, Sequence
 import torch
 
 from .backends import Backend
+from .constants import accumulation_dtype
 
 try:
     from . import _C  # noqa: F401  (loading it registers the ops)
@@ -33,10 +34,6 @@ _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _CUDA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _context_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 if _C is not None:
     ops = torch.ops.fused_mtl_attn
 
@@ -44,38 +41,35 @@ if _C is not None:
     def _cross_task_fake(q, k, v):
         b, p, d, n = q.shape
         m = v.shape[2]
-        return q.new_empty((b, p, m, n)), q.new_empty((b, p, m + 1, d), dtype=_context_dtype(q.dtype))
+        return q.new_empty((b, p, m, n)), q.new_empty((b, p, m + 1, d), dtype=accumulation_dtype(q.dtype))
 
     @torch.library.register_fake("fused_mtl_attn::cross_scale")
     def _cross_scale_fake(q, k, v, offsets):
         b, d, nq = q.shape
         m = v.shape[1]
         j = len(offsets) - 1
-        return q.new_empty((b, j, m, nq)), q.new_empty((b, j, m + 1, d), dtype=_context_dtype(q.dtype))
+        return q.new_empty((b, j, m, nq)), q.new_empty((b, j, m + 1, d), dtype=accumulation_dtype(q.dtype))
 
     @torch.library.register_fake("fused_mtl_attn::cross_task_backward")
-    def _cross_task_backward_fake(grad, q, k, v, out, context):
+    def _cross_task_backward_fake(grad, q, k, v, context):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     @torch.library.register_fake("fused_mtl_attn::cross_scale_backward")
-    def _cross_scale_backward_fake(grad, q, k, v, out, context, offsets):
+    def _cross_scale_backward_fake(grad, q, k, v, context, offsets):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     def _setup_context(ctx, inputs, output):
         q, k, v = inputs[:3]
-        out, context = output
+        _, context = output
         ctx.offsets = list(inputs[3]) if len(inputs) > 3 else None
-        # only the CUDA backward reads `out`; the CPU one gets g . out from S^T g, so it is not kept alive for it
-        ctx.save_for_backward(q, k, v, out if q.device.type == "cuda" else None, context)
+        ctx.save_for_backward(q, k, v, context)  # not `out`: backward gets g . out from S and z
         ctx.mark_non_differentiable(context)  # an internal by-product; the public functions return `out` only
 
     def _cross_task_backward(ctx, grad_out, grad_context):
-        q, k, v, out, context = ctx.saved_tensors
-        return ops.cross_task_backward(grad_out, q, k, v, out, context)
+        return ops.cross_task_backward(grad_out, *ctx.saved_tensors)
 
     def _cross_scale_backward(ctx, grad_out, grad_context):
-        q, k, v, out, context = ctx.saved_tensors
-        dq, dk, dv = ops.cross_scale_backward(grad_out, q, k, v, out, context, ctx.offsets)
+        dq, dk, dv = ops.cross_scale_backward(grad_out, *ctx.saved_tensors, ctx.offsets)
         return dq, dk, dv, None
 
     torch.library.register_autograd("fused_mtl_attn::cross_task", _cross_task_backward, setup_context=_setup_context)

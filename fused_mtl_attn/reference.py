@@ -11,10 +11,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-EPS = 1e-12
-# 1e-12 underflows to 0 in float16, which would turn an empty source's 0/eps into 0/0: there the clamp uses
-# float16's smallest positive value instead (no non-zero float16 denominator is smaller)
-FLOAT16_EPS = 2.0**-24
+from .constants import EPS, FLOAT16_EPS, SOFTPLUS_THRESHOLD
+
+
+def _softplus(x: torch.Tensor) -> torch.Tensor:
+    return F.softplus(x, threshold=SOFTPLUS_THRESHOLD)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -28,7 +29,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def cross_task_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Stacked pairs: q, k [B, P, d, N] logits, v [B, P, m, N] -> [B, P, m, N]; pair p attends its own k, v."""
-    return attend(F.softplus(q), F.softplus(k), v)
+    return attend(_softplus(q), _softplus(k), v)
 
 
 def cross_scale_attention(
@@ -40,9 +41,9 @@ def cross_scale_attention(
     """
     offsets = [int(o) for o in offsets]
     batch, _, n_query = q.shape
-    q = F.softplus(q)
+    q = _softplus(q)
     pieces = [
-        attend(q, F.softplus(k[..., lo:hi]), v[..., lo:hi]) for lo, hi in zip(offsets[:-1], offsets[1:])
+        attend(q, _softplus(k[..., lo:hi]), v[..., lo:hi]) for lo, hi in zip(offsets[:-1], offsets[1:])
     ]
     if not pieces:
         return q.new_zeros(batch, 0, v.shape[1], n_query)

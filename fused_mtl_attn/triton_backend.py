@@ -72,15 +72,15 @@ def _register() -> SimpleNamespace:
         return tk.forward(q, k, v)
 
     def cross_task_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            out: torch.Tensor, S: torch.Tensor, z: torch.Tensor) -> Tensors3:
-        return tk.backward(grad, q, k, v, out, S, z)
+                            S: torch.Tensor, z: torch.Tensor) -> Tensors3:
+        return tk.backward(grad, q, k, v, S, z)
 
     def cross_scale_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: List[int]) -> Tensors3:
         return tk.forward(q, k, v, offsets)
 
     def cross_scale_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             out: torch.Tensor, S: torch.Tensor, z: torch.Tensor, offsets: List[int]) -> Tensors3:
-        return tk.backward(grad, q, k, v, out, S, z, offsets)
+                             S: torch.Tensor, z: torch.Tensor, offsets: List[int]) -> Tensors3:
+        return tk.backward(grad, q, k, v, S, z, offsets)
 
     ops = SimpleNamespace(
         cross_task=define("cross_task_forward", cross_task_forward),
@@ -89,9 +89,10 @@ def _register() -> SimpleNamespace:
         cross_scale_backward=define("cross_scale_backward", cross_scale_backward),
     )
 
-    # forward returns (out, S, z); S and z are saved so backward skips a second pass over k and v
+    # forward returns (out, S, z); S and z are saved so backward skips a second pass over k and v, and `out` is
+    # not: backward gets g . out from S and z
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:3], *output)
+        ctx.save_for_backward(*inputs[:3], *output[1:])
         ctx.offsets = inputs[3] if len(inputs) > 3 else None
 
     def cross_task_grad(ctx, grad, _grad_S, _grad_z):

@@ -2,20 +2,21 @@
 
 Every tensor is addressed as [B, P, C, N] through its strides: a stacked pair is group p; a gathered source
 is group j with q's group stride 0 (one query for all sources) and its positions lo:hi of the gathered axis.
-The math is the spec's (../shared/spec/attention-op.md):
+The math is the spec's (docs/attention-op.md):
 
 - `_reduce_kernel`: S = w x^T (m x d), z = sum_n x_n with x = softplus(logits), over a group's positions;
   forward: w = v; backward: w = g / den, z-weights b, giving dS and dz. Each program reduces one
   (m-block, d-block, split of positions) into a partial; the partials are summed in a fixed order by
   torch.sum afterwards, so results are bitwise reproducible (no atomics).
 - `_apply_kernel`: Y = W softplus(X) (/ max(z . softplus(X), eps)): `out` in forward, `dv` in backward.
-- `_row_stats_kernel`: per query position 1/den and b = -(g . out)/den (0 where the clamp is active).
+- `_row_stats_kernel`: per query position 1/den and b = -(g . S q)/den^2 (= -(g . out)/den without reading a saved
+  `out`; 0 where the clamp is active).
 - `_apply_grad_kernel`: Y = sigmoid(L) * sum_i (W_i^T A_i * s_i + w_i b_i): `dq` (summed over the
   sources of a gathered query) and `dk`.
 
-Accumulation is fp32 (fp64 for fp64 inputs); `tl.dot` runs on the accumulation type with IEEE precision
-(no TF32), so fp32 agrees with the reference to ~1e-6. Channel blocks are powers of two >= 16 (tl.dot's
-minimum on NVIDIA), masked to the real d and m.
+Accumulation is fp32 (fp64 for fp64 inputs, constants.accumulation_dtype); `tl.dot` runs on the accumulation
+type, fp64 with IEEE precision and fp32 as tf32x3 (three TF32 products, ~fp32 accuracy: see `_dot`). Channel blocks
+are powers of two >= 16 (tl.dot's minimum on NVIDIA), masked to the real d and m.
 """
 from __future__ import annotations
 
@@ -26,7 +27,12 @@ import torch
 import triton
 import triton.language as tl
 
-EPS = 1e-12
+from . import constants
+from .constants import accumulation_dtype
+
+# module-level constexprs, so the kernels can read them
+EPS = tl.constexpr(constants.EPS)
+SOFTPLUS_THRESHOLD = tl.constexpr(constants.SOFTPLUS_THRESHOLD)
 
 # the interpreter (TRITON_INTERPRET=1) makes @triton.jit return a non-JITFunction; read at import like triton does
 INTERPRETED = False  # set below once a kernel exists
@@ -35,17 +41,17 @@ INTERPRETED = False  # set below once a kernel exists
 @triton.jit
 def _softplus(x):
     # torch's rule (beta 1, threshold 20); log1p(u) as log(w) * u / (w - 1) (Goldberg) since tl has no log1p
-    u = tl.exp(tl.minimum(x, 20.0))
+    u = tl.exp(tl.minimum(x, SOFTPLUS_THRESHOLD))
     w = 1.0 + u
     log1p = tl.where(w == 1.0, u, tl.log(w) * (u / tl.where(w == 1.0, 1.0, w - 1.0)))
-    return tl.where(x > 20.0, x, log1p)
+    return tl.where(x > SOFTPLUS_THRESHOLD, x, log1p)
 
 
 @triton.jit
 def _softplus_grad(x):
     # d softplus / dx = sigmoid(x), and 1 above the threshold
-    u = tl.exp(tl.minimum(x, 20.0))
-    return tl.where(x > 20.0, 1.0, u / (1.0 + u))
+    u = tl.exp(tl.minimum(x, SOFTPLUS_THRESHOLD))
+    return tl.where(x > SOFTPLUS_THRESHOLD, 1.0, u / (1.0 + u))
 
 
 @triton.jit
@@ -150,7 +156,7 @@ def _apply_kernel(
             z = tl.load(z_ptr + (b * P + p) * C + rc, mask=c_mask, other=0.0)
             den += tl.sum(z[:, None] * x, axis=0)
     if NORMALIZE:
-        acc = acc / tl.maximum(den, 1e-12)[None, :]
+        acc = acc / tl.maximum(den, EPS)[None, :]
     y_base = y_ptr + b * ys_b + p * ys_p
     tl.store(y_base + _tile(rr, rn, ys_r, ys_n), acc.to(y_ptr.dtype.element_ty),
              mask=r_mask[:, None] & n_mask[None, :])
@@ -158,10 +164,9 @@ def _apply_kernel(
 
 @triton.jit
 def _row_stats_kernel(
-    z_ptr,  # z [B, P, d], contiguous, accumulation dtype
+    s_ptr, z_ptr,  # S [B, P, m, d] and z [B, P, d], contiguous, accumulation dtype
     x_ptr, xs_b, xs_p, xs_c, xs_n,  # query logits [B, P, d, N]
     g_ptr, gs_b, gs_p, gs_c, gs_n,  # grad of out [B, P, m, N]
-    o_ptr, os_b, os_p, os_c, os_n,  # out [B, P, m, N]
     rden_ptr, bvec_ptr,  # results [B, P, N], contiguous, accumulation dtype
     d, m, n_pos, P,
     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -172,24 +177,34 @@ def _row_stats_kernel(
     b = tl.program_id(2).to(tl.int64)
     rn = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < n_pos
+    group = b * P + p
+    # g . out = g . (S q) / den: S q one block of m rows at a time (the query tile is re-read from cache per block),
+    # den = z . q with the first block; at least one block, so that m = 0 still gets den
     den = tl.zeros([BLOCK_N], dtype=acc_ty)
-    for c0 in range(0, d, BLOCK_C):
-        rc = c0 + tl.arange(0, BLOCK_C)
-        xmask = (rc < d)[:, None] & n_mask[None, :]
-        x = tl.load(x_ptr + b * xs_b + p * xs_p + _tile(rc, rn, xs_c, xs_n), mask=xmask, other=0.0).to(acc_ty)
-        z = tl.load(z_ptr + (b * P + p) * d + rc, mask=rc < d, other=0.0)
-        den += tl.sum(z[:, None] * tl.where(xmask, _softplus(x), 0.0), axis=0)
-    gout = tl.zeros([BLOCK_N], dtype=acc_ty)
-    for c0 in range(0, m, BLOCK_C):
-        rc = c0 + tl.arange(0, BLOCK_C)
-        mask = (rc < m)[:, None] & n_mask[None, :]
-        g = tl.load(g_ptr + b * gs_b + p * gs_p + _tile(rc, rn, gs_c, gs_n), mask=mask, other=0.0).to(acc_ty)
-        o = tl.load(o_ptr + b * os_b + p * os_p + _tile(rc, rn, os_c, os_n), mask=mask, other=0.0).to(acc_ty)
-        gout += tl.sum(g * o, axis=0)
-    rden = 1.0 / tl.maximum(den, 1e-12)
+    gsq = tl.zeros([BLOCK_N], dtype=acc_ty)
+    for r0 in range(0, tl.maximum(m, 1), BLOCK_C):
+        rr = r0 + tl.arange(0, BLOCK_C)
+        r_mask = rr < m
+        sq = tl.zeros([BLOCK_C, BLOCK_N], dtype=acc_ty)
+        for c0 in range(0, d, BLOCK_C):
+            rc = c0 + tl.arange(0, BLOCK_C)
+            c_mask = rc < d
+            xmask = c_mask[:, None] & n_mask[None, :]
+            x = tl.load(x_ptr + b * xs_b + p * xs_p + _tile(rc, rn, xs_c, xs_n), mask=xmask, other=0.0).to(acc_ty)
+            x = tl.where(xmask, _softplus(x), 0.0)
+            if r0 == 0:
+                z = tl.load(z_ptr + group * d + rc, mask=c_mask, other=0.0)
+                den += tl.sum(z[:, None] * x, axis=0)
+            s = tl.load(s_ptr + group * m * d + _tile(rr, rc, d, 1), mask=r_mask[:, None] & c_mask[None, :],
+                        other=0.0)
+            sq = _dot(s, x, sq)
+        g = tl.load(g_ptr + b * gs_b + p * gs_p + _tile(rr, rn, gs_c, gs_n), mask=r_mask[:, None] & n_mask[None, :],
+                    other=0.0).to(acc_ty)
+        gsq += tl.sum(g * sq, axis=0)
+    rden = 1.0 / tl.maximum(den, EPS)
     # the clamp max(z.q, eps) passes no gradient to z.q where it is active
-    bvec = tl.where(den >= 1e-12, -gout * rden, 0.0)
-    row = (b * P + p) * n_pos + rn
+    bvec = tl.where(den >= EPS, -gsq * rden * rden, 0.0)
+    row = group * n_pos + rn
     tl.store(rden_ptr + row, rden, mask=n_mask)
     tl.store(bvec_ptr + row, bvec, mask=n_mask)
 
@@ -268,7 +283,7 @@ if INTERPRETED and tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3
 KERNELS = {
     "reduce": (_reduce_kernel, ("rden_ptr", "bvec_ptr", "s_ptr", "z_ptr"), {"BACKWARD": (False, True)}),
     "apply": (_apply_kernel, ("w_ptr", "z_ptr"), {"NORMALIZE": (True, False)}),
-    "row_stats": (_row_stats_kernel, ("z_ptr", "rden_ptr", "bvec_ptr"), {}),
+    "row_stats": (_row_stats_kernel, ("s_ptr", "z_ptr", "rden_ptr", "bvec_ptr"), {}),
     "apply_grad": (_apply_grad_kernel, ("w_ptr", "wz_ptr", "rden_ptr", "bvec_ptr"), {"HAS_COLS": (True, False)}),
 }
 
@@ -339,10 +354,6 @@ def _groups(batch: int, n_groups: int, n: int, offsets: Optional[Sequence[int]])
     return _Groups(batch, n_groups, tuple((j, 1, offsets[j], offsets[j + 1]) for j in range(n_groups)))
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _reduce(x, w, groups: _Groups, d: int, m: int, cfg: Config, rows=None):
     """Sum over each group's positions: S [B, P, m, d], z [B, P, d] (rows = (rden, bvec, n_pos) in backward)."""
     B, P = groups.B, groups.P
@@ -350,7 +361,7 @@ def _reduce(x, w, groups: _Groups, d: int, m: int, cfg: Config, rows=None):
     tiles = triton.cdiv(m, cfg.block_c) * triton.cdiv(d, cfg.block_c)
     n_split = _num_splits(longest, tiles * B * P, cfg.block_n)
     span = triton.cdiv(triton.cdiv(max(longest, 1), n_split), cfg.block_n) * cfg.block_n
-    acc = _acc_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     s_part = torch.empty(B, P, n_split, m, d, device=x.device, dtype=acc)
     z_part = torch.empty(B, P, n_split, d, device=x.device, dtype=acc)
     rden, bvec, n_pos = rows if rows is not None else (s_part, s_part, 0)  # unused pointers in forward
@@ -403,18 +414,18 @@ def forward(q, k, v, offsets: Optional[Sequence[int]] = None):
     return out, S, z
 
 
-def backward(grad, q, k, v, out, S, z, offsets: Optional[Sequence[int]] = None):
+def backward(grad, q, k, v, S, z, offsets: Optional[Sequence[int]] = None):
     """dq, dk, dv (shapes and strides of q, k, v made contiguous) from grad = dL/dout and the saved S, z."""
     gathered = offsets is not None
-    B, P, m, n_q = out.shape
+    B, P, m, n_q = grad.shape
     d = q.shape[-2]
     cfg = pick_config(d, m, max(n_q, k.shape[-1]))
     queries = _groups(B, P, n_q, None)
-    acc = _acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     rden = torch.empty(B, P, n_q, device=q.device, dtype=acc)
     bvec = torch.empty_like(rden)
-    _launch(_row_stats_kernel, (triton.cdiv(n_q, cfg.block_n), P, B), z, q, *_strides(q),
-            grad, *_strides(grad), out, *_strides(out), rden, bvec, d, m, n_q, P,
+    _launch(_row_stats_kernel, (triton.cdiv(n_q, cfg.block_n), P, B), S, z, q, *_strides(q),
+            grad, *_strides(grad), rden, bvec, d, m, n_q, P,
             BLOCK_C=cfg.block_c, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     rows = (rden, bvec, n_q)
     dS, dz = _reduce(q, grad, queries, d, m, cfg, rows=rows)

@@ -25,7 +25,7 @@ from fused_mtl_attn import cross_scale_attention, cross_task_attention
 
 from .fused_ops import (batch_norm_per_sample_group, batch_norm_repeated, batch_norm_segments, batch_norm_stacked,
                         blocked_aggregation, conv1x1_stacked, is_channels_last, recompute_in_backward, upsample)
-from .modules import GlobalContextAttention, csam_name, pair_name
+from .modules import GlobalContextAttention, from_key
 from .network import AGGREGATION_INPUTS, SCAMTL, CrossTaskAttention, FeaturePropagation, TaskHead
 
 
@@ -84,7 +84,7 @@ class FusedCrossTaskAttention(CrossTaskAttention):
         m, n_pairs = len(self.tasks), len(by_source)
         b, mc, n = x3.shape
         by_target = [(t, a) for t in self.tasks for a in self.sources(t)]
-        gca = {pair: self.attention[pair_name(*pair)] for pair in by_target}
+        gca = {pair: self.attention[from_key(*pair)] for pair in by_target}
         q = _projections_stacked(x3, [gca[pair].query for pair in by_target], m)
         order = torch.tensor([by_target.index(pair) for pair in by_source], device=x3.device)
         q = q.view(b, n_pairs, mc // m, n).index_select(1, order)
@@ -171,7 +171,7 @@ class FusedTaskHead(TaskHead):
         xs = []
         for k, y in enumerate(features):
             if self.sources(k):
-                projected = [self.projection[csam_name(k, j)](features[j]) for j in self.sources(k)]
+                projected = [self.projection[from_key(k, j)](features[j]) for j in self.sources(k)]
                 y = torch.cat([y, self.attention[k].attend_sources(y, projected).flatten(1, 2)], dim=1)
             xs.append(y)
         return blocked_aggregation(xs, self.aggregation_weights(), self.aggregate.conv.bias, self.aggregate.bn,

@@ -13,13 +13,8 @@ from timm.layers import DropPath, trunc_normal_
 from fused_mtl_attn import reference
 
 
-def pair_name(target: str, source: str) -> str:
-    """Key of the CTAM block in which task `target` queries task `source`."""
-    return f"{target}_from_{source}"
-
-
-def csam_name(target: int, source: int) -> str:
-    """Key of the CSAM projection from scale `source` to scale `target`."""
+def from_key(target, source) -> str:
+    """Key of the module through which `target` reads `source`: a CTAM pair of tasks or a CSAM pair of scales."""
     return f"{target}_from_{source}"
 
 

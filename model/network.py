@@ -20,8 +20,7 @@ from timm.models.hrnet import HighResolutionNetFeatures, cfg_cls
 from fused_mtl_attn.backends import BACKENDS
 
 from .keys import upgrade_state_dict
-from .modules import (BasicBlock, GlobalContextAttention, SqueezeExcitation, SwinLayer, conv1x1, csam_name,
-                      pair_name)
+from .modules import BasicBlock, GlobalContextAttention, SqueezeExcitation, SwinLayer, conv1x1, from_key
 
 NYUD_TASKS = {"semseg": 40, "depth": 1, "normals": 3, "edge": 1}
 PASCAL_TASKS = {"semseg": 21, "human_parts": 7, "sal": 1, "normals": 3, "edge": 1}
@@ -104,7 +103,7 @@ class CrossTaskAttention(nn.Module):
         super().__init__()
         self.tasks = list(tasks)
         self.attention = nn.ModuleDict(
-            {pair_name(t, a): GlobalContextAttention(channels) for t in self.tasks for a in self.tasks if a != t}
+            {from_key(t, a): GlobalContextAttention(channels) for t in self.tasks for a in self.tasks if a != t}
         )
         self.block = BasicBlock(2 * (len(self.tasks) - 1) * channels, channels)
 
@@ -120,7 +119,7 @@ class CrossTaskAttention(nn.Module):
     def forward(self, features: dict) -> dict:
         out = {}
         for t in self.tasks:
-            attended = {a: self.attention[pair_name(t, a)](features[t], features[a]) for a in self.sources(t)}
+            attended = {a: self.attention[from_key(t, a)](features[t], features[a]) for a in self.sources(t)}
             out[t] = features[t] + self.block(self.block_input(features[t], attended))
         return out
 
@@ -163,7 +162,7 @@ class TaskHead(nn.Module):
         super().__init__()
         self.widths = tuple(widths)
         self.projection = nn.ModuleDict(
-            {csam_name(k, j): nn.Sequential(conv1x1(widths[j], widths[k]), nn.BatchNorm2d(widths[k]))
+            {from_key(k, j): nn.Sequential(conv1x1(widths[j], widths[k]), nn.BatchNorm2d(widths[k]))
              for k, j in CSAM_PAIRS}
         )
         # one GCA per target scale, shared by all of that target's sources
@@ -180,7 +179,7 @@ class TaskHead(nn.Module):
         return [j for k, j in CSAM_PAIRS if k == target]
 
     def forward(self, features: list) -> torch.Tensor:
-        attended = {(k, j): self.attention[k](features[k], self.projection[csam_name(k, j)](features[j]))
+        attended = {(k, j): self.attention[k](features[k], self.projection[from_key(k, j)](features[j]))
                     for k, j in CSAM_PAIRS}
         pieces = [features[k] if j is None else attended[k, j] for k, j in AGGREGATION_INPUTS]
         size = features[0].shape[-2:]

@@ -244,11 +244,10 @@ def test_opcheck(kernel, op):
         args = (qs.requires_grad_(), ks.requires_grad_(), vs.requires_grad_(), offsets)
     elif op == "cross_task_backward":
         out, ctx = ops.cross_task(q, k, v)
-        # the CPU backward takes no `out` (it gets g . out from S^T g); the CUDA one needs it
-        args = (torch.randn_like(out), q, k, v, out if kernel.device == "cuda" else None, ctx)
+        args = (torch.randn_like(out), q, k, v, ctx)
     else:
         out, ctx = ops.cross_scale(qs, ks, vs, offsets)
-        args = (torch.randn_like(out), qs, ks, vs, out, ctx, offsets)
+        args = (torch.randn_like(out), qs, ks, vs, ctx, offsets)
     torch.library.opcheck(getattr(ops, op).default, args)
 
 
@@ -388,10 +387,10 @@ def test_cross_scale_mixed_dtypes_and_devices_are_refused():
         (lambda: ops.cross_scale(Z(2, 3, 4), Z(2, 3, 9), Z(2, 5, 9), [0, 8]), "end at the gathered length"),
         (lambda: ops.cross_scale(Z(2, 3, 4), Z(2, 4, 9), Z(2, 5, 9), [0, 9]), "k must be"),
         (lambda: ops.cross_scale(Z(2, 3, 4), Z(2, 3, 9), Z(2, 5, 9), []), "offsets must hold"),
-        (lambda: ops.cross_task_backward(Z(2, 3, 4, 4), Z(2, 3, 4, 5), Z(2, 3, 4, 5), Z(2, 3, 4, 5), Z(2, 3, 4, 5),
-                                         Z(2, 3, 5, 4)), "grad must have"),
-        (lambda: ops.cross_task_backward(Z(2, 3, 4, 5), Z(2, 3, 4, 5), Z(2, 3, 4, 5), Z(2, 3, 4, 5), Z(2, 3, 4, 5),
-                                         Z(2, 3, 4, 4)), "context must have shape"),
+        (lambda: ops.cross_task_backward(Z(2, 3, 4, 4), Z(2, 3, 4, 5), Z(2, 3, 4, 5), Z(2, 3, 4, 5), Z(2, 3, 5, 4)),
+         "grad must have"),
+        (lambda: ops.cross_task_backward(Z(2, 3, 4, 5), Z(2, 3, 4, 5), Z(2, 3, 4, 5), Z(2, 3, 4, 5), Z(2, 3, 4, 4)),
+         "context must have shape"),
     ],
 )
 def test_raw_op_bad_input_raises_runtime_error(call, match):

@@ -138,7 +138,8 @@ def _low_precision_check(fn, inputs, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_low_precision_within_twice_eager_error(dtype):
     _low_precision_check(_task, _task_inputs(2, 2, 12, 10, 40), dtype)
-    # no empty source here: eager fp16 rounds eps = 1e-12 to 0 and gives 0/0 = nan there
+    # no empty source here: eager float16's forward gives 0 there (reference.FLOAT16_EPS), but its backward divides
+    # by den^2 = FLOAT16_EPS^2, which underflows to 0, and gives nan for dq
     _low_precision_check(_scale([0, 20, 33, 45]), _scale_inputs(2, 12, 10, 30, [0, 20, 33, 45]), dtype)
 
 

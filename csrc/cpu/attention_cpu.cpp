@@ -99,10 +99,9 @@ std::tuple<Tensor, Tensor> forward_cpu(const Tensor& q, const Tensor& k, const T
 }
 
 std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad, const Tensor& q, const Tensor& k, const Tensor& v,
-                                                const OptionalTensor& out, const Tensor& context,
-                                                const std::vector<int64_t>& offsets) {
+                                                const Tensor& context, const std::vector<int64_t>& offsets) {
   TORCH_CHECK(q.device().is_cpu(), "q must be a CPU tensor for the cpu kernels, got ", q.device());
-  return current().kernels->backward(grad, q, k, v, out, context, offsets);
+  return current().kernels->backward(grad, q, k, v, context, offsets);
 }
 
 }  // namespace

@@ -427,88 +427,113 @@ void forward_kernel(const Geometry& g, const std::vector<int64_t>& offsets, cons
 }
 
 // ---------------------------------------------------------------- backward
+// For the tp positions of a tile: den = z . q, rden = 1 / max(den, eps) and b = -(u . q) / max(den, eps)^2 with
+// u = S^T g, zero where the clamp is active. (u . q / den = g . out: the S^T g form, which needs no saved `out`.)
+template <typename T>
+void backward_scalars(const T* q_s, const T* u, const T* z, int64_t d, int64_t ld, int64_t tp, T* den, T* uq, T* rden,
+                      T* b) {
+  std::fill(den, den + tp, T(0));
+  std::fill(uq, uq + tp, T(0));
+  for (int64_t c = 0; c < d; ++c) {
+    const T* qc = q_s + c * ld;
+    const T* uc = u + c * ld;
+    for (int64_t t = 0; t < tp; ++t) {
+      den[t] += z[c] * qc[t];
+      uq[t] += uc[t] * qc[t];
+    }
+  }
+  for (int64_t t = 0; t < tp; ++t) {
+    const T r = T(1) / clamp_den(den[t]);
+    rden[t] = r;
+    b[t] = den_passes_grad(den[t]) ? -uq[t] * r * r : T(0);
+  }
+}
+
+// the buffers of one thread of the query pass, for one tile of positions
+template <typename T>
+struct QueryScratch {
+  Scratch<T> q_s, sig, q_t, g_b, u, x_a, dq_acc, den, uq, rden;
+  explicit QueryScratch(const Geometry& g)
+      : q_s(g.d * g.ld), sig(g.d * g.ld), q_t(g.tile * g.ldp, /*zeroed: columns d..dp stay 0*/ true),
+        g_b(g.m * g.ld), u(g.d * g.ld), x_a((g.m + 1) * g.ld), dq_acc(g.d * g.ld), den(g.tile), uq(g.tile),
+        rden(g.tile) {}
+};
+
+// One segment's terms of the query tile lo..lo+len (q_s, q_t loaded): dq_acc += u / den + b z (before the softplus
+// factor), and acc += the tile's share of dS = sum_p a_p q_p^T with a = g / den (rows 0..m-1) and dz = sum_p b_p q_p
+// (row m). grad, s_t and z are the segment's.
 template <typename scalar_t, typename T>
-void backward_kernel(const Geometry& g, const std::vector<int64_t>& offsets, const scalar_t* grad, const scalar_t* q,
-                     const scalar_t* k, const scalar_t* v, const T* context, scalar_t* dq, scalar_t* dk,
-                     scalar_t* dv) {
-  constexpr int W = Vec<T>::W;
-  const int64_t d = g.d, m = g.m, J = g.segments, tile = g.tile, ld = g.ld, dp = g.dp, ldp = g.ldp;
-  const int64_t ctx_size = (m + 1) * d;
-  // 1. query pass: dq, and partial dS (rows 0..m-1) and dz (row m) per chunk of query positions
-  const int64_t n_chunks = (g.nq + g.chunk - 1) / g.chunk;
-  const int64_t part = g.partial();
-  Scratch<T> partial(g.groups * n_chunks * J * part);
-  Scratch<T> s_t(g.groups * J * d * m);  // S^T of each (group, segment), packed
-  at::parallel_for(0, g.groups * J, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item)
-      pack(context + item * ctx_size, d, 1, d, m, s_t.get() + item * d * m);
-  });
+void query_tile_segment(const Geometry& g, const scalar_t* grad, const T* s_t, const T* z, int64_t lo, int64_t len,
+                        QueryScratch<T>& s, T* acc) {
+  const int64_t d = g.d, m = g.m, ld = g.ld, tp = round_up(len, Vec<T>::W);
+  load_rows(grad, m, g.nq, lo, len, s.g_b.get(), ld);
+  gemm<false>(Packed<T>{s_t, m}, d, m, s.g_b.get(), ld, tp, s.u.get(), ld);  // u = S^T g
+  T* b = s.x_a.get() + m * ld;  // b is the last row of the reduction's left operand [a; b]
+  const T* rden = s.rden.get();
+  backward_scalars(s.q_s.get(), s.u.get(), z, d, ld, tp, s.den.get(), s.uq.get(), s.rden.get(), b);
+  for (int64_t c = 0; c < d; ++c) {
+    T* dq = s.dq_acc.get() + c * ld;
+    const T* uc = s.u.get() + c * ld;
+    for (int64_t t = 0; t < tp; ++t) dq[t] += uc[t] * rden[t] + b[t] * z[c];
+  }
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t t = 0; t < tp; ++t) s.x_a.get()[i * ld + t] = s.g_b.get()[i * ld + t] * rden[t];
+  gemm<true>(Strided<T>{s.x_a.get(), ld, 1}, m + 1, len, s.q_t.get(), g.ldp, g.dp, acc, g.ldp);
+}
+
+// 1. query pass: dq, and partial dS (rows 0..m-1) and dz (row m) of each segment per chunk of query positions, in
+// partial [groups, n_chunks, J] of g.partial() each. The query tile is read and activated once for all segments.
+template <typename scalar_t, typename T>
+void query_pass(const Geometry& g, const scalar_t* grad, const scalar_t* q, const T* context, const T* s_t,
+                int64_t n_chunks, T* partial, scalar_t* dq) {
+  const int64_t d = g.d, m = g.m, J = g.segments, ld = g.ld, part = g.partial(), ctx_size = (m + 1) * d;
   at::parallel_for(0, g.groups * n_chunks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> q_s(d * ld), sig(d * ld), q_t(tile * ldp, /*zeroed: columns d..dp stay 0*/ true), g_b(m * ld),
-        u(d * ld), x_a((m + 1) * ld), dq_acc(d * ld), den(tile), w(tile), rden(tile);
+    QueryScratch<T> s(g);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t grp = item / n_chunks, chunk_lo = (item % n_chunks) * g.chunk;
       const int64_t chunk_hi = std::min(chunk_lo + g.chunk, g.nq);
-      std::fill(partial.get() + item * J * part, partial.get() + (item + 1) * J * part, T(0));
-      for (int64_t lo = chunk_lo; lo < chunk_hi; lo += tile) {
-        const int64_t len = std::min(tile, chunk_hi - lo), tp = round_up(len, W);
-        load_softplus(q + grp * d * g.nq, d, g.nq, lo, len, q_s.get(), sig.get(), ld);
-        transpose(q_s.get(), d, ld, len, q_t.get(), ldp);
-        std::fill(dq_acc.get(), dq_acc.get() + d * ld, T(0));
+      std::fill(partial + item * J * part, partial + (item + 1) * J * part, T(0));
+      for (int64_t lo = chunk_lo; lo < chunk_hi; lo += g.tile) {
+        const int64_t len = std::min(g.tile, chunk_hi - lo);
+        load_softplus(q + grp * d * g.nq, d, g.nq, lo, len, s.q_s.get(), s.sig.get(), ld);
+        transpose(s.q_s.get(), d, ld, len, s.q_t.get(), g.ldp);
+        std::fill(s.dq_acc.get(), s.dq_acc.get() + d * ld, T(0));
         for (int64_t j = 0; j < J; ++j) {
-          const T* z = context + (grp * J + j) * ctx_size + m * d;
-          load_rows(grad + ((grp * J + j) * m) * g.nq, m, g.nq, lo, len, g_b.get(), ld);
-          gemm<false>(Packed<T>{s_t.get() + (grp * J + j) * d * m, m}, d, m, g_b.get(), ld, tp, u.get(), ld);  // S^T g
-          T* dn = den.get();
-          T* wt = w.get();
-          std::fill(dn, dn + tp, T(0));
-          std::fill(wt, wt + tp, T(0));
-          for (int64_t c = 0; c < d; ++c) {
-            const T* qc = q_s.get() + c * ld;
-            const T* uc = u.get() + c * ld;
-            for (int64_t t = 0; t < tp; ++t) {
-              dn[t] += z[c] * qc[t];
-              wt[t] += uc[t] * qc[t];
-            }
-          }
-          // a = g / den, b = -(g . out) / den = -(u . q) / den^2, zero where the clamp is active
-          T* b_row = x_a.get() + m * ld;
-          for (int64_t t = 0; t < tp; ++t) {
-            const T r = T(1) / clamp_den(dn[t]);
-            rden.get()[t] = r;
-            b_row[t] = den_passes_grad(dn[t]) ? -wt[t] * r * r : T(0);
-          }
-          for (int64_t c = 0; c < d; ++c) {
-            T* acc = dq_acc.get() + c * ld;
-            const T* uc = u.get() + c * ld;
-            for (int64_t t = 0; t < tp; ++t) acc[t] += uc[t] * rden.get()[t] + b_row[t] * z[c];
-          }
-          for (int64_t i = 0; i < m; ++i)
-            for (int64_t t = 0; t < tp; ++t) x_a.get()[i * ld + t] = g_b.get()[i * ld + t] * rden.get()[t];
-          T* acc = partial.get() + (item * J + j) * part;
-          gemm<true>(Strided<T>{x_a.get(), ld, 1}, m + 1, len, q_t.get(), ldp, dp, acc, ldp);
+          const int64_t gj = grp * J + j;
+          query_tile_segment(g, grad + gj * m * g.nq, s_t + gj * d * m, context + gj * ctx_size + m * d, lo, len, s,
+                             partial + (item * J + j) * part);
         }
         for (int64_t c = 0; c < d; ++c) {
           scalar_t* dst = dq + (grp * d + c) * g.nq + lo;
           for (int64_t t = 0; t < len; ++t)
-            dst[t] = static_cast<scalar_t>(dq_acc.get()[c * ld + t] * sig.get()[c * ld + t]);
+            dst[t] = static_cast<scalar_t>(s.dq_acc.get()[c * ld + t] * s.sig.get()[c * ld + t]);
         }
       }
     }
   });
-  // dS and dz per (group, segment), and dS^T and dS packed
-  Scratch<T> d_ctx(g.groups * J * part), ds_t(g.groups * J * d * m), ds_p(g.groups * J * m * d);
+}
+
+// dS and dz of each (group, segment) summed from the query pass's partials into d_ctx, and dS^T and dS packed
+template <typename T>
+void sum_backward_context(const Geometry& g, const T* partial, int64_t n_chunks, T* d_ctx, T* ds_t, T* ds_p) {
+  const int64_t d = g.d, m = g.m, J = g.segments, part = g.partial();
   at::parallel_for(0, g.groups * J, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t grp = item / J, j = item % J;
-      sum_partials(partial.get() + (grp * n_chunks * J + j) * part, n_chunks, J * part, g, d_ctx.get() + item * part,
-                   ldp);
-      pack(d_ctx.get() + item * part, d, 1, ldp, m, ds_t.get() + item * d * m);
-      pack(d_ctx.get() + item * part, m, ldp, 1, d, ds_p.get() + item * m * d);
+      sum_partials(partial + (grp * n_chunks * J + j) * part, n_chunks, J * part, g, d_ctx + item * part, g.ldp);
+      pack(d_ctx + item * part, d, 1, g.ldp, m, ds_t + item * d * m);
+      pack(d_ctx + item * part, m, g.ldp, 1, d, ds_p + item * m * d);
     }
   });
-  // 2. source pass: dk = (dS^T v + dz) * sigmoid(kp), dv = dS k, tile by tile within each segment
-  const std::vector<Span> tiles = cut(offsets, tile);
+}
+
+// 2. source pass: dk = (dS^T v + dz) * sigmoid(kp), dv = dS k, tile by tile within each segment
+template <typename scalar_t, typename T>
+void source_pass(const Geometry& g, const std::vector<int64_t>& offsets, const scalar_t* k, const scalar_t* v,
+                 const T* d_ctx, const T* ds_t, const T* ds_p, scalar_t* dk, scalar_t* dv) {
+  constexpr int W = Vec<T>::W;
+  const int64_t d = g.d, m = g.m, J = g.segments, ld = g.ld, part = g.partial();
+  const std::vector<Span> tiles = cut(offsets, g.tile);
   const int64_t n_tiles = static_cast<int64_t>(tiles.size());
   at::parallel_for(0, g.groups * n_tiles, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> k_s(d * ld), sig(d * ld), v_b(m * ld), dk_t(d * ld), dv_t(m * ld);
@@ -517,11 +542,11 @@ void backward_kernel(const Geometry& g, const std::vector<int64_t>& offsets, con
       const Span& sp = tiles[item % n_tiles];
       const int64_t lo = sp.lo, len = sp.hi - sp.lo, tp = round_up(len, W);
       const int64_t packed = (grp * J + sp.segment) * d * m;
-      const T* dz = d_ctx.get() + (grp * J + sp.segment) * part + m * ldp;
+      const T* dz = d_ctx + (grp * J + sp.segment) * part + m * g.ldp;
       load_softplus(k + grp * d * g.nk, d, g.nk, lo, len, k_s.get(), sig.get(), ld);
       load_rows(v + grp * m * g.nk, m, g.nk, lo, len, v_b.get(), ld);
-      gemm<false>(Packed<T>{ds_t.get() + packed, m}, d, m, v_b.get(), ld, tp, dk_t.get(), ld);  // dS^T v
-      gemm<false>(Packed<T>{ds_p.get() + packed, d}, m, d, k_s.get(), ld, tp, dv_t.get(), ld);  // dS k
+      gemm<false>(Packed<T>{ds_t + packed, m}, d, m, v_b.get(), ld, tp, dk_t.get(), ld);  // dS^T v
+      gemm<false>(Packed<T>{ds_p + packed, d}, m, d, k_s.get(), ld, tp, dv_t.get(), ld);  // dS k
       for (int64_t c = 0; c < d; ++c) {
         scalar_t* dst = dk + (grp * d + c) * g.nk + lo;
         for (int64_t t = 0; t < len; ++t)
@@ -535,6 +560,24 @@ void backward_kernel(const Geometry& g, const std::vector<int64_t>& offsets, con
   });
 }
 
+template <typename scalar_t, typename T>
+void backward_kernel(const Geometry& g, const std::vector<int64_t>& offsets, const scalar_t* grad, const scalar_t* q,
+                     const scalar_t* k, const scalar_t* v, const T* context, scalar_t* dq, scalar_t* dk,
+                     scalar_t* dv) {
+  const int64_t d = g.d, m = g.m, J = g.segments, ctx_size = (m + 1) * d, part = g.partial();
+  Scratch<T> s_t(g.groups * J * d * m);  // S^T of each (group, segment), packed for u = S^T g
+  at::parallel_for(0, g.groups * J, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item)
+      pack(context + item * ctx_size, d, 1, d, m, s_t.get() + item * d * m);
+  });
+  const int64_t n_chunks = (g.nq + g.chunk - 1) / g.chunk;
+  Scratch<T> partial(g.groups * n_chunks * J * part);
+  query_pass(g, grad, q, context, s_t.get(), n_chunks, partial.get(), dq);
+  Scratch<T> d_ctx(g.groups * J * part), ds_t(g.groups * J * d * m), ds_p(g.groups * J * m * d);
+  sum_backward_context(g, partial.get(), n_chunks, d_ctx.get(), ds_t.get(), ds_p.get());
+  source_pass(g, offsets, k, v, d_ctx.get(), ds_t.get(), ds_p.get(), dk, dv);
+}
+
 // ---------------------------------------------------------------- cores
 std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& v,
                                    const std::vector<int64_t>& offsets) {
@@ -543,7 +586,7 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
   Tensor out = at::empty({groups, J, m, nq}, q.options());
   Tensor context = at::empty({groups, J, m + 1, d}, q.options().dtype(accumulation_dtype(q.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_mtl_attn_forward_cpu", [&] {
-    using T = at::opmath_type<scalar_t>;
+    using T = accumulation_t<scalar_t>;
     const Geometry g = geometry<T>(q, v, k.size(2), J);
     forward_kernel<scalar_t, T>(g, offsets, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
                                 v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
@@ -553,12 +596,11 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
 }
 
 std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad, const Tensor& q, const Tensor& k, const Tensor& v,
-                                            const OptionalTensor& /*out: unused, b comes from S^T g*/,
                                             const Tensor& context, const std::vector<int64_t>& offsets) {
   const int64_t J = static_cast<int64_t>(offsets.size()) - 1;
   Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_mtl_attn_backward_cpu", [&] {
-    using T = at::opmath_type<scalar_t>;
+    using T = accumulation_t<scalar_t>;
     const Geometry g = geometry<T>(q, v, k.size(2), J);
     backward_kernel<scalar_t, T>(g, offsets, grad.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
                                  k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),

@@ -7,7 +7,6 @@
 #include "../attention_math.h"
 
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
@@ -209,22 +208,42 @@ __global__ void forward_apply_kernel(const scalar_t* q, const T* ctx, const T* d
 }
 
 // ---------------------------------------------------------------- backward
-// rden = 1 / max(den, eps); b = -(g . out) / max(den, eps), zero where the clamp is active
+// rden = 1 / max(den, eps) and b = -(g . S q) / max(den, eps)^2 (= -(g . out) / max(den, eps), so `out` is not
+// needed), zero where the clamp is active. [S; z] q gives S q (rows < m) and den (row m) in one pass over q; each
+// thread sums g . S q over its rows, then row 0 of the block adds the other rows' sums in order.
+// grid x = position tile, z = g * J + j
 template <typename scalar_t, typename T>
-__global__ void backward_scalars_kernel(const scalar_t* grad, const scalar_t* out, int64_t GJ, int64_t m, int64_t nq,
-                                        T* den_rden, T* b) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= GJ * nq) return;
-  const int64_t p = idx % nq, gj = idx / nq;
+__global__ void backward_scalars_kernel(const scalar_t* grad, const scalar_t* q, const T* ctx, int64_t J, int64_t d,
+                                        int64_t m, int64_t nq, T* rden, T* b) {
+  __shared__ T As[TILE][TILE + 1], Ys[TILE][TILE + 1];
+  __shared__ T dots[ROWS][TILE], den[TILE];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t gj = blockIdx.z, g = gj / J, p0 = static_cast<int64_t>(blockIdx.x) * TILE, p = p0 + tx;
+  const T* s = ctx + gj * (m + 1) * d;
+  auto Y = [&](int64_t c, int tt) {
+    return (c < d && p0 + tt < nq) ? softplus(static_cast<T>(q[(g * d + c) * nq + p0 + tt])) : T(0);
+  };
   T dot = T(0);
-  for (int64_t i = 0; i < m; ++i) {
-    const int64_t at = (gj * m + i) * nq + p;
-    dot += static_cast<T>(grad[at]) * static_cast<T>(out[at]);
+  for (int64_t r0 = 0; r0 <= m; r0 += TILE) {
+    auto A = [&](int rr, int64_t c) { return (r0 + rr <= m && c < d) ? s[(r0 + rr) * d + c] : T(0); };
+    T acc[PER] = {};
+    apply_tile(acc, d, A, Y, As, Ys);
+    for (int k = 0; k < PER; ++k) {
+      const int64_t i = r0 + ty + ROWS * k;
+      if (i == m) {
+        den[tx] = acc[k];
+      } else if (i < m && p < nq) {
+        dot += static_cast<T>(grad[(gj * m + i) * nq + p]) * acc[k];
+      }
+    }
   }
-  const T dn = den_rden[idx];
-  const T r = T(1) / clamp_den(dn);
-  b[idx] = den_passes_grad(dn) ? -dot * r : T(0);
-  den_rden[idx] = r;
+  dots[ty][tx] = dot;
+  __syncthreads();
+  if (ty != 0 || p >= nq) return;
+  for (int y = 1; y < ROWS; ++y) dot += dots[y][tx];
+  const T dn = den[tx], r = T(1) / clamp_den(dn);
+  rden[gj * nq + p] = r;
+  b[gj * nq + p] = den_passes_grad(dn) ? -dot * r * r : T(0);
 }
 
 // dq[g, c, p] = sigmoid(qp) * sum_j (S_j^T g_j,p)_c / den_j,p + b_j,p z_j,c; grid x = position tile, y = row tile, z = g
@@ -332,7 +351,7 @@ std::tuple<Tensor, Tensor> forward_cuda(const Tensor& q, const Tensor& k, const 
   Tensor out = at::empty({G, J, m, nq}, q.options());
   Tensor ctx = at::empty({G, J, m + 1, d}, q.options().dtype(accumulation_dtype(q.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_mtl_attn_forward_cuda", [&] {
-    using T = at::opmath_type<scalar_t>;
+    using T = accumulation_t<scalar_t>;
     ValuesAndOnes<scalar_t, T> x{{v.const_data_ptr<scalar_t>(), m, nk}};
     SoftplusRows<scalar_t, T> y{k.const_data_ptr<scalar_t>(), d, nk};
     reduce<T>(offsets, G, m + 1, d, x, y, ctx.mutable_data_ptr<T>(), ctx.options(), stream);
@@ -350,11 +369,9 @@ std::tuple<Tensor, Tensor> forward_cuda(const Tensor& q, const Tensor& k, const 
 }
 
 std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tensor& q, const Tensor& k,
-                                                 const Tensor& v, const OptionalTensor& out_opt, const Tensor& ctx,
+                                                 const Tensor& v, const Tensor& ctx,
                                                  const std::vector<int64_t>& offsets) {
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor for the cuda kernels, got ", q.device());
-  TORCH_CHECK(out_opt.has_value(), "out must be given to the CUDA backward (it gives b = -(g . out) / den)");
-  const Tensor& out = *out_opt;
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t J = static_cast<int64_t>(offsets.size()) - 1;
@@ -362,16 +379,13 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tenso
   Tensor dq = at::zeros_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   if (J == 0 || G == 0) return {dq, dk, dv};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_mtl_attn_backward_cuda", [&] {
-    using T = at::opmath_type<scalar_t>;
+    using T = accumulation_t<scalar_t>;
     Tensor rden = at::empty({G, J, nq}, ctx.options()), b = at::empty({G, J, nq}, ctx.options());
     Tensor dctx = at::empty({G, J, m + 1, d}, ctx.options());
     if (nq > 0) {
-      den_kernel<scalar_t, T><<<cdiv(G * J * nq, 256), 256, 0, stream>>>(
-          q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(), G, J, d, m, nq, rden.mutable_data_ptr<T>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      backward_scalars_kernel<scalar_t, T><<<cdiv(G * J * nq, 256), 256, 0, stream>>>(
-          grad.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(), G * J, m, nq, rden.mutable_data_ptr<T>(),
-          b.mutable_data_ptr<T>());
+      backward_scalars_kernel<scalar_t, T><<<dim3(cdiv(nq, TILE), 1, G * J), dim3(TILE, ROWS), 0, stream>>>(
+          grad.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(), J, d, m, nq,
+          rden.mutable_data_ptr<T>(), b.mutable_data_ptr<T>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (d > 0) {
         dq_kernel<scalar_t, T><<<dim3(cdiv(nq, TILE), cdiv(d, TILE), G), dim3(TILE, ROWS), 0, stream>>>(
