@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TRITON36 := $(VENV)/triton36
 BUILD_INPUTS := requirements.txt setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: setup demo test bench clean check-aarch64
+.PHONY: setup demo test clean check-aarch64
 
 setup: $(STAMP) $(TRITON36)/.installed
 
