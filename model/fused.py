@@ -86,8 +86,10 @@ class FusedCrossTaskAttention(CrossTaskAttention):
         by_target = [(t, a) for t in self.tasks for a in self.sources(t)]
         gca = {pair: self.attention[from_key(*pair)] for pair in by_target}
         q = _projections_stacked(x3, [gca[pair].query for pair in by_target], m)
-        order = torch.tensor([by_target.index(pair) for pair in by_source], device=x3.device)
-        q = q.view(b, n_pairs, mc // m, n).index_select(1, order)
+        # reordered by slices, not index_select: no index tensor copied to the device on every call (a host sync on
+        # a GPU), and a backward without index_add's atomics
+        q = q.view(b, n_pairs, mc // m, n)
+        q = torch.cat([q[:, i:i + 1] for i in (by_target.index(pair) for pair in by_source)], dim=1)
         k = _projections_stacked(x3, [gca[pair].key for pair in by_source], m)
         v = _projections_stacked(x3, [gca[pair].value for pair in by_source], m)
         return q, k.view(q.shape), v.view(q.shape)

@@ -153,11 +153,10 @@ def _spy_on_auto(monkeypatch, device, op):
         if real is not None:
             spy = functools.partial(lambda name, fn, *args: calls.append(name) or fn(*args), name, getattr(real, op))
             monkeypatch.setitem(backends._loaded, name, dataclasses.replace(real, **{op: spy}))
-    q, k, v = _cross_scale_inputs(2, 3, 4, 6, [0, 4, 9], device=device)
     if op == "cross_task":
         cross_task_attention(*_cross_task_inputs(1, 2, 3, 4, 5, 2.0, device=device))
     else:
-        cross_scale_attention(q, k, v, [0, 4, 9])
+        cross_scale_attention(*_cross_scale_inputs(2, 3, 4, 6, [0, 4, 9], device=device), [0, 4, 9])
     return calls
 
 
