@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint on a validation split: `python -m model.evaluate --config CONFIG --checkpoint FILE`.
+"""Evaluate a checkpoint on a validation split: `python -m model.evaluate --config CONFIG --checkpoint FILE`
+(ours) or `--authors-checkpoint FILE` (the authors' best_model.pth.tar / checkpoint.pth.tar, model/authors.py).
 
 Also the evaluation loop and the pieces that training shares with it: data loaders, devices, autocast,
 progress bars, the metrics table. Exit codes: 0 ok, 2 bad input (config, data set, checkpoint).
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
+from .authors import AuthorsCheckpointError, load_authors_checkpoint
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError, load_config, supervised_tasks
 from .data import EDGE_POS_WEIGHT, DatasetError, build_dataset, collate, num_outputs
@@ -132,7 +134,8 @@ def metrics_table(columns: dict) -> str:
     rows = []
     for t in first:
         key, lower = PRIMARY[t]
-        keys = [key] + [k for k in ("log_rmse", "median", "max_mIoU", "pixel_acc") if k in first[t]]
+        extra = ("log_rmse", "median", "mIoU", "maxF_atrc", "pixel_acc")   # sal: MTI-Net mIoU, ATRC maxF
+        keys = [key] + [k for k in extra if k in first[t] and k != key]
         for k in keys:
             label = f"{t} {k}" + (" (lower better)" if k == key and lower else "")
             rows.append([label] + [_fmt(columns[c][t].get(k)) for c in titles])
@@ -159,7 +162,12 @@ def model_for(cfg, fused=None):
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="a YAML path or a name in model/configs/")
-    p.add_argument("--checkpoint", required=True)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="a checkpoint of python -m model.train")
+    which.add_argument("--authors-checkpoint", metavar="FILE",
+                       help="the authors' released best_model.pth.tar or checkpoint.pth.tar (same task set)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read an authors' file that holds more than tensors (only for a file you trust)")
     p.add_argument("--fused", action="store_true", help="run the fused kernels path")
     p.add_argument("--amp", action="store_true")
     p.add_argument("--data-root", help="override the config's data_root")
@@ -172,16 +180,21 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config)
-        ckpt = load_checkpoint(args.checkpoint, num_outputs(cfg["dataset"], cfg["tasks"]))
+        net = model_for(cfg, fused=args.fused or cfg["fused"])
+        if args.authors_checkpoint:
+            load_authors_checkpoint(net, args.authors_checkpoint, args.allow_pickle)
+            source = f"the authors' {args.authors_checkpoint}"
+        else:
+            ckpt = load_checkpoint(args.checkpoint, num_outputs(cfg["dataset"], cfg["tasks"]))
+            net.load_state_dict(ckpt["model"])
+            source = f"{args.checkpoint} (step {ckpt.get('step')})"
         dataset = build_split(cfg, args.split or cfg["val_split"], False, args.data_root)
-    except (ConfigError, DatasetError, CheckpointError) as e:
+    except (ConfigError, DatasetError, CheckpointError, AuthorsCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return BAD_INPUT
     device = device_for()
-    net = model_for(cfg, fused=args.fused or cfg["fused"]).to(device)
-    net.load_state_dict(ckpt["model"])
-    print(f"evaluating {args.checkpoint} (step {ckpt.get('step')}) on {dataset!r}, "
-          f"{'fused' if net.fused else 'reference'} path, {device}")
+    net = net.to(device)
+    print(f"evaluating {source} on {dataset!r}, {'fused' if net.fused else 'reference'} path, {device}")
     result, loss, seconds = evaluate_model(net, val_loader(cfg, dataset), cfg, device, args.amp)
     print(metrics_table({"metrics": result}))
     print(f"validation loss {loss:.4f}; {len(dataset)} images in {seconds:.1f} s "
@@ -190,7 +203,8 @@ def main(argv=None) -> int:
         print(f"multi-task gain Dm = {multi_task_gain(result, cfg['baselines']):+.2f} %")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"checkpoint": str(args.checkpoint), "loss": loss, "metrics": result}, f, indent=1)
+            json.dump({"checkpoint": str(args.checkpoint or args.authors_checkpoint), "loss": loss, "metrics": result},
+                      f, indent=1)
     return 0
 
 

@@ -1,10 +1,8 @@
 """State-dict keys of layers that were nn.Sequential positions and are now named: checkpoints saved with the
 positions still load (SCAMTL registers `upgrade_state_dict` as a load pre-hook).
 
-The authors' released checkpoints name the same layers differently again, and their modules sit
-under other names too (e.g. `distillation_scale_k.cross_attention.<target>.<source>` for our
-`cross_task.k.attention.<target>_from_<source>`), so their files need a conversion of their own; only the backbone
-keys are the same in both layouts.
+The authors' released checkpoints name the same layers differently again, and their modules sit under other
+names too; model/authors.py converts their files.
 """
 from __future__ import annotations
 

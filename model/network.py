@@ -22,9 +22,12 @@ from fused_mtl_attn.backends import BACKENDS
 from .keys import upgrade_state_dict
 from .modules import BasicBlock, GlobalContextAttention, SqueezeExcitation, SwinLayer, conv1x1, from_key
 
-NYUD_TASKS = {"semseg": 40, "depth": 1, "normals": 3, "edge": 1}
+# The order of every per-task module and of every concatenation over tasks, whatever order the caller lists the
+# tasks in: the authors' config parser fixes it, and their weights (model/authors.py) depend on it.
+TASK_ORDER = ("semseg", "human_parts", "sal", "normals", "edge", "depth")
+NYUD_TASKS = {"semseg": 40, "normals": 3, "edge": 1, "depth": 1}
 PASCAL_TASKS = {"semseg": 21, "human_parts": 7, "sal": 1, "normals": 3, "edge": 1}
-KNOWN_TASKS = sorted(set(NYUD_TASKS) | set(PASCAL_TASKS))
+KNOWN_TASKS = sorted(TASK_ORDER)
 # the task sets the paper and the MTL literature use, by short name
 TASK_SETS = {
     "nyud2": {t: NYUD_TASKS[t] for t in ("semseg", "depth")},
@@ -199,7 +202,7 @@ def check_tasks(tasks) -> dict:
     for t, n in tasks.items():
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"tasks[{t!r}] must be a positive number of output channels, got {n!r}")
-    return dict(tasks)
+    return {t: tasks[t] for t in TASK_ORDER if t in tasks}
 
 
 def check_widths(widths, n_tasks: int) -> tuple:
@@ -326,7 +329,9 @@ class SCAMTL(nn.Module):
 def build_model(tasks: dict, pretrained=False, fused: bool = False, widths=DEFAULT_WIDTHS) -> SCAMTL:
     """SCA-MTL for `tasks` ({name: n_outputs}, e.g. {"semseg": 40, "depth": 1}).
 
-    pretrained: False, or the path of a local hrnet_w18_small_v2 weights file (True reads $FUSED_MTL_ATTN_HRNET_WEIGHTS).
+    The network orders the tasks as TASK_ORDER whatever the dict's order (the authors' order; model/authors.py).
+    pretrained: False, or the path of a local HRNet-W18-small-v2 ImageNet file, the HRNet release's
+    hrnet_w18_small_model_v2.pth or timm's hrnet_w18_small_v2 (True reads $FUSED_MTL_ATTN_HRNET_WEIGHTS).
     fused: run the fused kernels path (same parameters). widths: C_k per scale, default 36/72/144/288.
     """
     return SCAMTL(tasks, widths=widths, pretrained=pretrained, fused=fused)

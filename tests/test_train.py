@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from model import evaluate, train
+from model.authors import authors_state_dict
 from model.checkpoint import load_checkpoint, save_atomic
 
 TINY = """base: synthetic
@@ -70,6 +71,20 @@ def test_evaluate_cli_reads_the_checkpoint(full_run, tmp_path, capsys):
     result = json.loads(js.read_text())["metrics"]
     assert set(result) == {"semseg", "depth"} and 0 <= result["semseg"]["mIoU"] <= 100
     assert "semseg mIoU" in capsys.readouterr().out
+
+
+def test_evaluate_cli_reads_an_authors_checkpoint(full_run, tmp_path):
+    """The same weights written in the authors' layout evaluate to the same metrics as our checkpoint."""
+    cfg, out = full_run
+    net = evaluate.model_for(evaluate.load_config(cfg))
+    net.load_state_dict(load_checkpoint(out / "checkpoints" / "last.pt")["model"])
+    torch.save(authors_state_dict(net), tmp_path / "best_model.pth.tar")
+    metrics = []
+    for argv in (["--checkpoint", str(out / "checkpoints" / "last.pt")],
+                 ["--authors-checkpoint", str(tmp_path / "best_model.pth.tar")]):
+        assert evaluate.main(["--config", cfg, "--json", str(tmp_path / "m.json")] + argv) == 0
+        metrics.append(json.loads((tmp_path / "m.json").read_text())["metrics"])
+    assert metrics[0] == metrics[1]
 
 
 def test_resume_gives_the_losses_of_an_uninterrupted_run(full_run, tmp_path):
@@ -135,7 +150,11 @@ def test_bad_inputs_exit_2_with_one_line_messages(full_run, tmp_path, capsys):
         (evaluate.main, ["--config", "synthetic", "--checkpoint", str(out / "checkpoints" / "last.pt")],
          "was trained for tasks {semseg: 7, depth: 1}, config asks for {semseg: 7, depth: 1, normals: 3, edge: 1}"),
         (evaluate.main, ["--config", cfg, "--checkpoint", str(tmp_path / "none.pt")], "does not exist"),
+        (evaluate.main, ["--config", cfg, "--authors-checkpoint", str(tmp_path / "none.pth.tar")], "does not exist"),
+        (evaluate.main, ["--config", cfg, "--authors-checkpoint", str(tmp_path / "sal.pth.tar")],
+         "the checkpoint's heads are for tasks ['sal'], the network's for ['semseg', 'depth']"),
     ]
+    torch.save({"module.heads.sal.last_layer.3.bias": torch.zeros(1)}, tmp_path / "sal.pth.tar")
     (tmp_path / "nyud").mkdir()
     cases.append((train.main, ["--config", "nyud_semseg_depth", "--data-root", str(tmp_path / "nyud")],
                   "gt_sets/train.txt"))
