@@ -1,20 +1,23 @@
-"""Evaluation metrics, pooled over all pixels of a set (accumulate with update(), then compute()).
+"""Evaluation metrics as MTI-Net's meters define them (the SCA-MTL code base uses those meters; they
+define the papers' tables). Accumulate with update(), then compute(); values in percent except depth/angles.
 
 Each metric keeps its state as tensors of sums/counts/histograms, so `merge` (same process) and `sync`
 (torch.distributed all_reduce) simply add them. `update(pred, batch)` takes the raw network output of
 the task (logits for semseg/human_parts/sal/edge, values for depth/normals; or the whole output dict)
 and the batch holding the label; predictions are upsampled to the label size when they differ.
 
-- mIoU: TP/(TP+FP+FN) per class over pixels whose label != 255, mean over classes that occur in the
-  labels or the predictions.
-- depth: RMSE (prediction clamped >= 0) and log-RMSE (prediction clamped >= 1e-9, as MTI-Net) over
-  valid pixels.
-- normals: mean/median/RMSE angular error in degrees (both vectors normalised) over valid pixels, and
-  the fractions within 11.25/22.5/30 degrees; the median comes from a 0.01-degree histogram.
-- saliency: maxF in the ATRC convention (pooled over the set, beta^2 = 0.3, thresholds 0.05..0.95) and
-  max mIoU (foreground/background) over the same thresholds.
-- edges: an APPROXIMATE boundary ODS F ("edge_odsF_approx"): tolerance matching with a distance
-  transform, not the benchmark's MATLAB tool (no thinning of the prediction, no one-to-one matching);
+- mIoU: TP/FP/FN per class pooled over the split (label != 255), IoU = TP / max(TP+FP+FN, 1e-8) for
+  every class (0 for a class absent from labels and predictions), mean over all classes. Human parts
+  skip an image whose label is all 255 or all 0 (no person).
+- depth: RMSE (prediction clamped >= 0) and log-RMSE (prediction clamped >= 1e-9, as MTI-Net), pooled
+  over the valid pixels of the split.
+- normals: mean/median/RMSE angular error in degrees (both vectors normalised), pooled over the valid
+  pixels, and the fractions within 11.25/22.5/30 degrees; the median comes from a 0.01-degree histogram.
+- saliency: MTI-Net's maxF / mIoU (per-image Jaccard, precision and recall averaged over images at the
+  thresholds linspace(0.2, 0.9, 15), F with beta^2 = 1 from the mean P and R, maxima over thresholds),
+  plus the ATRC pooled beta^2 = 0.3 maxF as "maxF_atrc".
+- edges: an APPROXIMATE boundary ODS F ("odsF_approx"): tolerance matching with a distance
+  transform, not the SEISM MATLAB benchmark (no thinning of the prediction, no one-to-one matching);
   never compare it with published numbers.
 - multi-task gain Dm against a JSON file of single-task baseline results.
 """
@@ -74,10 +77,13 @@ class PooledMetric:
 
 
 class MeanIoU(PooledMetric):
-    """mIoU of `task` ("semseg" or "human_parts") with `n_classes` classes from a pooled confusion matrix."""
+    """mIoU of `task` ("semseg" or "human_parts") with `n_classes` classes from a pooled confusion matrix.
+    Human parts skip images whose label is a single value, 255 or 0: MTI-Net's evaluation drops images
+    without a person (|unique(label)| == 1), so their background pixels do not count."""
 
     def __init__(self, n_classes, task="semseg"):
         self.n_classes, self.task = n_classes, task
+        self.skip_empty = task == "human_parts"
         super().__init__()
 
     def _init_state(self):
@@ -88,6 +94,10 @@ class MeanIoU(PooledMetric):
         if pred.dim() == 4:
             pred = pred.argmax(1)
         valid = label != IGNORE
+        if self.skip_empty:
+            flat = label.flatten(1)
+            empty = (flat == IGNORE).all(1) | (flat == 0).all(1)
+            valid = valid & ~empty.view(-1, *[1] * (label.dim() - 1))
         idx = label[valid].long().cpu() * self.n_classes + pred[valid].long().cpu()
         self.state["confusion"] += torch.bincount(idx, minlength=self.n_classes ** 2).view(
             self.n_classes, self.n_classes).double()
@@ -95,11 +105,9 @@ class MeanIoU(PooledMetric):
     def compute(self):
         cm = self.state["confusion"]      # rows: label, columns: prediction
         tp = cm.diag()
-        union = cm.sum(0) + cm.sum(1) - tp
-        present = union > 0
-        iou = torch.where(present, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
-        miou = iou[present].mean().item() if present.any() else float("nan")
-        return {"mIoU": 100 * miou, "IoU": [100 * x for x in iou.tolist()],
+        union = cm.sum(0) + cm.sum(1) - tp             # TP + FP + FN
+        iou = tp / union.clamp(min=1e-8)               # MTI-Net: an absent class counts as 0
+        return {"mIoU": 100 * iou.mean().item(), "IoU": [100 * x for x in iou.tolist()],
                 "pixel_acc": 100 * (tp.sum() / cm.sum().clamp(min=1)).item()}
 
 
@@ -156,24 +164,25 @@ class NormalsErrors(PooledMetric):
         return out
 
 
-def _threshold_counts(prob, label, thresholds):
-    """TP, FP, FN, TN for `prob >= t` at each threshold (pooled over the given pixels)."""
+def _threshold_counts(prob, label, thresholds, strict=False):
+    """TP, FP, FN, TN for `prob >= t` (`prob > t` if strict) at each threshold, over the given pixels."""
     pos = label.bool()
     # bin the probabilities once instead of comparing per threshold
-    bins = torch.bucketize(prob, thresholds, right=True)    # number of thresholds <= prob
+    bins = torch.bucketize(prob, thresholds, right=not strict)    # number of thresholds <= (<) prob
     k = len(thresholds) + 1
     pos_hist = torch.bincount(bins[pos], minlength=k).double()
     neg_hist = torch.bincount(bins[~pos], minlength=k).double()
-    # prob >= thresholds[i]  <=>  bins >= i + 1
+    # prob >= (>) thresholds[i]  <=>  bins >= i + 1
     tp = pos_hist.flip(0).cumsum(0).flip(0)[1:]
     fp = neg_hist.flip(0).cumsum(0).flip(0)[1:]
     return torch.stack([tp, fp, pos_hist.sum() - tp, neg_hist.sum() - fp])
 
 
 class SaliencyATRC(PooledMetric):
-    """Saliency maxF in the ATRC convention: TP/FP/FN pooled over the whole set per threshold,
-    F_beta with beta^2 = 0.3, max over thresholds 0.05..0.95; plus max mIoU (mean of foreground and
-    background IoU) over the same thresholds. Predictions are logits (sigmoid applied here)."""
+    """Saliency "maxF_atrc", the ATRC convention (a second column; the primary number is SaliencyMTI's):
+    TP/FP/FN pooled over the whole set per threshold `prob >= t`, F_beta with beta^2 = 0.3, max over
+    thresholds 0.05..0.95; plus "mIoU_atrc", the max over the same thresholds of the mean of foreground
+    and background IoU. Predictions are logits (sigmoid applied here)."""
 
     task = "sal"
     beta2 = 0.3
@@ -194,16 +203,81 @@ class SaliencyATRC(PooledMetric):
         rec = tp / (tp + fn).clamp(min=1e-12)
         f = (1 + self.beta2) * prec * rec / (self.beta2 * prec + rec).clamp(min=1e-12)
         miou = (tp / (tp + fp + fn).clamp(min=1e-12) + tn / (tn + fn + fp).clamp(min=1e-12)) / 2
-        return {"maxF_atrc_pooled_beta2_0.3": 100 * f.max().item(), "max_mIoU": 100 * miou.max().item()}
+        return {"maxF_atrc": 100 * f.max().item(), "mIoU_atrc": 100 * miou.max().item()}
+
+
+class SaliencyMTI(PooledMetric):
+    """Saliency as MTI-Net's SaliencyMeter: per image and threshold t in linspace(0.2, 0.9, 15), the
+    prediction `sigmoid(logit) > t` over valid pixels (label != 255) gives the Jaccard index, precision
+    and recall; each is averaged over images, F = 2PR/(P+R) from the means, and maxF / mIoU are the
+    maxima over thresholds. An image with no positive label and no positive prediction has Jaccard 1
+    (MTI-Net's jaccard()), precision 0 and recall 0 (0/0 -> 0). Images without a valid pixel are
+    skipped."""
+
+    task = "sal"
+    thresholds = torch.linspace(0.2, 0.9, 15, dtype=torch.float64)
+
+    def _init_state(self):
+        # per threshold: sums over images of Jaccard, precision, recall; and the number of images
+        return {"sums": torch.zeros(3, len(self.thresholds), dtype=torch.float64),
+                "images": torch.zeros((), dtype=torch.float64)}
+
+    def update(self, pred, batch):
+        pred, label = self._label_pred(pred, batch)
+        for prob, gt in zip(torch.sigmoid(pred.double()).cpu(), label.cpu()):
+            valid = gt != IGNORE
+            if not valid.any():
+                continue
+            tp, fp, fn, _ = _threshold_counts(prob[valid], gt[valid] > 0.5, self.thresholds, strict=True)
+            union = tp + fp + fn
+            jaccard = torch.where(union > 0, tp / union.clamp(min=1), 1.0)   # both empty -> 1
+            # integer counts: clamp(min=1) only changes 0/0, which becomes 0
+            prec, rec = tp / (tp + fp).clamp(min=1), tp / (tp + fn).clamp(min=1)
+            self.state["sums"] += torch.stack([jaccard, prec, rec])
+            self.state["images"] += 1
+
+    def compute(self):
+        jaccard, prec, rec = self.state["sums"] / self.state["images"].clamp(min=1)
+        f = torch.where(prec + rec > 0, 2 * prec * rec / (prec + rec), 0.0)
+        return {"maxF": 100 * f.max().item(), "mIoU": 100 * jaccard.max().item()}
+
+
+class MetricGroup:
+    """Several metrics of one task reported as one dict (saliency: MTI-Net's and ATRC's conventions)."""
+
+    def __init__(self, *metrics):
+        self.metrics = metrics
+
+    def update(self, pred, batch):
+        for m in self.metrics:
+            m.update(pred, batch)
+
+    def compute(self):
+        return {k: v for m in self.metrics for k, v in m.compute().items()}
+
+    def reset(self):
+        for m in self.metrics:
+            m.reset()
+
+    def merge(self, other):
+        for m, o in zip(self.metrics, other.metrics):
+            m.merge(o)
+        return self
+
+    def sync(self, device=None):
+        for m in self.metrics:
+            m.sync(device)
+        return self
 
 
 class BoundaryFApprox(PooledMetric):
-    """APPROXIMATE boundary ODS F: per image, a predicted edge pixel counts as matched when a label
-    edge lies within `tolerance` x image diagonal (distance transform of the label), and a label edge
-    pixel counts as recalled when some prediction >= threshold lies within the same radius (max filter
-    of the probabilities over a disc); counts are pooled over the set per threshold (0.01..0.99) and
-    the best F is reported. The MATLAB benchmark thins predictions and matches one-to-one: this is not
-    that number. Tolerance 0.011 on NYUD, 0.0075 on PASCAL."""
+    """APPROXIMATE boundary ODS F ("odsF_approx"), not SEISM's: per image, a predicted edge pixel counts
+    as matched when a label edge lies within `tolerance` x image diagonal (distance transform of the
+    label), and a label edge pixel counts as recalled when some prediction >= threshold lies within the
+    same radius (max filter of the probabilities over a disc); counts are pooled over the set per
+    threshold (0.01..0.99) and the best F is reported. The MATLAB benchmark thins predictions and matches
+    one-to-one: this is not that number (docs/data-and-metrics.md says how to get it). Tolerance 0.011
+    on NYUD, 0.0075 on PASCAL."""
 
     task = "edge"
     thresholds = torch.arange(1, 100, dtype=torch.float64) * 0.01
@@ -250,15 +324,18 @@ class BoundaryFApprox(PooledMetric):
         return {"odsF_approx": 100 * f[best].item(), "threshold": self.thresholds[best].item()}
 
 
-# each task's headline metric and whether lower is better (for Dm and model selection)
+# each task's headline metric (the papers' table column) and whether lower is better
 PRIMARY = {
     "semseg": ("mIoU", False),
     "human_parts": ("mIoU", False),
     "depth": ("rmse", True),
     "normals": ("mean", True),
-    "sal": ("maxF_atrc_pooled_beta2_0.3", False),
+    "sal": ("maxF", False),
     "edge": ("odsF_approx", False),
 }
+# the metric Dm (and model selection) uses per task: MTI-Net's calculate_multi_task_performance, which the
+# SCA-MTL code keeps, takes saliency's mIoU, not its maxF; edge's odsF (SEISM) is only approximated here
+DM_METRIC = PRIMARY | {"sal": ("mIoU", False)}
 EDGE_TOLERANCE = {"nyud": 0.011, "pascal": 0.0075, "synthetic": 0.0075}
 
 
@@ -269,7 +346,9 @@ def build_metric(task, num_outputs=None, dataset="synthetic"):
         return MeanIoU(num_outputs, task)
     if task == "edge":
         return BoundaryFApprox(EDGE_TOLERANCE.get(dataset, 0.0075))
-    classes = {"depth": DepthErrors, "normals": NormalsErrors, "sal": SaliencyATRC}
+    if task == "sal":
+        return MetricGroup(SaliencyMTI(), SaliencyATRC())
+    classes = {"depth": DepthErrors, "normals": NormalsErrors}
     if task not in classes:
         raise ValueError(f"no metric for task '{task}'; known: {', '.join(PRIMARY)}")
     return classes[task]()
@@ -304,23 +383,26 @@ class MultiTaskMetrics:
 
 
 def load_baselines(path):
-    """Single-task baseline results, JSON {task: {metric: value}} as MultiTaskMetrics.compute() gives."""
+    """Single-task baseline results, JSON {task: {metric: value}} as MultiTaskMetrics.compute() gives
+    (an `evaluate --json` file, which holds that under "metrics", is read too)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"single-task baseline file {path} does not exist; expected JSON "
                                 f"{{task: {{metric: value}}}} from single-task runs of the same pipeline")
-    return json.loads(path.read_text())
+    data = json.loads(path.read_text())
+    return data.get("metrics", data)
 
 
 def multi_task_gain(results, baselines, tasks=None):
-    """Dm in percent = mean_t (-1)^{l_t} (M_mt,t - M_st,t) / M_st,t * 100 over the tasks' primary metrics
-    (l_t = 1 where lower is better). `baselines` is a dict or a path to the JSON file."""
+    """Dm in percent = mean_t (-1)^{l_t} (M_mt,t - M_st,t) / M_st,t * 100 over the tasks' DM_METRIC
+    (l_t = 1 where lower is better; Maninis et al. 2019, Vandenhende et al. 2020). `baselines` is a dict
+    or a path to the JSON file; both must come from this pipeline (same units: percent)."""
     if not isinstance(baselines, dict):
         baselines = load_baselines(baselines)
     tasks = list(results) if tasks is None else list(tasks)
     gains = []
     for t in tasks:
-        key, lower = PRIMARY[t]
+        key, lower = DM_METRIC[t]
         if t not in baselines or key not in baselines[t]:
             raise KeyError(f"baseline results have no '{t}' / '{key}' (have: {sorted(baselines)})")
         mt, st = float(results[t][key]), float(baselines[t][key])
