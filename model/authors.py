@@ -119,13 +119,21 @@ def read_authors_file(path, allow_pickle: bool = False) -> dict:
                                      f"{why[:200]}") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+    if not _is_state_dict(state):
         raise AuthorsCheckpointError(f"{path} is neither a state dict nor a dict with a 'model' state dict")
     return state
 
 
+def _is_state_dict(state) -> bool:
+    return isinstance(state, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())
+
+
 def convert_authors_state_dict(state: dict, net: SCAMTL) -> dict:
     """Their state dict (keys with or without `module.`) as ours, checked strictly against `net`."""
+    if not isinstance(net, SCAMTL):
+        raise TypeError(f"net must be an SCAMTL (model.build_model), got {type(net).__name__}")
+    if not _is_state_dict(state):
+        raise AuthorsCheckpointError("the authors' state dict must map key strings to tensors")
     mapping = key_map(net)
     own = net.state_dict()
     fixed = {name: buf for name, buf in net.named_buffers() if name.endswith("relative_position_index")}

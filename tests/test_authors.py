@@ -151,6 +151,10 @@ def test_a_checkpoint_that_does_not_fit_names_the_first_offending_key(tmp_path):
         _load(authors_checkpoint("pascal3"))
     with pytest.raises(AuthorsCheckpointError, match="does not exist"):
         read_authors_file(tmp_path / "nothing.pth.tar")
+    with pytest.raises(AuthorsCheckpointError, match="map key strings to tensors"):
+        _load(dict(theirs, **{"module.heads.semseg.last_layer.3.bias": 0.0}))
+    with pytest.raises(TypeError, match="net must be an SCAMTL"):
+        load_authors_checkpoint(torch.nn.Linear(2, 2), theirs)
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(AuthorsCheckpointError, match="neither a state dict"):
         read_authors_file(tmp_path / "list.pth")
