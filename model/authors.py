@@ -88,13 +88,15 @@ def module_map(net: SCAMTL) -> list:
 
 def key_map(net: SCAMTL) -> dict:
     """{their key (without `module.`): our key} for every tensor of net.state_dict()."""
-    pairs = sorted(module_map(net), key=lambda p: -len(p[0]))
+    theirs_of = dict(module_map(net))
     out = {}
     for key in net.state_dict():
-        ours, theirs = next(((o, t) for o, t in pairs if key.startswith(o + ".")), ("", ""))
-        if not ours and not key.startswith("backbone."):
+        parts = key.split(".")
+        # the longest module prefix of the key that the map names (backbone keys have none: same names)
+        ours = next((p for p in (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)) if p in theirs_of), "")
+        if not ours and parts[0] != "backbone":
             raise AssertionError(f"model/authors.py maps no module of {key}")  # a new layer needs a line above
-        out[theirs + key[len(ours):]] = key
+        out[(theirs_of[ours] + key[len(ours):]) if ours else key] = key
     return out
 
 

@@ -243,29 +243,30 @@ class SaliencyMTI(PooledMetric):
 
 
 class MetricGroup:
-    """Several metrics of one task reported as one dict (saliency: MTI-Net's and ATRC's conventions)."""
+    """Metrics kept side by side, {name: metric}: update() feeds each the same prediction and compute() joins
+    their dicts (saliency: MTI-Net's and ATRC's conventions); reset(), merge() and sync() act on each."""
 
-    def __init__(self, *metrics):
+    def __init__(self, metrics: dict):
         self.metrics = metrics
 
     def update(self, pred, batch):
-        for m in self.metrics:
+        for m in self.metrics.values():
             m.update(pred, batch)
 
     def compute(self):
-        return {k: v for m in self.metrics for k, v in m.compute().items()}
+        return {k: v for m in self.metrics.values() for k, v in m.compute().items()}
 
     def reset(self):
-        for m in self.metrics:
+        for m in self.metrics.values():
             m.reset()
 
     def merge(self, other):
-        for m, o in zip(self.metrics, other.metrics):
-            m.merge(o)
+        for name, m in self.metrics.items():
+            m.merge(other.metrics[name])
         return self
 
     def sync(self, device=None):
-        for m in self.metrics:
+        for m in self.metrics.values():
             m.sync(device)
         return self
 
@@ -347,18 +348,18 @@ def build_metric(task, num_outputs=None, dataset="synthetic"):
     if task == "edge":
         return BoundaryFApprox(EDGE_TOLERANCE.get(dataset, 0.0075))
     if task == "sal":
-        return MetricGroup(SaliencyMTI(), SaliencyATRC())
+        return MetricGroup({"mti": SaliencyMTI(), "atrc": SaliencyATRC()})
     classes = {"depth": DepthErrors, "normals": NormalsErrors}
     if task not in classes:
         raise ValueError(f"no metric for task '{task}'; known: {', '.join(PRIMARY)}")
     return classes[task]()
 
 
-class MultiTaskMetrics:
+class MultiTaskMetrics(MetricGroup):
     """One metric per task: update(output, batch), compute() -> {task: {...}}, reset(), merge(), sync()."""
 
     def __init__(self, num_outputs, dataset="synthetic"):
-        self.metrics = {t: build_metric(t, n, dataset) for t, n in num_outputs.items()}
+        super().__init__({t: build_metric(t, n, dataset) for t, n in num_outputs.items()})
 
     def update(self, output, batch):
         for t, m in self.metrics.items():
@@ -366,20 +367,6 @@ class MultiTaskMetrics:
 
     def compute(self):
         return {t: m.compute() for t, m in self.metrics.items()}
-
-    def reset(self):
-        for m in self.metrics.values():
-            m.reset()
-
-    def merge(self, other):
-        for t, m in self.metrics.items():
-            m.merge(other.metrics[t])
-        return self
-
-    def sync(self, device=None):
-        for m in self.metrics.values():
-            m.sync(device)
-        return self
 
 
 def load_baselines(path):
