@@ -1,24 +1,28 @@
 """One SCA-MTL training step (forward, loss with deep supervision, backward, Adam step): the reference path vs
-the fused path (and optionally torch.compile of the reference), measured side by side in one run.
+the fused path (and with --compile, torch.compile of each), measured side by side in one run.
 
 Reports the median step time (the variants' steps interleaved: one step of each in turn, `--repeats` rounds), the
-activation bytes autograd saves for backward (parameters excluded) and, on a GPU, the peak allocated memory; ratios
-are fused / reference. Example:
+activation bytes autograd saves for backward (parameters excluded), on a GPU the peak allocated memory, and for a
+compiled variant the seconds its first step spent compiling; ratios are variant / reference. Example:
 
     python -m benchmarks.bench_train --quick            # CPU: NYUD 2-task 256x320 and PASCAL 5-task 256x256, batch 2
     python -m benchmarks.bench_train --device cuda      # GPU: NYUD 480x640 and PASCAL 512x512, batch 8, fp32 + bf16
+    python -m benchmarks.bench_train --compile regional # + compiled reference and compiled fused (minutes to compile)
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import time
+from typing import NamedTuple
 
 import torch
 
 from benchmarks.common import environment, error_text, saved_bytes, write_json
 from model import TASK_SETS, build_model
+from model.compile import COMPILE_MODES, Stopwatch, compile_model
 from model.losses import MultiTaskLoss
+from model.train import adam
 
 # task set and the paper's loss weights (None: equal weights)
 CONFIGS = {
@@ -60,12 +64,21 @@ class ChannelsLastInput(torch.nn.Module):
         return self.net(x.contiguous(memory_format=torch.channels_last))
 
 
+class Variant(NamedTuple):
+    """A network to time and its optimizer: PyTorch's default Adam (the reference's training step, as the authors
+    run it) or the fused Adam of model.train."""
+    net: torch.nn.Module
+    fused_adam: bool = False
+
+
 class Runner:
     """Training steps of one variant: Adam, bf16 autocast if asked, the loss with deep supervision."""
 
-    def __init__(self, net, loss_fn, batch, device, amp):
-        self.net, self.loss_fn, self.batch, self.device = net, loss_fn, batch, device
-        self.opt = torch.optim.Adam(net.parameters(), lr=1e-4, weight_decay=1e-4)
+    def __init__(self, variant: Variant, loss_fn, batch, device, amp):
+        self.net, self.loss_fn, self.batch, self.device = variant.net, loss_fn, batch, device
+        options = {"lr": 1e-4, "weight_decay": 1e-4}
+        self.opt = adam(self.net.parameters(), **options) if variant.fused_adam else \
+            torch.optim.Adam(self.net.parameters(), **options)
         self.amp = amp
 
     def forward_loss(self):
@@ -104,11 +117,13 @@ def measure(variants: dict, loss_fn, batch, device, amp, repeats: int) -> dict:
     """{variant: row}: a warm-up step each (compilation, when compiled), then `repeats` rounds of one step of every
     variant in turn (interleaved, so the machine's drifts hit all variants alike), medians; a variant that fails
     gets {"error": ...} and costs one row."""
-    runners, results = {}, {}
-    for variant, net in variants.items():
+    runners, results, compile_s = {}, {}, {}
+    for variant, spec in variants.items():
         try:
-            runner = Runner(net, loss_fn, batch, device, amp)
-            runner.step()
+            runner = Runner(spec, loss_fn, batch, device, amp)
+            with Stopwatch() as watch:
+                runner.step()
+            compile_s[variant] = watch.compile_s
             runners[variant] = runner
         except Exception as exc:  # OOM, a bug under autocast
             results[variant] = {"error": error_text(exc)}
@@ -120,8 +135,10 @@ def measure(variants: dict, loss_fn, batch, device, amp, repeats: int) -> dict:
             times[variant].append(runner.step())
     for variant, runner in runners.items():
         median = sorted(times[variant])[len(times[variant]) // 2]
-        results[variant] = {"step_ms": median * 1e3, "steps_timed": repeats,
+        results[variant] = {"step_ms": median * 1e3, "steps_timed": repeats, "fused_adam": variants[variant].fused_adam,
                             "images_per_s": batch["image"].shape[0] / median, **runner.memory()}
+        if compile_s[variant]:
+            results[variant]["compile_s"] = compile_s[variant]
     return {variant: results[variant] for variant in variants}
 
 
@@ -133,7 +150,9 @@ def _parser():
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per case (median is reported)")
     parser.add_argument("--amp", choices=["off", "bf16", "both"], default=None,
                         help="bf16 autocast (default: off on CPU, both on GPU)")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the reference (slow)")
+    parser.add_argument("--compile", choices=COMPILE_MODES[1:], nargs="?", const="full",
+                        help="also time torch.compile (full: one graph, the default; regional: per block) of the "
+                             "reference and of the fused path; compilation takes minutes (its own column)")
     parser.add_argument("--layouts", action="store_true",
                         help="also time the reference fed a channels-last image (its convolutions follow it) and the "
                              "fused path in its non-default layout (NCHW on CPU, channels-last on GPU)")
@@ -144,16 +163,19 @@ def _parser():
     return parser
 
 
-def variants_of(reference, device, layouts: bool, compile_reference: bool) -> dict:
-    """{name: network} of the variants timed side by side, all from the same parameters."""
-    variants = {"reference": reference, "fused": copy.deepcopy(reference).set_fused(True)}
+def variants_of(reference, device, layouts: bool, compile_mode: str | None) -> dict:
+    """{name: Variant} timed side by side, all from the same parameters: the fused path with model.train's fused
+    Adam, the reference with the default Adam, and the reference with fused Adam (what the optimizer alone gives)."""
+    fused = lambda **options: copy.deepcopy(reference).set_fused(True, **options)  # noqa: E731
+    variants = {"reference": Variant(reference), "fused": Variant(fused(), True),
+                "reference_fused_adam": Variant(copy.deepcopy(reference), True)}
     if layouts:
-        variants["reference_channels_last"] = ChannelsLastInput(copy.deepcopy(reference))
+        variants["reference_channels_last"] = Variant(ChannelsLastInput(copy.deepcopy(reference)))
         other = device != "cpu"  # the fused path's default is channels-last on CPU only
-        variants["fused_channels_last" if other else "fused_nchw"] = \
-            copy.deepcopy(reference).set_fused(True, channels_last=other)
-    if compile_reference:
-        variants["compiled_reference"] = torch.compile(copy.deepcopy(reference))
+        variants["fused_channels_last" if other else "fused_nchw"] = Variant(fused(channels_last=other), True)
+    if compile_mode:
+        variants["compiled_reference"] = Variant(compile_model(copy.deepcopy(reference), compile_mode))
+        variants["compiled_fused"] = Variant(compile_model(fused(), compile_mode), True)
     return variants
 
 
@@ -177,7 +199,7 @@ def print_table(rows, env, device):
     header = f"{'config':<8} {'dtype':<13} {'variant':<23} {'step ms':>9} {'x ref':>6} {'saved MiB':>10} {'x ref':>6}"
     if device == "cuda":
         header += f" {'peak MiB':>9} {'x ref':>6}"
-    print(header)
+    print(header + f" {'compile s':>9}")
     for r in rows:
         if "time_ratio" not in r:
             print(f"{r['config']:<8} {r['dtype']:<13} {r['variant']:<23} {r.get('error', 'no reference to compare')}")
@@ -186,7 +208,7 @@ def print_table(rows, env, device):
                 f"{r['saved_bytes'] / 2**20:10.1f} {r['saved_ratio']:6.2f}")
         if "peak_bytes" in r:
             line += f" {r['peak_bytes'] / 2**20:9.1f} {r['peak_ratio']:6.2f}"
-        print(line)
+        print(line + (f" {r['compile_s']:9.1f}" if "compile_s" in r else ""))
 
 
 def main(argv=None):

@@ -6,7 +6,6 @@ extension, never touches a GPU and never compiles a kernel.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -36,12 +35,17 @@ def _eager_unsupported(q: torch.Tensor) -> list:
 EAGER = Backend("eager", lambda: [], _eager_unsupported, reference.cross_task_attention,
                 reference.cross_scale_attention)
 
-# name -> "module:attribute" of the Backend object, imported on first use
-_LAZY = {
-    "cpu": "fused_mtl_attn.cpp_backend:CPU",
-    "cuda": "fused_mtl_attn.cpp_backend:CUDA",
-    "triton": "fused_mtl_attn.triton_backend:TRITON",
-}
+
+def _import(name: str) -> Backend:
+    """The Backend object `name` from its module, imported on first use (import statements, not importlib, so that
+    torch.compile can trace a first call that loads it)."""
+    if name in ("cpu", "cuda"):
+        from . import cpp_backend as module
+    else:
+        from . import triton_backend as module
+    return getattr(module, name.upper())
+
+
 _loaded: dict = {"eager": EAGER}
 _load_errors: dict = {}
 
@@ -63,13 +67,13 @@ def _get(name: str):
     """The Backend object, or None with the import error recorded in _load_errors."""
     if name in _loaded:
         return _loaded[name]
-    module_name, attr = _LAZY[name].split(":")
     try:
-        backend = getattr(importlib.import_module(module_name), attr)
+        backend = _import(name)
     except Exception as exc:  # a missing or broken optional piece must not break the package
         _load_errors[name] = f"{type(exc).__name__}: {exc}"
         backend = None
-    _loaded[name] = backend
+    if not torch.compiler.is_compiling():  # torch.compile would guard on the cache and recompile the next call
+        _loaded[name] = backend
     return backend
 
 

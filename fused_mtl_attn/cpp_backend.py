@@ -50,13 +50,15 @@ if _C is not None:
         j = len(offsets) - 1
         return q.new_empty((b, j, m, nq)), q.new_empty((b, j, m + 1, d), dtype=accumulation_dtype(q.dtype))
 
+    # the kernels read contiguous copies of strided inputs and return contiguous gradients: so do the fakes
+    # (empty_like would copy a strided input's layout, and the compiled graph would assume it)
     @torch.library.register_fake("fused_mtl_attn::cross_task_backward")
     def _cross_task_backward_fake(grad, q, k, v, context):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     @torch.library.register_fake("fused_mtl_attn::cross_scale_backward")
     def _cross_scale_backward_fake(grad, q, k, v, context, offsets):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def _setup_context(ctx, inputs, output):
         q, k, v = inputs[:3]

@@ -30,6 +30,7 @@ DEFAULTS = {
     "pretrained": False,             # False or the path of hrnet_w18_small_v2 weights
     "fused": False,
     "backend": "auto",               # attention kernels of the fused path
+    "compile": "off",                # torch.compile: off | full (one graph) | regional (one per repeated block)
     "sync_bn": False,                # SyncBatchNorm under DistributedDataParallel
     # loss
     "loss_weights": {},              # {task: weight}; missing tasks weigh 1; weight 0 = not supervised
@@ -54,7 +55,8 @@ DEFAULTS = {
     "baselines": None,               # JSON of single-task results: enables Dm and selects "best" by it
 }
 
-CHOICES = {"dataset": ("synthetic", "nyud", "pascal"), "schedule_unit": ("epoch", "step")}
+CHOICES = {"dataset": ("synthetic", "nyud", "pascal"), "schedule_unit": ("epoch", "step"),
+           "compile": ("off", "full", "regional")}
 POSITIVE_INTS = ("batch_size", "val_batch_size", "epochs", "log_every", "max_steps", "eval_every_steps")
 NON_NEGATIVE_INTS = ("num_workers", "eval_every", "vis_samples", "seed")
 NUMBERS = ("lr", "weight_decay", "poly_power", "grad_clip", "edge_pos_weight")
@@ -135,6 +137,8 @@ def validate(cfg: dict, source="config") -> dict:
 
 def _check_scalars(cfg: dict, source) -> None:
     """Choices, integers, numbers (made float) and booleans, in place."""
+    if isinstance(cfg["compile"], bool):  # YAML reads `compile: off` as false
+        cfg["compile"] = "full" if cfg["compile"] else "off"
     for k, allowed in CHOICES.items():
         if cfg[k] not in allowed:
             _fail(source, f"{k} must be one of {list(allowed)}, got {cfg[k]!r}")

@@ -92,9 +92,13 @@ def _running_stats_frozen(modules):
 
 def recompute_in_backward(fn, *args, modules):
     """fn(*args), keeping only its inputs for backward and running it again there (activation checkpointing),
-    with the same random state (drop path) and without a second running-statistics update."""
+    with the same random state (drop path) and without a second running-statistics update. Under torch.compile
+    the checkpoint is traced once and AOTAutograd's partitioner decides what backward recomputes: the running
+    statistics are updated in the forward graph only, so no freezing context is needed (nor traceable)."""
     from torch.utils.checkpoint import checkpoint
 
+    if torch.compiler.is_compiling():
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
     return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True,
                       context_fn=lambda: (contextlib.nullcontext(), _running_stats_frozen(modules)))
 

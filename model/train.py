@@ -1,4 +1,5 @@
-"""Train SCA-MTL: `python -m model.train --config CONFIG [--fused] [--amp] [--resume] [--max-steps N] [--out DIR]`.
+"""Train SCA-MTL: `python -m model.train --config CONFIG [--fused] [--compile MODE] [--amp] [--resume] [--max-steps N]
+[--out DIR]`.
 
 Single process, or one process per GPU/CPU under `torchrun` (DistributedDataParallel; NCCL on GPUs, gloo on
 CPUs). The run directory holds config.yaml, log.csv / log.jsonl, TensorBoard events (tb/), PNG grids of
@@ -27,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic
+from .compile import COMPILE_MODES, Stopwatch, compile_model
 from .config import ConfigError, dump_config, load_config, supervised_tasks
 from .data import DatasetError, collate, num_outputs
 from .evaluate import (BAD_INPUT, autocast, build_split, device_for, evaluate_model, metrics_table, model_for,
@@ -62,6 +64,14 @@ def poly_schedule(cfg, steps_per_epoch):
         done = step // steps_per_epoch if per_epoch else step
         return max(0.0, 1.0 - done / total) ** cfg["poly_power"]
     return factor
+
+
+def adam(params, **options) -> torch.optim.Adam:
+    """Adam, in PyTorch's fused implementation where it has one for the parameters (float tensors on CPU or CUDA):
+    the same update as the default per-parameter loop, several times faster (benchmarks/RESULTS.md)."""
+    params = list(params)
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.Adam(params, fused=fused or None, **options)
 
 
 def rng_state():
@@ -185,7 +195,10 @@ class Trainer:
                                f"{cfg['batch_size']}")
         seed_everything(cfg["seed"])      # identical initial weights on every rank (DDP also broadcasts them)
         self.net = wrap_model(model_for(cfg, args.fused or cfg["fused"]), cfg, device, world)
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        self.compile_mode = args.compile or cfg["compile"]
+        # what the steps call: self.net compiled (it, and its parameters, stay what checkpoints and the optimizer see)
+        self.model = compile_model(self.net, self.compile_mode)
+        self.opt = adam(self.net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, poly_schedule(cfg, self.steps_per_epoch))
         self.amp = args.amp or cfg["amp"]
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and device.type == "cuda")
@@ -245,8 +258,11 @@ class Trainer:
                 save_grid(self.out / "vis" / f"step_{self.step:07d}.png", batch, out, tasks, self.cfg["vis_samples"])
 
         loader = val_loader(self.cfg, self.val_set)
-        result, loss, seconds = evaluate_model(self.net, loader, self.cfg, self.device, self.amp, vis, desc)
+        with Stopwatch() as watch:
+            result, loss, seconds = evaluate_model(self.model, loader, self.cfg, self.device, self.amp, vis, desc)
         values = {"loss": loss, **scalar_metrics(result)}
+        if watch.compile_s:
+            values["compile_s"] = watch.compile_s
         score, key = -loss, "val loss"
         if self.cfg["baselines"]:
             values["Dm"] = score = multi_task_gain(result, self.cfg["baselines"], tasks)
@@ -277,7 +293,7 @@ class Trainer:
     def train_step(self, batch):
         batch = to_device(batch, self.device)
         with autocast(self.device, self.amp):
-            out = self.net(batch["image"])
+            out = self.model(batch["image"])
         out = {t: v.float() for t, v in out.items() if t != "deep_supervision"} | {
             "deep_supervision": {k: {t: p.float() for t, p in d.items()} for k, d in out["deep_supervision"].items()}}
         total, parts = self.loss_fn(out, batch)
@@ -315,7 +331,13 @@ class Trainer:
         deadline = tick + self.args.time_limit if self.args.time_limit else None
         while self.step < self.stop_at:
             for batch in self.loader():
-                total, parts = self.train_step(batch)
+                with Stopwatch() as watch:
+                    total, parts = self.train_step(batch)
+                if watch.compile_s:  # the first step of a compiled network, or one that recompiled
+                    self.log.write(self.step + 1, self.epoch, "compile", {"compile_s": watch.compile_s,
+                                                                          "step_s": watch.seconds})
+                    say(f"step {self.step + 1}: torch.compile ({self.compile_mode}) took {watch.compile_s:.1f} s of "
+                        f"the step's {watch.seconds:.1f} s", self.rank)
                 self.step += 1
                 self.position += 1
                 for k, v in {"loss": total, **parts}.items():
@@ -359,6 +381,9 @@ def parse_args(argv):
     p.add_argument("--config", default="synthetic", help="a YAML path or a name in model/configs/ (default: synthetic)")
     p.add_argument("--data-root", help="override the config's data_root")
     p.add_argument("--fused", action="store_true", help="run the fused kernels path")
+    p.add_argument("--compile", nargs="?", const="full", choices=COMPILE_MODES,
+                   help="torch.compile the network: full (one graph, the default of a bare --compile) or regional "
+                        "(one compiled module per repeated block: compiles faster); overrides the config's `compile`")
     p.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt "
                    "(OUT: --out, else the newest runs/<config>-*)")
@@ -386,8 +411,9 @@ def main(argv=None) -> int:
     except (ConfigError, DatasetError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return BAD_INPUT
+    compiled = "" if trainer.compile_mode == "off" else f", compiled ({trainer.compile_mode})"
     say(f"run directory {out}\ntraining {cfg['name']}: {trainer.train_set!r}, {world} process(es) on {device}, "
-        f"{'fused' if unwrap(trainer.net).fused else 'reference'} path, steps {trainer.step}..{trainer.stop_at} "
+        f"{'fused' if unwrap(trainer.net).fused else 'reference'} path{compiled}, steps {trainer.step}..{trainer.stop_at} "
         f"of {trainer.total_steps} ({trainer.steps_per_epoch} per epoch)", rank)
     try:
         result = trainer.fit()

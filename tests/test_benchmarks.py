@@ -1,11 +1,16 @@
 """Smoke tests of the benchmark scripts at tiny sizes: they run, their JSON rows carry the fields the table, the
 plots and the GPU check's summary read, and plot.py turns those rows into PNGs and a summary."""
+import copy
 import json
 import os
 
 import pytest
+import torch
 
 from benchmarks import bench_ops, bench_train, plot
+from model import TASK_SETS, build_model
+from model import compile as model_compile
+from model.losses import MultiTaskLoss
 
 ENV_FIELDS = {"device", "device_name", "torch", "triton", "commit"}
 
@@ -63,13 +68,35 @@ def test_ops_rows(ops_rows):
 
 
 def test_train_rows(train_rows):
-    assert [(r["config"], r["variant"]) for r in train_rows] == [("nyud2", "reference"), ("nyud2", "fused")]
+    assert [(r["config"], r["variant"], r["fused_adam"]) for r in train_rows] == [
+        ("nyud2", "reference", False), ("nyud2", "fused", True), ("nyud2", "reference_fused_adam", True)]
     for r in train_rows:
+        assert "compile_s" not in r
         assert "error" not in r, r["error"]
         assert ENV_FIELDS <= set(r)
         for key in ("step_ms", "saved_bytes", "time_ratio", "saved_ratio"):
             assert r[key] > 0, key
         assert r["dtype"] == "fp32" and r["size"] == [32, 32]
+
+
+def test_train_compiled_variants_report_their_compile_time(monkeypatch):
+    """--compile adds the compiled reference and the compiled fused path (with model.train's fused Adam), and a
+    compiled variant's row has the seconds its first step spent compiling. Timed here with Dynamo alone on the
+    reference path (Inductor takes many minutes on 2 cores; tests/test_compile.py checks the compiled fused path)."""
+    torch.manual_seed(0)
+    net = build_model(TASK_SETS["nyud2"], widths=(12, 12, 12, 12))
+    variants = bench_train.variants_of(net, "cpu", layouts=False, compile_mode="regional")
+    assert {v: spec.fused_adam for v, spec in variants.items()} == {
+        "reference": False, "fused": True, "reference_fused_adam": True, "compiled_reference": False,
+        "compiled_fused": True}
+    assert variants["compiled_fused"].net.fused and not variants["compiled_reference"].net.fused
+    batch = bench_train.random_batch(TASK_SETS["nyud2"], 2, (32, 32), "cpu")
+    loss_fn = MultiTaskLoss(list(TASK_SETS["nyud2"]))
+    monkeypatch.setattr(model_compile, "DEFAULT_BACKEND", "eager")
+    timed = {"reference": variants["reference"],
+             "compiled_reference": bench_train.Variant(model_compile.compile_model(copy.deepcopy(net), "regional"))}
+    rows = bench_train.measure(timed, loss_fn, batch, "cpu", amp=False, repeats=1)
+    assert rows["compiled_reference"]["compile_s"] > 0 and "compile_s" not in rows["reference"]
 
 
 def test_summary(ops_rows, train_rows):

@@ -232,8 +232,16 @@ def test_low_precision_error_within_twice_eager(kernel, dtype):
     _low_precision(kernel.backend, kernel.device, dtype)
 
 
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a non-contiguous layout (positions outermost)."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
 @pytest.mark.parametrize("op", ["cross_task", "cross_scale", "cross_task_backward", "cross_scale_backward"])
-def test_opcheck(kernel, op):
+def test_opcheck(kernel, op, layout):
+    """Schema, fake (meta) functions and autograd registration agree with the kernels, also for strided inputs
+    (the fakes must give the kernels' output layout, or a compiled graph assumes another one)."""
     q, k, v = _cross_task_inputs(2, 2, 3, 4, 5, 2.0, device=kernel.device)
     offsets = [0, 4, 4, 9]
     qs, ks, vs = _cross_scale_inputs(2, 3, 4, 6, offsets, device=kernel.device)
@@ -247,6 +255,9 @@ def test_opcheck(kernel, op):
     else:
         out, ctx = ops.cross_scale(qs, ks, vs, offsets)
         args = (torch.randn_like(out), qs, ks, vs, ctx, offsets)
+    if layout == "strided":
+        args = tuple(_strided(a).detach().requires_grad_(a.requires_grad) if torch.is_tensor(a) else a
+                     for a in args)
     torch.library.opcheck(getattr(ops, op).default, args)
 
 

@@ -1,0 +1,122 @@
+"""torch.compile of SCA-MTL, either path: the whole network as one graph ("full") or one compiled module per
+repeated block ("regional").
+
+Both compile with static shapes (`dynamic=False`): a training run has one input size, and a new size (the last
+partial batch of an evaluation) compiles once more instead of turning every size into a symbol. Regional
+compilation compiles the blocks listed in `REGION_TYPES`, outermost first; blocks of the same class and shapes
+(the HRNet modules of a stage, the heads of tasks with equal outputs, ...) share one compiled graph through
+Inductor's cache, so it compiles a fraction of what the whole graph does, and the glue between blocks runs
+eagerly. Compile after `set_fused`: a compiled block keeps the path it was traced with.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn as nn
+from timm.models.hrnet import Bottleneck, HighResolutionModule
+
+from .modules import SwinLayer
+from .network import SCAMTL, CrossTaskAttention, FeaturePropagation, InitialPrediction, TaskHead
+
+COMPILE_MODES = ("off", "full", "regional")
+DEFAULT_BACKEND = "inductor"
+# the repeated blocks of the network, each compiled as one region (a block inside a chosen one is not chosen)
+REGION_TYPES = (Bottleneck, HighResolutionModule, SwinLayer, InitialPrediction, CrossTaskAttention,
+                FeaturePropagation, TaskHead)
+# each block class compiles once per distinct shape and mode: 4 scales x train/eval x tasks' output widths
+REGION_RECOMPILE_LIMIT = 64
+
+
+def compile_regions(net: nn.Module, **options) -> list:
+    """Compile, in place, every block of `net` whose class is in REGION_TYPES and that lies in no other chosen
+    block; `options` go to torch.compile. Returns the chosen blocks' names."""
+    chosen = []
+    for name, module in net.named_modules():
+        if isinstance(module, REGION_TYPES) and not any(name.startswith(c + ".") for c in chosen):
+            module.compile(**options)
+            chosen.append(name)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, REGION_RECOMPILE_LIMIT)
+    return chosen
+
+
+def compile_model(net: nn.Module, mode: str = "full", backend: str | None = None) -> nn.Module:
+    """What to call: `net` itself for "off", torch.compile(net) for "full" (parameters, buffers and state-dict
+    keys stay on `net`), `net` with its blocks compiled in place for "regional". `net`: an SCAMTL, or a wrapper of
+    one (DistributedDataParallel)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+    if not any(isinstance(m, SCAMTL) for m in net.modules()):
+        raise TypeError(f"compile_model expects an SCAMTL network (or a wrapper of one), got {type(net).__name__}")
+    options = {"backend": backend or DEFAULT_BACKEND, "dynamic": False}
+    if mode != "off" and options["backend"] == "eager" and any(getattr(m, "fused", False) and m.recompute
+                                                               for m in net.modules() if isinstance(m, SCAMTL)):
+        # that backend runs the traced checkpoints as plain ones, without the running-statistics freeze
+        raise ValueError("the fused path's recomputation needs a backend that traces backward (inductor, "
+                         "aot_eager); Dynamo's 'eager' backend would update BatchNorm statistics twice. Use another "
+                         "backend, or set_fused(True, recompute=False)")
+    if mode == "full":
+        return torch.compile(net, **options)
+    if mode == "regional":
+        compile_regions(net, **options)
+    return net
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent in torch.compile so far (Dynamo's tracing and the backend's compilation,
+    backward graphs included)."""
+    metrics = torch._dynamo.utils.compilation_time_metrics
+    return sum(metrics.get("_compile.compile_inner", [])) + sum(metrics.get("compile_fx.<locals>.bw_compiler", []))
+
+
+def graph_breaks(net: nn.Module, x: torch.Tensor) -> dict:
+    """Dynamo's view of one forward of `net` on x: {"graphs", "breaks", "reasons": [(where, why), ...]}."""
+    torch._dynamo.reset()
+    report = torch._dynamo.explain(net)(x)
+    reasons = [(f"{b.user_stack[-1].filename.rsplit('/', 1)[-1]}:{b.user_stack[-1].lineno}" if b.user_stack else "?",
+                b.reason.splitlines()[0]) for b in report.break_reasons]
+    torch._dynamo.reset()
+    return {"graphs": report.graph_count, "breaks": report.graph_break_count, "reasons": reasons}
+
+
+class Stopwatch:
+    """Wall-clock seconds of a block, with the part of it spent compiling (`compile_s`)."""
+
+    def __enter__(self):
+        self.start, self.compile_start = time.perf_counter(), compile_seconds()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+        self.compile_s = compile_seconds() - self.compile_start
+
+
+def main(argv=None) -> int:
+    """`python -m model.compile`: Dynamo's graphs and graph breaks of one forward, per path and mode."""
+    import argparse
+
+    from .network import TASK_SETS, build_model
+
+    parser = argparse.ArgumentParser(prog="python -m model.compile", description=main.__doc__.split(": ", 1)[1])
+    parser.add_argument("--tasks", default="nyud2", choices=sorted(TASK_SETS), help="task set (default nyud2)")
+    parser.add_argument("--size", type=int, nargs=2, default=(64, 64), metavar=("H", "W"))
+    parser.add_argument("--widths", type=int, nargs=4, default=(12, 24, 48, 96),
+                        help="decoder widths (graph breaks do not depend on them; small ones trace faster)")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    net = build_model(TASK_SETS[args.tasks], widths=tuple(args.widths))
+    x = torch.randn(2, 3, *args.size)
+    print("| path | mode | graphs | graph breaks |\n|---|---|---|---|")
+    for fused in (False, True):
+        net.set_fused(fused)
+        for train in (True, False):
+            report = graph_breaks(net.train(train), x)
+            print(f"| {'fused' if fused else 'reference'} | {'train' if train else 'eval'} | {report['graphs']} | "
+                  f"{report['breaks']} |", flush=True)
+            for where, why in report["reasons"]:
+                print(f"|  | {where} | {why} | |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
