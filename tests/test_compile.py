@@ -15,7 +15,7 @@ import torch
 
 from model import TASK_SETS, build_model
 
-from .test_fused_network import SMALL, _assert_close, _run_step
+from .test_fused_network import SMALL, _assert_same_buffers, _assert_same_step
 
 RTOL = 1e-9  # float64
 
@@ -29,21 +29,10 @@ def _compiled_matches_eager(train: bool, recompute: bool, steps: int):
     opts = [torch.optim.SGD(m.parameters(), lr=0.01) for m in (eager, compiled_net)]
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     for step in range(steps):
-        outs, grads_x = _run_step((eager, compiled), x, tasks, step, train)
-        for name, want in outs[0].items():
-            _assert_close(f"step {step} output {name}", outs[1][name].detach(), want.detach(), want.abs().max(), RTOL)
-        _assert_close(f"step {step} input grad", grads_x[1], grads_x[0], grads_x[0].abs().max(), RTOL)
-        scale = max(p.grad.abs().max() for p in eager.parameters())
-        for (name, p_eager), p_compiled in zip(eager.named_parameters(), compiled_net.parameters()):
-            _assert_close(f"step {step} grad {name}", p_compiled.grad, p_eager.grad,
-                          torch.maximum(p_eager.grad.abs().max(), 1e-3 * scale), RTOL)
+        _assert_same_step((eager, compiled), x, tasks, step, train, RTOL)
         for opt in opts:
             opt.step()
-    for (name, b_eager), b_compiled in zip(eager.named_buffers(), compiled_net.buffers()):
-        if b_eager.is_floating_point():
-            _assert_close(f"buffer {name}", b_compiled, b_eager, torch.clamp(b_eager.abs().max(), min=1e-3), RTOL)
-        else:  # the batch counters: a recomputation must not count as a second call
-            assert torch.equal(b_compiled, b_eager), f"buffer {name}: {b_compiled} != {b_eager}"
+    _assert_same_buffers(eager, compiled_net, RTOL)
 
 
 @pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "no-recompute"])

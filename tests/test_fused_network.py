@@ -78,25 +78,37 @@ def _parity(config, train, dtype, steps, recompute=True, device="cpu", backend="
     opts = [torch.optim.SGD(m.parameters(), lr=0.01) for m in (ref, fused)]
     x = torch.randn(2, 3, *size, dtype=dtype).to(device)
     for step in range(steps):  # optimizer steps, so running statistics and weights evolve identically
-        outs, grads_x = _run_step((ref, fused), x, tasks, step, train)
+        outs = _assert_same_step((ref, fused), x, tasks, step, train, rtol)
         for t in tasks:
             assert outs[0][t].shape[-2:] == outs[1][t].shape[-2:] == size, t
-        for name, want in outs[0].items():
-            _assert_close(f"step {step} output {name}", outs[1][name].detach(), want.detach(), want.abs().max(), rtol)
-        _assert_close(f"step {step} input grad", grads_x[1], grads_x[0], grads_x[0].abs().max(), rtol)
-        scale = max(p.grad.abs().max() for p in ref.parameters())
-        for (name, p_ref), p_fused in zip(ref.named_parameters(), fused.parameters()):
-            # gradient floor: the largest gradient of that tensor's module family, or 1e-3 of the global one
-            _assert_close(f"step {step} grad {name}", p_fused.grad, p_ref.grad,
-                          torch.maximum(p_ref.grad.abs().max(), 1e-3 * scale), rtol)
         for opt in opts:
             opt.step()
-    for (name, b_ref), b_fused in zip(ref.named_buffers(), fused.buffers()):
-        if b_ref.is_floating_point():
+    _assert_same_buffers(ref, fused, rtol)
+
+
+def _assert_same_step(nets, x, tasks, step, train, rtol):
+    """One _run_step of the two nets (the second may be a torch.compile wrapper): outputs, input gradient and every
+    parameter's gradient agree. Returns the flat outputs."""
+    outs, grads_x = _run_step(nets, x, tasks, step, train)
+    for name, want in outs[0].items():
+        _assert_close(f"step {step} output {name}", outs[1][name].detach(), want.detach(), want.abs().max(), rtol)
+    _assert_close(f"step {step} input grad", grads_x[1], grads_x[0], grads_x[0].abs().max(), rtol)
+    want_params = list(nets[0].named_parameters())
+    scale = max(p.grad.abs().max() for _, p in want_params)
+    for (name, p_want), p_got in zip(want_params, nets[1].parameters()):
+        # gradient floor: the largest gradient of that tensor's module family, or 1e-3 of the global one
+        _assert_close(f"step {step} grad {name}", p_got.grad, p_want.grad,
+                      torch.maximum(p_want.grad.abs().max(), 1e-3 * scale), rtol)
+    return outs
+
+
+def _assert_same_buffers(want_net, got_net, rtol):
+    for (name, b_want), b_got in zip(want_net.named_buffers(), got_net.buffers()):
+        if b_want.is_floating_point():
             # running means of BN inputs that are zero-mean by construction sit at rounding level: floor at 1e-3
-            _assert_close(f"buffer {name}", b_fused, b_ref, torch.clamp(b_ref.abs().max(), min=1e-3), rtol)
-        else:
-            assert torch.equal(b_fused, b_ref), f"buffer {name}: {b_fused} != {b_ref}"
+            _assert_close(f"buffer {name}", b_got, b_want, torch.clamp(b_want.abs().max(), min=1e-3), rtol)
+        else:  # the batch counters: a recomputation must not count as a second call
+            assert torch.equal(b_got, b_want), f"buffer {name}: {b_got} != {b_want}"
 
 
 @pytest.mark.parametrize("config, channels_last", [("nyud2", True), ("pascal5", True), ("nyud2", False),
