@@ -20,7 +20,9 @@ from .test_fused_network import SMALL, _assert_same_buffers, _assert_same_step
 RTOL = 1e-9  # float64
 
 
-def _compiled_matches_eager(train: bool, recompute: bool, steps: int):
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "no-recompute"])
+def test_compiled_fused_matches_eager(recompute):
+    """Two optimizer steps in train mode, then (one compiled network, recompiled for the mode) a step in eval mode."""
     tasks = TASK_SETS["nyud2"]
     torch.manual_seed(0)
     eager = build_model(tasks, widths=SMALL).double().set_fused(True, recompute=recompute)
@@ -28,17 +30,8 @@ def _compiled_matches_eager(train: bool, recompute: bool, steps: int):
     compiled = torch.compile(compiled_net, backend="aot_eager", fullgraph=True, dynamic=False)
     opts = [torch.optim.SGD(m.parameters(), lr=0.01) for m in (eager, compiled_net)]
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    for step in range(steps):
+    for step, train in enumerate((True, True, False) if recompute else (True, True)):
         _assert_same_step((eager, compiled), x, tasks, step, train, RTOL)
         for opt in opts:
             opt.step()
-    _assert_same_buffers(eager, compiled_net, RTOL)
-
-
-@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "no-recompute"])
-def test_compiled_fused_train_matches_eager(recompute):
-    _compiled_matches_eager(train=True, recompute=recompute, steps=2)
-
-
-def test_compiled_fused_eval_matches_eager():
-    _compiled_matches_eager(train=False, recompute=True, steps=1)
+        _assert_same_buffers(eager, compiled_net, RTOL)
