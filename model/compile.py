@@ -4,9 +4,9 @@ repeated block ("regional").
 Both compile with static shapes (`dynamic=False`): a training run has one input size, and a new size (the last
 partial batch of an evaluation) compiles once more instead of turning every size into a symbol. Regional
 compilation compiles the blocks listed in `REGION_TYPES`, outermost first; blocks of the same class and shapes
-(the HRNet modules of a stage, the heads of tasks with equal outputs, ...) share one compiled graph through
-Inductor's cache, so it compiles a fraction of what the whole graph does, and the glue between blocks runs
-eagerly. Compile after `set_fused`: a compiled block keeps the path it was traced with.
+(the HRNet modules of a stage, the initial heads of tasks with equal outputs, ...) share their generated code
+through Inductor's cache, the glue between blocks runs eagerly, and a failure stays inside one block. Compile
+after `set_fused`: a compiled block keeps the path it was traced with.
 """
 from __future__ import annotations
 

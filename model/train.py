@@ -1,5 +1,4 @@
-"""Train SCA-MTL: `python -m model.train --config CONFIG [--fused] [--compile MODE] [--amp] [--resume] [--max-steps N]
-[--out DIR]`.
+"""Train SCA-MTL: `python -m model.train --config CONFIG [--fused] [--compile MODE] [--amp] [--resume] [...]`.
 
 Single process, or one process per GPU/CPU under `torchrun` (DistributedDataParallel; NCCL on GPUs, gloo on
 CPUs). The run directory holds config.yaml, log.csv / log.jsonl, TensorBoard events (tb/), PNG grids of
@@ -383,7 +382,7 @@ def parse_args(argv):
     p.add_argument("--fused", action="store_true", help="run the fused kernels path")
     p.add_argument("--compile", nargs="?", const="full", choices=COMPILE_MODES,
                    help="torch.compile the network: full (one graph, the default of a bare --compile) or regional "
-                        "(one compiled module per repeated block: compiles faster); overrides the config's `compile`")
+                        "(one compiled module per repeated block); overrides the config's `compile`")
     p.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt "
                    "(OUT: --out, else the newest runs/<config>-*)")

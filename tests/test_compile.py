@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from model import TASK_SETS, build_model
+from model.compile import compile_model, compile_regions
 
 from .test_fused_network import SMALL, _assert_same_buffers, _assert_same_step
 
@@ -35,3 +36,24 @@ def test_compiled_fused_matches_eager(recompute):
         for opt in opts:
             opt.step()
         _assert_same_buffers(eager, compiled_net, RTOL)
+
+
+def test_compile_model_rejects_bad_arguments():
+    net = build_model(TASK_SETS["nyud2"], widths=SMALL)
+    with pytest.raises(ValueError, match=r"compile mode must be one of \('off', 'full', 'regional'\), got 'fast'"):
+        compile_model(net, "fast")
+    with pytest.raises(TypeError, match="expects an SCAMTL network .* got Linear"):
+        compile_model(torch.nn.Linear(2, 2), "full")
+    net.set_fused(True)
+    with pytest.raises(ValueError, match="BatchNorm statistics twice"):
+        compile_model(net, "regional", backend="eager")
+    assert compile_model(net, "off") is net
+
+
+def test_regional_compilation_chooses_the_outermost_repeated_blocks():
+    net = build_model(TASK_SETS["nyud2"], widths=SMALL)
+    chosen = compile_regions(net, backend="aot_eager")  # compiles lazily: nothing is traced here
+    assert "self_attention.0" in chosen and "cross_task.3" in chosen and "heads.semseg" in chosen
+    assert "propagation.1" in chosen and not any(c.startswith("propagation.1.") for c in chosen)
+    assert "backbone.stage3.0" in chosen and "backbone.layer1.0" in chosen
+    assert len(chosen) == len(set(chosen)) == 2 + 6 + 4 + 8 + 4 + 3 + 2
