@@ -46,11 +46,11 @@ def compile_model(net: nn.Module, mode: str = "full", backend: str | None = None
     one (DistributedDataParallel)."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
-    if not any(isinstance(m, SCAMTL) for m in net.modules()):
+    scamtl = next((m for m in net.modules() if isinstance(m, SCAMTL)), None)
+    if scamtl is None:
         raise TypeError(f"compile_model expects an SCAMTL network (or a wrapper of one), got {type(net).__name__}")
     options = {"backend": backend or DEFAULT_BACKEND, "dynamic": False}
-    if mode != "off" and options["backend"] == "eager" and any(getattr(m, "fused", False) and m.recompute
-                                                               for m in net.modules() if isinstance(m, SCAMTL)):
+    if mode != "off" and options["backend"] == "eager" and scamtl.fused and scamtl.recompute:
         # that backend runs the traced checkpoints as plain ones, without the running-statistics freeze
         raise ValueError("the fused path's recomputation needs a backend that traces backward (inductor, "
                          "aot_eager); Dynamo's 'eager' backend would update BatchNorm statistics twice. Use another "
@@ -70,7 +70,8 @@ def compile_seconds() -> float:
 
 
 def graph_breaks(net: nn.Module, x: torch.Tensor) -> dict:
-    """Dynamo's view of one forward of `net` on x: {"graphs", "breaks", "reasons": [(where, why), ...]}."""
+    """Dynamo's view of one forward of `net` on x: {"graphs", "breaks", "reasons": [(where, why), ...]}. Resets
+    Dynamo's caches before and after (whatever this process had compiled compiles again)."""
     torch._dynamo.reset()
     report = torch._dynamo.explain(net)(x)
     reasons = [(f"{b.user_stack[-1].filename.rsplit('/', 1)[-1]}:{b.user_stack[-1].lineno}" if b.user_stack else "?",

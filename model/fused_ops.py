@@ -97,10 +97,9 @@ def recompute_in_backward(fn, *args, modules):
     statistics are updated in the forward graph only, so no freezing context is needed (nor traceable)."""
     from torch.utils.checkpoint import checkpoint
 
-    if torch.compiler.is_compiling():
-        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
-    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True,
-                      context_fn=lambda: (contextlib.nullcontext(), _running_stats_frozen(modules)))
+    frozen = {} if torch.compiler.is_compiling() else \
+        {"context_fn": lambda: (contextlib.nullcontext(), _running_stats_frozen(modules))}
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True, **frozen)
 
 
 # ---------------------------------------------------------------------------------------------- convolutions
