@@ -65,17 +65,20 @@ class ChannelsLastInput(torch.nn.Module):
 
 
 class Variant(NamedTuple):
-    """A network to time and its optimizer: PyTorch's default Adam (the reference's training step, as the authors
-    run it) or the fused Adam of model.train."""
+    """A network to time, its optimizer (PyTorch's default Adam, the reference's training step as the authors run it,
+    or the fused Adam of model.train) and its loss (the reference or the fused one, as model.train --fused runs)."""
     net: torch.nn.Module
     fused_adam: bool = False
+    fused_loss: bool = False
 
 
 class Runner:
-    """Training steps of one variant: Adam, bf16 autocast if asked, the loss with deep supervision."""
+    """Training steps of one variant: Adam, bf16 autocast if asked, the loss with deep supervision (`loss_fn`, made
+    fused if the variant asks)."""
 
-    def __init__(self, variant: Variant, loss_fn, batch, device, amp):
-        self.net, self.loss_fn, self.batch, self.device = variant.net, loss_fn, batch, device
+    def __init__(self, variant: Variant, loss_fn: MultiTaskLoss, batch, device, amp):
+        self.net, self.batch, self.device = variant.net, batch, device
+        self.loss_fn = copy.deepcopy(loss_fn).set_fused(variant.fused_loss)
         options = {"lr": 1e-4, "weight_decay": 1e-4}
         self.opt = adam(self.net.parameters(), **options) if variant.fused_adam else \
             torch.optim.Adam(self.net.parameters(), **options)
@@ -136,6 +139,7 @@ def measure(variants: dict, loss_fn, batch, device, amp, repeats: int) -> dict:
     for variant, runner in runners.items():
         median = sorted(times[variant])[len(times[variant]) // 2]
         results[variant] = {"step_ms": median * 1e3, "steps_timed": repeats, "fused_adam": variants[variant].fused_adam,
+                            "fused_loss": variants[variant].fused_loss,
                             "images_per_s": batch["image"].shape[0] / median, **runner.memory()}
         if compile_s[variant]:
             results[variant]["compile_s"] = compile_s[variant]
@@ -165,17 +169,19 @@ def _parser():
 
 def variants_of(reference, device, layouts: bool, compile_mode: str | None) -> dict:
     """{name: Variant} timed side by side, all from the same parameters: the fused path with model.train's fused
-    Adam, the reference with the default Adam, and the reference with fused Adam (what the optimizer alone gives)."""
+    Adam and fused loss, the reference with the default Adam, the reference with fused Adam (what the optimizer alone
+    gives) and the fused path with the reference loss (what the fused loss gives)."""
     fused = lambda **options: copy.deepcopy(reference).set_fused(True, **options)  # noqa: E731
-    variants = {"reference": Variant(reference), "fused": Variant(fused(), True),
-                "reference_fused_adam": Variant(copy.deepcopy(reference), True)}
+    variants = {"reference": Variant(reference), "fused": Variant(fused(), True, True),
+                "reference_fused_adam": Variant(copy.deepcopy(reference), True),
+                "fused_reference_loss": Variant(fused(), True)}
     if layouts:
         variants["reference_channels_last"] = Variant(ChannelsLastInput(copy.deepcopy(reference)))
         other = device != "cpu"  # the fused path's default is channels-last on CPU only
-        variants["fused_channels_last" if other else "fused_nchw"] = Variant(fused(channels_last=other), True)
+        variants["fused_channels_last" if other else "fused_nchw"] = Variant(fused(channels_last=other), True, True)
     if compile_mode:
         variants["compiled_reference"] = Variant(compile_model(copy.deepcopy(reference), compile_mode))
-        variants["compiled_fused"] = Variant(compile_model(fused(), compile_mode), True)
+        variants["compiled_fused"] = Variant(compile_model(fused(), compile_mode), True, True)
     return variants
 
 

@@ -93,4 +93,8 @@ TORCH_LIBRARY(fused_mtl_attn, m) {
   m.def("cross_scale(Tensor q, Tensor k, Tensor v, SymInt[] offsets) -> (Tensor, Tensor)");
   m.def("cross_scale_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor context, SymInt[] offsets) "
         "-> (Tensor, Tensor, Tensor)");
+  // the fused loss (cross_entropy.h): (sum over labelled pixels of lse - z_label, lse [B, H, W]); CPU kernels only
+  m.def("upsampled_cross_entropy(Tensor logits, Tensor label, int ignore_index) -> (Tensor, Tensor)");
+  m.def("upsampled_cross_entropy_backward(Tensor grad, Tensor logits, Tensor label, Tensor lse, int ignore_index) "
+        "-> Tensor");
 }

@@ -1,10 +1,11 @@
 """fused_mtl_attn: fused kernels for the cross-task (CTAM) and cross-scale (CSAM) attention of SCA-MTL.
 
-Public surface: `cross_task_attention`, `cross_scale_attention`, `available_backends`, `cpu_isa`, and the eager
-oracle in `fused_mtl_attn.reference`.
+Public surface: `cross_task_attention`, `cross_scale_attention`, `available_backends`, `cpu_isa`, the fused loss
+`upsampled_cross_entropy`, and the eager oracle in `fused_mtl_attn.reference`.
 """
 from . import reference
 from .backends import available_backends, cross_scale_attention, cross_task_attention
+from .losses import upsampled_cross_entropy
 
 
 def cpu_isa() -> str:
@@ -16,5 +17,6 @@ def cpu_isa() -> str:
     return cpp_backend.cpu_isa()
 
 
-__all__ = ["available_backends", "cpu_isa", "cross_task_attention", "cross_scale_attention", "reference"]
+__all__ = ["available_backends", "cpu_isa", "cross_task_attention", "cross_scale_attention", "reference",
+           "upsampled_cross_entropy"]
 __version__ = "0.1.0"

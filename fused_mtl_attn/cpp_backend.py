@@ -78,6 +78,26 @@ if _C is not None:
     torch.library.register_autograd("fused_mtl_attn::cross_scale", _cross_scale_backward,
                                     setup_context=_setup_context)
 
+    @torch.library.register_fake("fused_mtl_attn::upsampled_cross_entropy")
+    def _upsampled_cross_entropy_fake(logits, label, ignore_index):
+        return logits.new_empty(()), logits.new_empty(label.shape)
+
+    @torch.library.register_fake("fused_mtl_attn::upsampled_cross_entropy_backward")
+    def _upsampled_cross_entropy_backward_fake(grad, logits, label, lse, ignore_index):
+        return logits.new_empty(logits.shape)
+
+    def _loss_setup_context(ctx, inputs, output):
+        logits, label, ctx.ignore_index = inputs
+        ctx.save_for_backward(logits, label, output[1])  # lse [B, H, W]: backward recomputes the softmax from it
+        ctx.mark_non_differentiable(output[1])
+
+    def _upsampled_cross_entropy_backward(ctx, grad_sum, grad_lse):
+        logits, label, lse = ctx.saved_tensors
+        return ops.upsampled_cross_entropy_backward(grad_sum, logits, label, lse, ctx.ignore_index), None, None
+
+    torch.library.register_autograd("fused_mtl_attn::upsampled_cross_entropy", _upsampled_cross_entropy_backward,
+                                    setup_context=_loss_setup_context)
+
 
 def cross_task_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q, k [B, P, d, N] logits, v [B, P, m, N] -> [B, P, m, N] (inputs checked by backends.py)."""
@@ -87,6 +107,12 @@ def cross_task_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
 def cross_scale_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: Sequence[int]) -> torch.Tensor:
     """q [B, d, Nq], k [B, d, Ntot], v [B, m, Ntot], offsets J+1 -> [B, J, m, Nq] (inputs checked by backends.py)."""
     return torch.ops.fused_mtl_attn.cross_scale(q, k, v, list(offsets))[0]
+
+
+def upsampled_cross_entropy_sum(logits: torch.Tensor, label: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Sum over labelled pixels of the cross-entropy of logits [B, C, h, w] resized to label [B, H, W] (CPU, float32
+    or float64; inputs checked by fused_mtl_attn.losses)."""
+    return torch.ops.fused_mtl_attn.upsampled_cross_entropy(logits, label, ignore_index)[0]
 
 
 def _require_extension() -> None:

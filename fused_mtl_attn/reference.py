@@ -1,4 +1,5 @@
-"""The eager reference of the global-context attention core: the one oracle every backend is tested against.
+"""The eager reference of the global-context attention core (and of the fused loss): the one oracle every backend is
+tested against.
 
 Math (docs/attention-op.md): q = softplus(qp), k = softplus(kp), S = v k^T, z = sum_j k_j,
 out_p = S q_p / max(z . q_p, eps). Autograd of these few torch calls gives the backward derived there
@@ -48,3 +49,12 @@ def cross_scale_attention(
     if not pieces:
         return q.new_zeros(batch, 0, v.shape[1], n_query)
     return torch.stack(pieces, dim=1)
+
+
+def upsampled_cross_entropy(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Mean cross-entropy over the pixels whose label is not `ignore_index` (0 with a gradient if there is none) of
+    logits [B, C, h, w] resized bilinearly (align_corners=False) to the label's size [B, H, W]."""
+    if logits.shape[-2:] != label.shape[-2:]:
+        logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
+    n_labelled = (label != ignore_index).sum()
+    return F.cross_entropy(logits, label, ignore_index=ignore_index, reduction="sum") / n_labelled.clamp(min=1)

@@ -84,3 +84,22 @@ def check_cross_scale(q, k, v, offsets: Sequence[int]) -> None:
             )
     if offsets[-1] != n_total:
         raise ValueError(f"offsets must end at the gathered length Ntot = {n_total} of k and v, got {offsets[-1]}")
+
+
+def check_cross_entropy(logits, label, ignore_index) -> None:
+    """logits: [B, C, h, w] floating; label: [B, H, W] int64 class indices on logits' device; ignore_index: int."""
+    _check_tensor("logits", logits, 4, "[B, C, h, w]")
+    if not isinstance(label, torch.Tensor):
+        raise TypeError(f"label must be a torch.Tensor of class indices [B, H, W], got {type(label).__name__}")
+    if label.dim() != 3 or label.dtype != torch.int64:
+        raise ValueError(f"label must be an int64 tensor of class indices [B, H, W], got {label.dtype} of shape "
+                         f"{tuple(label.shape)}")
+    if label.shape[0] != logits.shape[0]:
+        raise ValueError(f"label has batch size {label.shape[0]} but logits have {logits.shape[0]}")
+    if label.device != logits.device:
+        raise ValueError(f"label is on {label.device} but logits are on {logits.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if min(logits.shape[1:]) < 1 or min(label.shape[1:]) < 1:
+        raise ValueError(f"logits and label must hold at least one class and one pixel, got logits "
+                         f"{tuple(logits.shape)} and label {tuple(label.shape)}")

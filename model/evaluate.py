@@ -77,10 +77,11 @@ def val_loader(cfg, dataset):
                       num_workers=cfg["num_workers"], collate_fn=collate, generator=torch.Generator().manual_seed(0))
 
 
-def task_loss(cfg):
+def task_loss(cfg, fused=False):
+    """The configured multi-task loss; `fused`: on the fused path (the same function, for a fused network)."""
     edge = cfg["edge_pos_weight"]
     return MultiTaskLoss(cfg["tasks"], cfg["loss_weights"],
-                         EDGE_POS_WEIGHT[cfg["dataset"]] if edge is None else edge)
+                         EDGE_POS_WEIGHT[cfg["dataset"]] if edge is None else edge, fused=fused)
 
 
 def to_device(batch, device):
@@ -94,7 +95,7 @@ def evaluate_model(net, loader, cfg, device, amp=False, vis=None, desc="eval"):
     rank, world = rank_and_world()
     tasks = supervised_tasks(cfg)
     metrics = MultiTaskMetrics(num_outputs(cfg["dataset"], tasks), cfg["dataset"])
-    loss_fn = task_loss(cfg)
+    loss_fn = task_loss(cfg, fused=bool(getattr(getattr(net, "module", net), "fused", False)))
     was_training = net.training
     net.eval()
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)

@@ -4,19 +4,26 @@ semseg / human_parts: cross-entropy, ignore 255; depth: L1 over valid (> 0) pixe
 the L2-normalised prediction and the label over valid (non-zero) pixels; sal: balanced BCE (HED-style
 weight from the label balance); edge: BCE with a fixed positive weight. Every loss is 0 (with a
 gradient) when a batch has no valid pixel, e.g. human parts on images without people.
+
+A prediction smaller than its label is resized to the label's size (bilinear, align_corners=False). With
+`fused=True` the same losses run on the fused path's pieces: cross-entropy resizes inside one kernel
+(fused_mtl_attn.upsampled_cross_entropy), the other losses resize with the fused path's resize (matrix products).
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fused_mtl_attn import reference, upsampled_cross_entropy
+
+from .fused_ops import upsample
+
 IGNORE = 255
 
 
 def cross_entropy(pred, label):
-    """Mean cross-entropy over pixels whose label != 255; pred [B,C,H,W] logits, label [B,H,W] long."""
-    n_valid = (label != IGNORE).sum()
-    loss = F.cross_entropy(pred, label, ignore_index=IGNORE, reduction="sum")
-    return loss / n_valid.clamp(min=1)
+    """Mean cross-entropy over pixels whose label != 255; pred [B,C,h,w] logits (resized to the label's size if
+    smaller), label [B,H,W] long."""
+    return reference.upsampled_cross_entropy(pred, label, IGNORE)
 
 
 def depth_l1(pred, label):
@@ -48,16 +55,21 @@ def balanced_bce(pred, label, pos_weight=None):
 
 
 class TaskLoss(nn.Module):
-    """The loss of one task by name; `edge_pos_weight` is the edge BCE's positive weight."""
+    """The loss of one task by name, of a prediction at the label's size or smaller; `edge_pos_weight` is the edge
+    BCE's positive weight; `fused` computes it on the fused path (same function)."""
 
-    def __init__(self, task, edge_pos_weight=0.95):
+    def __init__(self, task, edge_pos_weight=0.95, fused=False):
         super().__init__()
         self.task = task
         self.edge_pos_weight = edge_pos_weight
+        self.fused = fused
         if task not in LOSSES:
             raise ValueError(f"no loss for task '{task}'; known: {', '.join(LOSSES)}")
 
     def forward(self, pred, label):
+        if LOSSES[self.task] is cross_entropy:  # resized inside the loss
+            return upsampled_cross_entropy(pred, label, IGNORE) if self.fused else cross_entropy(pred, label)
+        pred = upsample(pred, label.shape[-2:]) if self.fused else _to_label_size(pred, label)
         if self.task == "edge":
             return balanced_bce(pred, label, self.edge_pos_weight)
         return LOSSES[self.task](pred, label)
@@ -86,10 +98,11 @@ class MultiTaskLoss(nn.Module):
     forward(output, batch) takes the network output `{task: [B,n,H,W], "deep_supervision": {scale:
     {task: [B,n,h,w]}}}` and the batch of labels; deep-supervision predictions are upsampled
     (bilinear) to the label size. Returns (total, parts): parts holds the detached unweighted losses,
-    `parts[task]` for the final prediction and `parts[f"{task}/ds_{scale}"]` per scale.
+    `parts[task]` for the final prediction and `parts[f"{task}/ds_{scale}"]` per scale. `fused=True` computes the
+    same losses with the fused path's kernels (see the module's docstring).
     """
 
-    def __init__(self, tasks, weights=None, edge_pos_weight=0.95):
+    def __init__(self, tasks, weights=None, edge_pos_weight=0.95, fused=False):
         super().__init__()
         self.tasks = tuple(tasks)
         weights = {} if weights is None else dict(weights)
@@ -98,6 +111,16 @@ class MultiTaskLoss(nn.Module):
             raise ValueError(f"loss weights given for tasks {unknown} that are not in {self.tasks}")
         self.weights = {t: float(weights.get(t, 1.0)) for t in self.tasks}
         self.losses = nn.ModuleDict({t: TaskLoss(t, edge_pos_weight) for t in self.tasks})
+        self.set_fused(fused)
+
+    def set_fused(self, flag: bool = True) -> "MultiTaskLoss":
+        """Compute the losses on the fused path (flag True) or the reference one; the same function either way."""
+        if not isinstance(flag, bool):
+            raise TypeError(f"set_fused: flag must be bool, got {flag!r}")
+        self.fused = flag
+        for loss in self.losses.values():
+            loss.fused = flag
+        return self
 
     def forward(self, output, batch):
         parts = {}
@@ -107,7 +130,7 @@ class MultiTaskLoss(nn.Module):
             for t in self.tasks:
                 if t not in pred:
                     continue
-                loss = self.losses[t](_to_label_size(pred[t], batch[t]), batch[t])
+                loss = self.losses[t](pred[t], batch[t])
                 total = total + self.weights[t] * loss
                 parts[t + suffix] = loss.detach()
         missing = [t for t in self.tasks if t not in output]

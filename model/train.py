@@ -201,7 +201,7 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, poly_schedule(cfg, self.steps_per_epoch))
         self.amp = args.amp or cfg["amp"]
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and device.type == "cuda")
-        self.loss_fn = task_loss(cfg)
+        self.loss_fn = task_loss(cfg, fused=unwrap(self.net).fused)
         self.step = self.epoch = self.position = 0
         self.best = None            # {"score", "step", "metrics"}
         self.last_eval_step = -1

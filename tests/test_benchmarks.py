@@ -68,8 +68,9 @@ def test_ops_rows(ops_rows):
 
 
 def test_train_rows(train_rows):
-    assert [(r["config"], r["variant"], r["fused_adam"]) for r in train_rows] == [
-        ("nyud2", "reference", False), ("nyud2", "fused", True), ("nyud2", "reference_fused_adam", True)]
+    assert [(r["config"], r["variant"], r["fused_adam"], r["fused_loss"]) for r in train_rows] == [
+        ("nyud2", "reference", False, False), ("nyud2", "fused", True, True),
+        ("nyud2", "reference_fused_adam", True, False), ("nyud2", "fused_reference_loss", True, False)]
     for r in train_rows:
         assert "compile_s" not in r
         assert "error" not in r, r["error"]
@@ -80,15 +81,15 @@ def test_train_rows(train_rows):
 
 
 def test_train_compiled_variants_report_their_compile_time(monkeypatch):
-    """--compile adds the compiled reference and the compiled fused path (with model.train's fused Adam), and a
+    """--compile adds the compiled reference and the compiled fused path (with model.train's fused Adam and loss), and a
     compiled variant's row has the seconds its first step spent compiling. Timed here with Dynamo alone on the
     reference path (Inductor takes many minutes on 2 cores; tests/test_compile.py checks the compiled fused path)."""
     torch.manual_seed(0)
     net = build_model(TASK_SETS["nyud2"], widths=(12, 12, 12, 12))
     variants = bench_train.variants_of(net, "cpu", layouts=False, compile_mode="regional")
-    assert {v: spec.fused_adam for v, spec in variants.items()} == {
-        "reference": False, "fused": True, "reference_fused_adam": True, "compiled_reference": False,
-        "compiled_fused": True}
+    assert {v: (spec.fused_adam, spec.fused_loss) for v, spec in variants.items()} == {
+        "reference": (False, False), "fused": (True, True), "reference_fused_adam": (True, False),
+        "fused_reference_loss": (True, False), "compiled_reference": (False, False), "compiled_fused": (True, True)}
     assert variants["compiled_fused"].net.fused and not variants["compiled_reference"].net.fused
     batch = bench_train.random_batch(TASK_SETS["nyud2"], 2, (32, 32), "cpu")
     loss_fn = MultiTaskLoss(list(TASK_SETS["nyud2"]))

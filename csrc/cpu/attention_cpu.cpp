@@ -104,6 +104,17 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad, const Tensor
   return current().kernels->backward(grad, q, k, v, context, offsets);
 }
 
+std::tuple<Tensor, Tensor> cross_entropy_forward_cpu(const Tensor& logits, const Tensor& label, int64_t ignore) {
+  TORCH_CHECK(logits.device().is_cpu(), "logits must be a CPU tensor for the cpu kernels, got ", logits.device());
+  return current().kernels->cross_entropy_forward(logits, label, ignore);
+}
+
+Tensor cross_entropy_backward_cpu(const Tensor& grad, const Tensor& logits, const Tensor& label, const Tensor& lse,
+                                  int64_t ignore) {
+  TORCH_CHECK(logits.device().is_cpu(), "logits must be a CPU tensor for the cpu kernels, got ", logits.device());
+  return current().kernels->cross_entropy_backward(grad, logits, label, lse, ignore);
+}
+
 }  // namespace
 
 namespace cpu {
@@ -133,5 +144,10 @@ void set_isa(const std::string& name) {
 }  // namespace cpu
 
 FUSED_MTL_ATTN_REGISTER(CPU, forward_cpu, backward_cpu)
+
+TORCH_LIBRARY_IMPL(fused_mtl_attn, CPU, m) {
+  m.impl("upsampled_cross_entropy", &cross_entropy_forward<cross_entropy_forward_cpu>);
+  m.impl("upsampled_cross_entropy_backward", &cross_entropy_backward<cross_entropy_backward_cpu>);
+}
 
 }  // namespace fused_mtl_attn

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "../attention.h"
+#include "../cross_entropy.h"
 
 #include <string>
 #include <vector>
@@ -13,6 +14,8 @@ namespace fused_mtl_attn {
 struct CpuKernels {
   ForwardCore forward;
   BackwardCore backward;
+  CrossEntropyForwardCore cross_entropy_forward;
+  CrossEntropyBackwardCore cross_entropy_backward;
 };
 
 #if defined(__x86_64__) || defined(_M_X64)

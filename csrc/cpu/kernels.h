@@ -612,7 +612,9 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad, const Tensor& q,
 
 }  // namespace
 
-extern const CpuKernels kernels = {&forward, &backward};
+#include "cross_entropy_kernels.h"
+
+extern const CpuKernels kernels = {&forward, &backward, &upsampled_ce_forward, &upsampled_ce_backward};
 
 }  // namespace FMA_CPU_ISA
 }  // namespace fused_mtl_attn

@@ -11,10 +11,13 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <type_traits>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 // compile what follows for the instruction set `features` (a GCC/clang target string), until FMA_CPU_TARGET_END

@@ -1,0 +1,241 @@
+// CPU kernels of the fused loss (../cross_entropy.h), included by kernels.h inside its instruction set's namespace.
+//
+// One output row (image b, label row Y) at a time, in a tile z [W, C] with the classes innermost (padded to whole
+// vectors): the two logits rows it reads are blended into r [w, C], resized along the row into z, and the
+// log-sum-exp over classes is taken pixel by pixel in vectors. Forward keeps lse [B, H, W] and one loss sum per row,
+// summed in row order afterwards (no dependence on the thread count). Backward recomputes z, forms
+// dz = g (softmax - onehot), applies the transpose of the resize along the width into t [w, C] and stores it as
+// d [B, C, H, w]; a second pass applies the transpose along the height (each logits row sums the label rows that
+// read it, in row order), skipped when the heights are equal.
+// The logits are read through their strides (NCHW or channels-last: no copy); the gradient is NCHW-contiguous.
+namespace {
+
+// one axis of PyTorch's bilinear resize (align_corners=False, output size given): output index o reads input lo[o]
+// with weight 1 - frac[o] and hi[o] with frac[o], computed in the accumulation type as ATen does; for the
+// transpose, the outputs reading input i as lo are [lo_begin[i], lo_begin[i+1]) and as hi [hi_begin[i], ...)
+template <typename T>
+struct ResizeAxis {
+  std::vector<int64_t> lo, hi, lo_begin, hi_begin;
+  std::vector<T> frac;
+  ResizeAxis(int64_t n_in, int64_t n_out) : lo(n_out), hi(n_out), lo_begin(n_in + 1), hi_begin(n_in + 1), frac(n_out) {
+    const T scale = static_cast<T>(n_in) / static_cast<T>(n_out);
+    for (int64_t o = 0; o < n_out; ++o) {
+      const T src = std::max(scale * (static_cast<T>(o) + T(0.5)) - T(0.5), T(0));
+      lo[o] = std::min<int64_t>(static_cast<int64_t>(src), n_in - 1);
+      hi[o] = lo[o] + (lo[o] < n_in - 1 ? 1 : 0);
+      frac[o] = std::min(std::max(src - static_cast<T>(lo[o]), T(0)), T(1));
+    }
+    // lo and hi are non-decreasing in o: the first output reading each input
+    for (int64_t i = 0, o = 0, p = 0; i <= n_in; ++i) {
+      while (o < n_out && lo[o] < i) ++o;
+      while (p < n_out && hi[p] < i) ++p;
+      lo_begin[i] = o;
+      hi_begin[i] = p;
+    }
+  }
+};
+
+template <typename T>
+struct ResizeGeometry {
+  int64_t batch, classes, cp, h, w, H, W;  // cp: classes padded to whole vectors
+  int64_t sb, sc, sy, sx;                  // the logits' strides
+  ResizeAxis<T> rows, cols;
+  ResizeGeometry(const Tensor& logits, const Tensor& label)
+      : batch(logits.size(0)), classes(logits.size(1)), cp(round_up(logits.size(1), Vec<T>::W)), h(logits.size(2)),
+        w(logits.size(3)), H(label.size(1)), W(label.size(2)), sb(logits.stride(0)), sc(logits.stride(1)),
+        sy(logits.stride(2)), sx(logits.stride(3)), rows(h, H), cols(w, W) {}
+};
+
+// padding classes: exp(pad - max) underflows, so they add nothing to a sum over classes
+template <typename T>
+constexpr T kPadLogit = -std::numeric_limits<T>::max() / 4;
+
+// z[X*cp + c] = logits of image x resized to output row Y, column X; r: w*cp scratch
+template <typename T>
+inline void resized_row(const ResizeGeometry<T>& g, const T* x, int64_t Y, T* r, T* z) {
+  constexpr int W = Vec<T>::W;
+  const T fy = g.rows.frac[Y], gy = T(1) - fy;
+  const T* a = x + g.rows.lo[Y] * g.sy;
+  const T* b = x + g.rows.hi[Y] * g.sy;
+  const int64_t C = g.classes, cp = g.cp;
+  if (g.sc <= g.sx) {  // channels-last: classes innermost in memory too
+    for (int64_t i = 0; i < g.w; ++i)
+      for (int64_t c = 0; c < C; ++c) r[i * cp + c] = gy * a[i * g.sx + c * g.sc] + fy * b[i * g.sx + c * g.sc];
+  } else {
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 0; i < g.w; ++i) r[i * cp + c] = gy * a[c * g.sc + i * g.sx] + fy * b[c * g.sc + i * g.sx];
+  }
+  for (int64_t i = 0; i < g.w; ++i)
+    for (int64_t c = C; c < cp; ++c) r[i * cp + c] = kPadLogit<T>;
+  const int64_t* lo = g.cols.lo.data();
+  const int64_t* hi = g.cols.hi.data();
+  const T* f = g.cols.frac.data();
+  for (int64_t X = 0; X < g.W; ++X) {
+    const T* r0 = r + lo[X] * cp;
+    const T* r1 = r + hi[X] * cp;
+    const T f1 = f[X], f0 = T(1) - f1;
+    for (int64_t c = 0; c < cp; c += W) vstore(z + X * cp + c, f0 * vload(r0 + c) + f1 * vload(r1 + c));
+  }
+}
+
+// exp(x) for x <= 0 (up to rounding) in the vectors of T
+inline V<float> exp_shifted(V<float> x) { return exp_nonpositive(x); }
+inline V<double> exp_shifted(V<double> x) {
+  constexpr int W = Vec<double>::W;
+  double t[W];
+  vstore(t, x);
+  for (int i = 0; i < W; ++i) t[i] = std::exp(t[i]);
+  return vload(t);
+}
+
+template <typename T>
+inline T horizontal_max(V<T> v) {
+  T t[Vec<T>::W];
+  vstore(t, v);
+  T m = t[0];
+  for (int i = 1; i < Vec<T>::W; ++i) m = std::max(m, t[i]);
+  return m;
+}
+
+template <typename T>
+inline T horizontal_sum(V<T> v) {
+  T t[Vec<T>::W];
+  vstore(t, v);
+  T s = T(0);
+  for (int i = 0; i < Vec<T>::W; ++i) s += t[i];
+  return s;
+}
+
+// log sum_c exp(z[c]) over cp (padded) classes
+template <typename T>
+inline T log_sum_exp(const T* z, int64_t cp) {
+  constexpr int W = Vec<T>::W;
+  V<T> m = vload(z);
+  for (int64_t c = W; c < cp; c += W) {
+    const V<T> v = vload(z + c);
+    m = v > m ? v : m;
+  }
+  const T mx = horizontal_max<T>(m);
+  V<T> s = vsplat(T(0));
+  for (int64_t c = 0; c < cp; c += W) s += exp_shifted(vload(z + c) - mx);
+  return mx + std::log(horizontal_sum<T>(s));
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor> upsampled_ce_forward_typed(const Tensor& logits, const Tensor& label, int64_t ignore) {
+  const ResizeGeometry<T> g(logits, label);
+  Tensor lse = at::empty({g.batch, g.H, g.W}, logits.options().memory_format(at::MemoryFormat::Contiguous));
+  std::vector<double> row_sums(g.batch * g.H, 0.0);
+  std::atomic<bool> bad{false};  // a label outside [0, C) that is not ignore_index
+  std::atomic<int64_t> bad_label{0};
+  const T* x = logits.const_data_ptr<T>();
+  const int64_t* lab = label.const_data_ptr<int64_t>();
+  T* out = lse.mutable_data_ptr<T>();
+  at::parallel_for(0, g.batch * g.H, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> r(g.w * g.cp), z(g.W * g.cp);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / g.H, Y = item % g.H;
+      resized_row(g, x + b * g.sb, Y, r.get(), z.get());
+      const int64_t* t = lab + item * g.W;
+      T* l = out + item * g.W;  // every pixel's, labelled or not: backward's exp(z - lse) then never overflows
+      double sum = 0.0;
+      for (int64_t X = 0; X < g.W; ++X) {
+        const T* zx = z.get() + X * g.cp;
+        l[X] = log_sum_exp(zx, g.cp);
+        if (t[X] == ignore) continue;
+        if (t[X] < 0 || t[X] >= g.classes) {
+          bad_label = t[X];
+          bad = true;
+          continue;
+        }
+        sum += static_cast<double>(l[X] - zx[t[X]]);
+      }
+      row_sums[item] = sum;
+    }
+  });
+  TORCH_CHECK(!bad.load(), "label holds class ", bad_label.load(), ", outside [0, ", g.classes, ") of the logits' ",
+              g.classes, " classes, and not ignore_index (", ignore, ")");
+  double total = 0.0;
+  for (double s : row_sums) total += s;
+  return {at::scalar_tensor(total, logits.options()), lse};
+}
+
+template <typename T>
+Tensor upsampled_ce_backward_typed(const Tensor& grad, const Tensor& logits, const Tensor& label, const Tensor& lse,
+                                   int64_t ignore) {
+  constexpr int W = Vec<T>::W;
+  const ResizeGeometry<T> g(logits, label);
+  const int64_t C = g.classes, cp = g.cp;
+  const T gsum = grad.item<T>();
+  Tensor dx = at::empty({g.batch, C, g.h, g.w}, logits.options().memory_format(at::MemoryFormat::Contiguous));
+  const bool same_rows = g.h == g.H;  // the resize's rows are the identity: the row pass writes dx itself
+  Tensor d = same_rows ? dx : at::empty({g.batch, C, g.H, g.w}, dx.options());
+  const T* x = logits.const_data_ptr<T>();
+  const int64_t* lab = label.const_data_ptr<int64_t>();
+  const T* lse_p = lse.const_data_ptr<T>();
+  T* dp = d.mutable_data_ptr<T>();
+  at::parallel_for(0, g.batch * g.H, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> r(g.w * cp), z(g.W * cp), t(g.w * cp);
+    const int64_t* lo = g.cols.lo.data();
+    const int64_t* hi = g.cols.hi.data();
+    const T* f = g.cols.frac.data();
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / g.H, Y = item % g.H;
+      const int64_t* tl = lab + item * g.W;
+      const T* l = lse_p + item * g.W;
+      resized_row(g, x + b * g.sb, Y, r.get(), z.get());
+      std::fill(t.get(), t.get() + g.w * cp, T(0));
+      for (int64_t X = 0; X < g.W; ++X) {
+        if (tl[X] == ignore) continue;  // dz = 0
+        T* zx = z.get() + X * cp;
+        const V<T> lx = vsplat(l[X]);
+        for (int64_t c = 0; c < cp; c += W) vstore(zx + c, exp_shifted(vload(zx + c) - lx) * gsum);
+        zx[tl[X]] -= gsum;  // dz = g (softmax - onehot)
+        T* t0 = t.get() + lo[X] * cp;
+        T* t1 = t.get() + hi[X] * cp;
+        const T f1 = f[X], f0 = T(1) - f1;
+        for (int64_t c = 0; c < cp; c += W) {
+          const V<T> v = vload(zx + c);
+          vstore(t0 + c, vload(t0 + c) + f0 * v);
+          vstore(t1 + c, vload(t1 + c) + f1 * v);
+        }
+      }
+      T* out = dp + b * C * g.H * g.w + Y * g.w;
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t i = 0; i < g.w; ++i) out[c * g.H * g.w + i] = t.get()[i * cp + c];
+    }
+  });
+  if (same_rows) return dx;
+  // the height pass: logits row i sums the label rows reading it (as lo, then as hi), in row order
+  T* dxp = dx.mutable_data_ptr<T>();
+  at::parallel_for(0, g.batch * C * g.h, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bc = item / g.h, i = item % g.h;
+      T* o = dxp + item * g.w;
+      std::fill(o, o + g.w, T(0));
+      const T* src = dp + bc * g.H * g.w;
+      for (int64_t Y = g.rows.lo_begin[i]; Y < g.rows.lo_begin[i + 1]; ++Y) {
+        const T wgt = T(1) - g.rows.frac[Y];
+        for (int64_t k = 0; k < g.w; ++k) o[k] += wgt * src[Y * g.w + k];
+      }
+      for (int64_t Y = g.rows.hi_begin[i]; Y < g.rows.hi_begin[i + 1]; ++Y) {
+        const T wgt = g.rows.frac[Y];
+        for (int64_t k = 0; k < g.w; ++k) o[k] += wgt * src[Y * g.w + k];
+      }
+    }
+  });
+  return dx;
+}
+
+std::tuple<Tensor, Tensor> upsampled_ce_forward(const Tensor& logits, const Tensor& label, int64_t ignore) {
+  if (logits.scalar_type() == at::kDouble) return upsampled_ce_forward_typed<double>(logits, label, ignore);
+  return upsampled_ce_forward_typed<float>(logits, label, ignore);
+}
+
+Tensor upsampled_ce_backward(const Tensor& grad, const Tensor& logits, const Tensor& label, const Tensor& lse,
+                             int64_t ignore) {
+  if (logits.scalar_type() == at::kDouble) return upsampled_ce_backward_typed<double>(grad, logits, label, lse, ignore);
+  return upsampled_ce_backward_typed<float>(grad, logits, label, lse, ignore);
+}
+
+}  // namespace

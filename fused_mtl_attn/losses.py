@@ -1,0 +1,37 @@
+"""The fused loss: cross-entropy of logits resized to the label's size, the costliest part of a dense-prediction loss
+with deep supervision (every coarse prediction is upsampled to full resolution, then log-softmaxed, in eager
+PyTorch: two full-size tensors stored per prediction for backward)."""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .validation import check_cross_entropy
+
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def _kernel_runs(logits: torch.Tensor) -> bool:
+    if logits.device.type != "cpu" or logits.dtype not in _KERNEL_DTYPES or torch.is_autocast_enabled("cpu"):
+        return False
+    from . import cpp_backend
+
+    return cpp_backend._C is not None and cpp_backend._ISA_ERROR is None
+
+
+def upsampled_cross_entropy(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Mean cross-entropy over the pixels whose label is not `ignore_index` (0, with a zero gradient, if there is
+    none) of `logits` [B, C, h, w] resized bilinearly (align_corners=False, as F.interpolate to a size) to the size
+    of `label` [B, H, W] (int64 class indices): the same function as `reference.upsampled_cross_entropy`.
+
+    On CPU in float32/float64 one fused kernel computes it without storing the resized logits or their log-softmax
+    (autograd keeps logits, label and one log-sum-exp per pixel; backward recomputes the rest); elsewhere (GPU,
+    other dtypes, autocast, extension not built) the eager reference runs. A label outside [0, C) other than
+    `ignore_index` raises."""
+    check_cross_entropy(logits, label, ignore_index)
+    if not _kernel_runs(logits):
+        return reference.upsampled_cross_entropy(logits, label, ignore_index)
+    from .cpp_backend import upsampled_cross_entropy_sum
+
+    n_labelled = (label != ignore_index).sum()
+    return upsampled_cross_entropy_sum(logits, label, ignore_index) / n_labelled.clamp(min=1)
