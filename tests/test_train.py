@@ -124,8 +124,8 @@ def test_non_finite_loss_stops_with_step_and_task_losses_and_keeps_last_checkpoi
     real = train.task_loss
     calls = {"n": 0}
 
-    def poisoned(cfg):
-        fn = real(cfg)
+    def poisoned(cfg, **options):
+        fn = real(cfg, **options)
 
         def forward(output, batch):
             total, parts = fn(output, batch)
