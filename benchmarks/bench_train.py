@@ -8,6 +8,7 @@ compiled variant the seconds its first step spent compiling; ratios are variant 
     python -m benchmarks.bench_train --quick            # CPU: NYUD 2-task 256x320 and PASCAL 5-task 256x256, batch 2
     python -m benchmarks.bench_train --device cuda      # GPU: NYUD 480x640 and PASCAL 512x512, batch 8, fp32 + bf16
     python -m benchmarks.bench_train --compile regional # + compiled reference and compiled fused (minutes to compile)
+    python -m benchmarks.bench_train --loss             # the loss alone (forward + backward): reference vs fused
 """
 from __future__ import annotations
 
@@ -146,6 +147,42 @@ def measure(variants: dict, loss_fn, batch, device, amp, repeats: int) -> dict:
     return {variant: results[variant] for variant in variants}
 
 
+def measure_loss(net, loss_fn: MultiTaskLoss, batch, device, repeats: int) -> dict:
+    """{"reference": row, "fused": row}: the loss with deep supervision alone, forward and backward, on random
+    predictions of the network's output shapes, the two losses' calls interleaved, medians; the bytes autograd saves
+    (the predictions themselves excluded)."""
+    with torch.no_grad():
+        shapes = net.eval()(batch["image"])
+    net.train()
+    g = torch.Generator(device=device).manual_seed(1)
+    leaf = lambda p: torch.randn(p.shape, generator=g, device=device).requires_grad_()  # noqa: E731
+    preds = {t: (leaf(p) if torch.is_tensor(p) else {s: {u: leaf(q) for u, q in d.items()} for s, d in p.items()})
+             for t, p in shapes.items()}
+    leaves = [p for p in preds.values() if torch.is_tensor(p)] + \
+        [q for d in preds.get("deep_supervision", {}).values() for q in d.values()]
+    fns = {"reference": copy.deepcopy(loss_fn).set_fused(False), "fused": copy.deepcopy(loss_fn).set_fused(True)}
+
+    def step(fn):
+        start = time.perf_counter()
+        torch.autograd.grad(fn(preds, batch)[0], leaves)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    times = {name: [] for name in fns}
+    for name, fn in fns.items():  # warm-up
+        step(fn)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(step(fn))
+    rows = {}
+    for name, fn in fns.items():
+        median = sorted(times[name])[len(times[name]) // 2]
+        rows[name] = {"loss_ms": median * 1e3, "steps_timed": repeats,
+                      "saved_bytes": saved_bytes(lambda: fn(preds, batch)[0], exclude=leaves)}
+    return rows
+
+
 def _parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -160,6 +197,9 @@ def _parser():
     parser.add_argument("--layouts", action="store_true",
                         help="also time the reference fed a channels-last image (its convolutions follow it) and the "
                              "fused path in its non-default layout (NCHW on CPU, channels-last on GPU)")
+    parser.add_argument("--loss", action="store_true",
+                        help="time the loss with deep supervision alone (forward + backward), reference vs fused, "
+                             "instead of the training step")
     parser.add_argument("--quick", action="store_true", help="3 timed steps per case")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="override the input size of every config")
     parser.add_argument("--widths", type=int, nargs=4, help="decoder widths C_k (default 36 72 144 288)")
@@ -233,6 +273,18 @@ def main(argv=None):
         size = tuple(args.size) if args.size else SIZES[device][name]
         batch = random_batch(tasks, batch_size, size, device)
         loss_fn = MultiTaskLoss(list(tasks), weights)
+        if args.loss:
+            torch.manual_seed(0)
+            net = build_model(tasks, **({"widths": tuple(args.widths)} if args.widths else {})).to(device)
+            results = measure_loss(net, loss_fn, batch, device, repeats)
+            for variant, res in results.items():
+                ratios = {"time_ratio": res["loss_ms"] / results["reference"]["loss_ms"],
+                          "saved_ratio": res["saved_bytes"] / results["reference"]["saved_bytes"]}
+                rows.append(dict(env, config=name, tasks=list(tasks), batch=batch_size, size=list(size), dtype="fp32",
+                                 variant=f"loss_{variant}", **res, **ratios))
+                print(f"{name} fp32 loss {variant:<10} {res['loss_ms']:8.1f} ms  x{ratios['time_ratio']:.2f}  saved "
+                      f"{res['saved_bytes'] / 2**20:7.1f} MiB  x{ratios['saved_ratio']:.2f}", flush=True)
+            continue
         for amp in amp_modes:
             torch.manual_seed(0)
             reference = build_model(tasks, **({"widths": tuple(args.widths)} if args.widths else {})).to(device).train()
@@ -247,7 +299,8 @@ def main(argv=None):
                             dtype=dtype)
             if args.json:  # after every case, so that a run cut short by a time limit keeps what it measured
                 write_json(args.json, rows)
-    print_table(rows, env, device)
+    if not args.loss:
+        print_table(rows, env, device)
     if args.json:
         write_json(args.json, rows)
         print(f"# wrote {len(rows)} rows to {args.json}")

@@ -80,6 +80,17 @@ def test_train_rows(train_rows):
         assert r["dtype"] == "fp32" and r["size"] == [32, 32]
 
 
+def test_loss_rows():
+    """--loss times the loss alone, reference and fused, on predictions of the network's output shapes; the fused
+    loss saves less (no upsampled logits or log-softmax)."""
+    rows = bench_train.main(["--device", "cpu", "--loss", "--configs", "nyud2", "--batch", "2", "--size", "64", "64",
+                             "--widths", "12", "12", "12", "12", "--repeats", "1"])
+    assert [r["variant"] for r in rows] == ["loss_reference", "loss_fused"]
+    for r in rows:
+        assert ENV_FIELDS <= set(r) and r["loss_ms"] > 0 and r["saved_bytes"] > 0
+    assert rows[0]["time_ratio"] == 1 and rows[1]["saved_ratio"] < 0.5
+
+
 def test_train_compiled_variants_report_their_compile_time(monkeypatch):
     """--compile adds the compiled reference and the compiled fused path (with model.train's fused Adam and loss), and a
     compiled variant's row has the seconds its first step spent compiling. Timed here with Dynamo alone on the
