@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import time
 from typing import NamedTuple
 
@@ -117,6 +118,16 @@ class Runner:
         return row
 
 
+def interleaved_medians(steps: dict, repeats: int) -> dict:
+    """{name: median seconds} of `repeats` rounds of one call of every step(), in turn (interleaved, so the machine's
+    drifts hit all alike); each step returns its own seconds."""
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            times[name].append(step())
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 def measure(variants: dict, loss_fn, batch, device, amp, repeats: int) -> dict:
     """{variant: row}: a warm-up step each (compilation, when compiled), then `repeats` rounds of one step of every
     variant in turn (interleaved, so the machine's drifts hit all variants alike), medians; a variant that fails
@@ -133,12 +144,9 @@ def measure(variants: dict, loss_fn, batch, device, amp, repeats: int) -> dict:
             results[variant] = {"error": error_text(exc)}
             if device == "cuda":
                 torch.cuda.empty_cache()
-    times = {variant: [] for variant in runners}
-    for _ in range(repeats):
-        for variant, runner in runners.items():
-            times[variant].append(runner.step())
+    medians = interleaved_medians({variant: runner.step for variant, runner in runners.items()}, repeats)
     for variant, runner in runners.items():
-        median = sorted(times[variant])[len(times[variant]) // 2]
+        median = medians[variant]
         results[variant] = {"step_ms": median * 1e3, "steps_timed": repeats, "fused_adam": variants[variant].fused_adam,
                             "fused_loss": variants[variant].fused_loss,
                             "images_per_s": batch["image"].shape[0] / median, **runner.memory()}
@@ -169,18 +177,12 @@ def measure_loss(net, loss_fn: MultiTaskLoss, batch, device, repeats: int) -> di
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    times = {name: [] for name in fns}
-    for name, fn in fns.items():  # warm-up
-        step(fn)
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(step(fn))
-    rows = {}
-    for name, fn in fns.items():
-        median = sorted(times[name])[len(times[name]) // 2]
-        rows[name] = {"loss_ms": median * 1e3, "steps_timed": repeats,
-                      "saved_bytes": saved_bytes(lambda: fn(preds, batch)[0], exclude=leaves)}
-    return rows
+    steps = {name: functools.partial(step, fn) for name, fn in fns.items()}
+    for warm_up in steps.values():
+        warm_up()
+    medians = interleaved_medians(steps, repeats)
+    return {name: {"loss_ms": medians[name] * 1e3, "steps_timed": repeats,
+                   "saved_bytes": saved_bytes(lambda: fn(preds, batch)[0], exclude=leaves)} for name, fn in fns.items()}
 
 
 def _parser():

@@ -6,17 +6,18 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from .backends import _machine_reasons
 from .validation import check_cross_entropy
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 def _kernel_runs(logits: torch.Tensor) -> bool:
+    """The cpu kernels run these logits: on the CPU, float32/float64, no autocast, and the cpu backend available
+    (extension built, its instruction set runnable)."""
     if logits.device.type != "cpu" or logits.dtype not in _KERNEL_DTYPES or torch.is_autocast_enabled("cpu"):
         return False
-    from . import cpp_backend
-
-    return cpp_backend._C is not None and cpp_backend._ISA_ERROR is None
+    return not _machine_reasons("cpu")
 
 
 def upsampled_cross_entropy(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:

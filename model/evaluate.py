@@ -89,13 +89,14 @@ def to_device(batch, device):
 
 
 @torch.no_grad()
-def evaluate_model(net, loader, cfg, device, amp=False, vis=None, desc="eval"):
+def evaluate_model(net, loader, cfg, device, amp=False, vis=None, desc="eval", loss_fn=None):
     """Pooled metrics of the supervised tasks over the loader (synced over processes) and the mean
-    validation loss. `vis(batch, output)` is called with the first batch (for the PNG grid)."""
+    validation loss (`loss_fn`, default the configured reference loss). `vis(batch, output)` is called with the
+    first batch (for the PNG grid)."""
     rank, world = rank_and_world()
     tasks = supervised_tasks(cfg)
     metrics = MultiTaskMetrics(num_outputs(cfg["dataset"], tasks), cfg["dataset"])
-    loss_fn = task_loss(cfg, fused=bool(getattr(getattr(net, "module", net), "fused", False)))
+    loss_fn = task_loss(cfg) if loss_fn is None else loss_fn
     was_training = net.training
     net.eval()
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
@@ -196,7 +197,8 @@ def main(argv=None) -> int:
     device = device_for()
     net = net.to(device)
     print(f"evaluating {source} on {dataset!r}, {'fused' if net.fused else 'reference'} path, {device}")
-    result, loss, seconds = evaluate_model(net, val_loader(cfg, dataset), cfg, device, args.amp)
+    result, loss, seconds = evaluate_model(net, val_loader(cfg, dataset), cfg, device, args.amp,
+                                           loss_fn=task_loss(cfg, fused=net.fused))
     print(metrics_table({"metrics": result}))
     print(f"validation loss {loss:.4f}; {len(dataset)} images in {seconds:.1f} s "
           f"({len(dataset) / max(seconds, 1e-9):.1f} img/s)")

@@ -258,7 +258,8 @@ class Trainer:
 
         loader = val_loader(self.cfg, self.val_set)
         with Stopwatch() as watch:
-            result, loss, seconds = evaluate_model(self.model, loader, self.cfg, self.device, self.amp, vis, desc)
+            result, loss, seconds = evaluate_model(self.model, loader, self.cfg, self.device, self.amp, vis, desc,
+                                                   self.loss_fn)
         values = {"loss": loss, **scalar_metrics(result)}
         if watch.compile_s:
             values["compile_s"] = watch.compile_s

@@ -127,10 +127,10 @@ def test_non_finite_loss_stops_with_step_and_task_losses_and_keeps_last_checkpoi
     def poisoned(cfg, **options):
         fn = real(cfg, **options)
 
-        def forward(output, batch):
+        def forward(output, batch):  # the trainer's loss, also its evaluations' (no grad): poison training step 2
             total, parts = fn(output, batch)
-            calls["n"] += 1
-            if calls["n"] == 2:
+            calls["n"] += torch.is_grad_enabled()
+            if calls["n"] == 2 and torch.is_grad_enabled():
                 parts = dict(parts, depth=torch.tensor(float("nan")))
                 total = total * float("nan")
             return total, parts
