@@ -97,4 +97,10 @@ TORCH_LIBRARY(fused_mtl_attn, m) {
   m.def("upsampled_cross_entropy(Tensor logits, Tensor label, int ignore_index) -> (Tensor, Tensor)");
   m.def("upsampled_cross_entropy_backward(Tensor grad, Tensor logits, Tensor label, Tensor lse, int ignore_index) "
         "-> Tensor");
+  // BatchNorm + ReLU over a block of channels of h [B, C, N] (batch_norm_relu.h), the fused aggregation head's
+  // elementwise part: (ReLU output, mean, biased var); batch statistics when mean and var are None. CPU kernels only
+  m.def("batch_norm_relu(Tensor h, Tensor weight, Tensor bias, Tensor? mean, Tensor? var, float eps) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("batch_norm_relu_backward(Tensor grad, Tensor h, Tensor mean, Tensor var, Tensor weight, Tensor bias, "
+        "float eps, bool batch_stats) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -84,6 +84,15 @@ def _machine_reasons(name: str) -> list:
     return list(backend.availability())
 
 
+def cpu_kernels_run(x: torch.Tensor) -> bool:
+    """The extension's CPU kernels outside the attention ops (the fused loss, the aggregation head's BatchNorm +
+    ReLU) can take `x`: on the CPU, float32/float64, no autocast, and the cpu backend available (extension built,
+    its instruction set runnable). Their callers fall back to eager PyTorch otherwise."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled("cpu"):
+        return False
+    return not _machine_reasons("cpu")
+
+
 def available_backends() -> dict:
     """Map each backend name to (available: bool, reasons: list[str]) on this machine."""
     out = {}

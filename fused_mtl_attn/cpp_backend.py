@@ -98,6 +98,16 @@ if _C is not None:
     torch.library.register_autograd("fused_mtl_attn::upsampled_cross_entropy", _upsampled_cross_entropy_backward,
                                     setup_context=_loss_setup_context)
 
+    # BatchNorm + ReLU of the aggregation head: called inside model.fused_ops._Aggregation's forward and backward,
+    # so no autograd formula of its own
+    @torch.library.register_fake("fused_mtl_attn::batch_norm_relu")
+    def _batch_norm_relu_fake(h, weight, bias, mean, var, eps):
+        return h.new_empty(h.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+    @torch.library.register_fake("fused_mtl_attn::batch_norm_relu_backward")
+    def _batch_norm_relu_backward_fake(grad, h, mean, var, weight, bias, eps, batch_stats):
+        return (h.new_empty(h.shape),) + tuple(weight.new_empty(weight.shape) for _ in range(3))
+
 
 def cross_task_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q, k [B, P, d, N] logits, v [B, P, m, N] -> [B, P, m, N] (inputs checked by backends.py)."""

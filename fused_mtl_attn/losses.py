@@ -6,18 +6,8 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .backends import _machine_reasons
+from .backends import cpu_kernels_run
 from .validation import check_cross_entropy
-
-_KERNEL_DTYPES = (torch.float32, torch.float64)
-
-
-def _kernel_runs(logits: torch.Tensor) -> bool:
-    """The cpu kernels run these logits: on the CPU, float32/float64, no autocast, and the cpu backend available
-    (extension built, its instruction set runnable)."""
-    if logits.device.type != "cpu" or logits.dtype not in _KERNEL_DTYPES or torch.is_autocast_enabled("cpu"):
-        return False
-    return not _machine_reasons("cpu")
 
 
 def upsampled_cross_entropy(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
@@ -30,7 +20,7 @@ def upsampled_cross_entropy(logits: torch.Tensor, label: torch.Tensor, ignore_in
     other dtypes, autocast, extension not built) the eager reference runs. A label outside [0, C) other than
     `ignore_index` raises."""
     check_cross_entropy(logits, label, ignore_index)
-    if not _kernel_runs(logits):
+    if not cpu_kernels_run(logits):
         return reference.upsampled_cross_entropy(logits, label, ignore_index)
     from .cpp_backend import upsampled_cross_entropy_sum
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fused_mtl_attn.backends import cpu_kernels_run
+
 # ---------------------------------------------------------------------------------------------- BatchNorm
 
 
@@ -150,15 +152,23 @@ class _Aggregation(torch.autograd.Function):
             var.copy_(running[1])
         out = b_out[None, :, None].expand(batch, -1, n0).contiguous()
         kept = torch.empty(batch, channels, n0, dtype=xs[0].dtype, device=xs[0].device) if keep_h else None
+        # BatchNorm + ReLU of a kept block in one C++ pass (where the extension's CPU kernels run), else eager
+        ctx.kernel = kept is not None and cpu_kernels_run(kept)
         for c0 in range(0, channels, block):
             sl = slice(c0, min(c0 + block, channels))
             h = _build_block(xs, ws, bias, sl, geometry, None if kept is None else kept[:, sl])
-            if running is None:
-                mean[sl], var[sl] = _channel_stats(h)
-            scale = gamma[sl] * torch.rsqrt(var[sl] + eps)
-            shift = (beta[sl] - mean[sl] * scale)[:, None]
-            act = (h.mul_(scale[:, None]).add_(shift) if kept is None else torch.addcmul(shift, h, scale[:, None]))
-            act.clamp_(min=0)
+            if ctx.kernel:
+                act, m, v = torch.ops.fused_mtl_attn.batch_norm_relu(h, gamma[sl], beta[sl], *_block_stats(
+                    running, mean, var, sl), eps)
+                if running is None:
+                    mean[sl], var[sl] = m, v
+            else:
+                if running is None:
+                    mean[sl], var[sl] = _channel_stats(h)
+                scale = gamma[sl] * torch.rsqrt(var[sl] + eps)
+                shift = (beta[sl] - mean[sl] * scale)[:, None]
+                act = (h.mul_(scale[:, None]).add_(shift) if kept is None else torch.addcmul(shift, h, scale[:, None]))
+                act.clamp_(min=0)
             for b in range(batch):
                 out[b].addmm_(w_out[:, sl], act[b])
         ctx.eps, ctx.batch_stats = eps, running is None
@@ -180,24 +190,32 @@ class _Aggregation(torch.autograd.Function):
         n = batch * n0
         for c0 in range(0, channels, ctx.block):
             sl = slice(c0, min(c0 + ctx.block, channels))
-            invstd = torch.rsqrt(var[sl] + ctx.eps)
-            h = _build_block(xs, ws, bias, sl, geometry) if kept is None else kept[:, sl]
-            xhat = (h.sub_(mean[sl, None]) if kept is None else h - mean[sl, None]).mul_(invstd[:, None])
-            pre = torch.addcmul(beta[sl, None], xhat, gamma[sl, None])
-            inactive = pre <= 0
-            act = pre.clamp_(min=0)
+            if ctx.kernel:
+                h = kept[:, sl]
+                act = torch.ops.fused_mtl_attn.batch_norm_relu(h, gamma[sl], beta[sl], mean[sl], var[sl], ctx.eps)[0]
+            else:
+                invstd = torch.rsqrt(var[sl] + ctx.eps)
+                h = _build_block(xs, ws, bias, sl, geometry) if kept is None else kept[:, sl]
+                xhat = (h.sub_(mean[sl, None]) if kept is None else h - mean[sl, None]).mul_(invstd[:, None])
+                pre = torch.addcmul(beta[sl, None], xhat, gamma[sl, None])
+                inactive = pre <= 0
+                act = pre.clamp_(min=0)
             for b in range(batch):
                 grad_w_out[:, sl].addmm_(g[b], act[b].t())
             grad = act  # reuse the buffer: dL/d(BN output)
             for b in range(batch):
                 torch.mm(w_out[:, sl].t(), g[b], out=grad[b])
-            grad.masked_fill_(inactive, 0)
-            grad_beta[sl] = grad.sum(2).sum(0)
-            grad_gamma[sl] = torch.linalg.vecdot(grad, xhat, dim=2).sum(0)
-            if ctx.batch_stats:  # the batch mean and variance depend on h too
-                grad.sub_((grad_beta[sl] / n)[:, None]).addcmul_(xhat, -(grad_gamma[sl] / n)[:, None])
-            grad.mul_((gamma[sl] * invstd)[:, None])  # dL/dh of this block
-            grad_bias[sl] = grad.sum(2).sum(0)
+            if ctx.kernel:  # dL/dh of this block, with the ReLU mask recomputed from h
+                grad, grad_gamma[sl], grad_beta[sl], grad_bias[sl] = torch.ops.fused_mtl_attn.batch_norm_relu_backward(
+                    grad, h, mean[sl], var[sl], gamma[sl], beta[sl], ctx.eps, ctx.batch_stats)
+            else:
+                grad.masked_fill_(inactive, 0)
+                grad_beta[sl] = grad.sum(2).sum(0)
+                grad_gamma[sl] = torch.linalg.vecdot(grad, xhat, dim=2).sum(0)
+                if ctx.batch_stats:  # the batch mean and variance depend on h too
+                    grad.sub_((grad_beta[sl] / n)[:, None]).addcmul_(xhat, -(grad_gamma[sl] / n)[:, None])
+                grad.mul_((gamma[sl] * invstd)[:, None])  # dL/dh of this block
+                grad_bias[sl] = grad.sum(2).sum(0)
             for b in range(batch):
                 _block_backward(grad[b], xs, ws, b, sl, geometry, grad_xs, grad_ws)
         grad_b_out = g.sum(2).sum(0)
@@ -256,6 +274,12 @@ def _block_backward(grad_h, xs, ws, b, sl, geometry, grad_xs, grad_ws):
         grad_z = torch.mm(t.view(c * hk, width), cols).view(c, hk * wk)
         grad_xs[k][b].addmm_(ws[k][sl].t(), grad_z)
         grad_ws[k][sl].addmm_(grad_z, xs[k][b].t())
+
+
+def _block_stats(running, mean, var, sl) -> tuple:
+    """The statistics batch_norm_relu normalises block `sl` with: the running ones, or (None, None) for the block's
+    own batch statistics."""
+    return (None, None) if running is None else (mean[sl], var[sl])
 
 
 def _channel_stats(h: torch.Tensor):

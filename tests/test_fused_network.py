@@ -283,6 +283,14 @@ def test_aggregation_rebuilding_blocks_matches_reference(monkeypatch):
     _float32_accuracy("pascal5", False)
 
 
+def test_aggregation_without_the_batch_norm_relu_kernel_matches_reference(monkeypatch):
+    """Kept blocks normalised by eager PyTorch, as where the extension's CPU kernels cannot run."""
+    import model.fused_ops
+
+    monkeypatch.setattr(model.fused_ops, "cpu_kernels_run", lambda x: False)
+    _parity("nyud2", True, torch.float64, 2)
+
+
 @pytest.mark.parametrize("kwargs, match", [({"flag": "yes"}, "flag must be bool"),
                                            ({"channels_last": 1}, "channels_last must be bool or NoneType"),
                                            ({"recompute": None}, "recompute must be bool"),

@@ -115,6 +115,21 @@ Tensor cross_entropy_backward_cpu(const Tensor& grad, const Tensor& logits, cons
   return current().kernels->cross_entropy_backward(grad, logits, label, lse, ignore);
 }
 
+std::tuple<Tensor, Tensor, Tensor> bn_relu_forward_cpu(const Tensor& h, const Tensor& weight, const Tensor& bias,
+                                                       const std::optional<Tensor>& mean,
+                                                       const std::optional<Tensor>& var, double eps) {
+  TORCH_CHECK(h.device().is_cpu(), "h must be a CPU tensor for the cpu kernels, got ", h.device());
+  return current().kernels->bn_relu_forward(h, weight, bias, mean, var, eps);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_backward_cpu(const Tensor& grad, const Tensor& h,
+                                                                const Tensor& mean, const Tensor& var,
+                                                                const Tensor& weight, const Tensor& bias, double eps,
+                                                                bool batch_stats) {
+  TORCH_CHECK(h.device().is_cpu(), "h must be a CPU tensor for the cpu kernels, got ", h.device());
+  return current().kernels->bn_relu_backward(grad, h, mean, var, weight, bias, eps, batch_stats);
+}
+
 }  // namespace
 
 namespace cpu {
@@ -148,6 +163,8 @@ FUSED_MTL_ATTN_REGISTER(CPU, forward_cpu, backward_cpu)
 TORCH_LIBRARY_IMPL(fused_mtl_attn, CPU, m) {
   m.impl("upsampled_cross_entropy", &cross_entropy_forward<cross_entropy_forward_cpu>);
   m.impl("upsampled_cross_entropy_backward", &cross_entropy_backward<cross_entropy_backward_cpu>);
+  m.impl("batch_norm_relu", &bn_relu_forward<bn_relu_forward_cpu>);
+  m.impl("batch_norm_relu_backward", &bn_relu_backward<bn_relu_backward_cpu>);
 }
 
 }  // namespace fused_mtl_attn

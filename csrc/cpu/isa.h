@@ -4,6 +4,7 @@
 #pragma once
 
 #include "../attention.h"
+#include "../batch_norm_relu.h"
 #include "../cross_entropy.h"
 
 #include <string>
@@ -16,6 +17,8 @@ struct CpuKernels {
   BackwardCore backward;
   CrossEntropyForwardCore cross_entropy_forward;
   CrossEntropyBackwardCore cross_entropy_backward;
+  BnReluForwardCore bn_relu_forward;
+  BnReluBackwardCore bn_relu_backward;
 };
 
 #if defined(__x86_64__) || defined(_M_X64)
