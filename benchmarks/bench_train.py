@@ -9,6 +9,7 @@ compiled variant the seconds its first step spent compiling; ratios are variant 
     python -m benchmarks.bench_train --device cuda      # GPU: NYUD 480x640 and PASCAL 512x512, batch 8, fp32 + bf16
     python -m benchmarks.bench_train --compile regional # + compiled reference and compiled fused (minutes to compile)
     python -m benchmarks.bench_train --loss             # the loss alone (forward + backward): reference vs fused
+    python -m benchmarks.bench_train --head             # one task's head alone: reference vs fused
 """
 from __future__ import annotations
 
@@ -185,6 +186,63 @@ def measure_loss(net, loss_fn: MultiTaskLoss, batch, device, repeats: int) -> di
                    "saved_bytes": saved_bytes(lambda: fn(preds, batch)[0], exclude=leaves)} for name, fn in fns.items()}
 
 
+def measure_head(net, batch, device, repeats: int) -> dict:
+    """{"reference": row, "fused_eager_bn_relu": row, "fused": row}: the first task's head (CSAM and the aggregation)
+    alone, forward and backward, on random decoder features of the network's shapes (NCHW for the reference, the
+    fused path's layout for the fused heads), interleaved medians; the bytes autograd saves (the features and
+    parameters excluded). "fused_eager_bn_relu" runs the aggregation's BatchNorm + ReLU as eager PyTorch instead of
+    the C++ op."""
+    from model import fused_ops
+
+    task = next(iter(net.tasks))
+    heads = {"reference": copy.deepcopy(net.heads[task]).train()}
+    fused_net = copy.deepcopy(net).set_fused(True)
+    heads["fused_eager_bn_relu"] = heads["fused"] = fused_net.heads[task].train()
+    channels_last = device == "cpu" if fused_net.channels_last is None else fused_net.channels_last
+    g = torch.Generator(device=device).manual_seed(1)
+    height, width = batch["image"].shape[-2:]
+    features = [torch.randn(batch["image"].shape[0], c, height // (4 << k), width // (4 << k), generator=g,
+                            device=device) for k, c in enumerate(heads["reference"].widths)]
+    inputs = {"reference": [f.requires_grad_() for f in features]}
+    inputs["fused"] = inputs["fused_eager_bn_relu"] = [
+        f.detach().contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        .requires_grad_() for f in features]
+    kernel_check = fused_ops.cpu_kernels_run
+
+    def step(name):
+        if name == "fused_eager_bn_relu":
+            fused_ops.cpu_kernels_run = lambda x: False
+        try:
+            start = time.perf_counter()
+            out = heads[name](inputs[name])
+            torch.autograd.grad(out.square().mean(), [*inputs[name], *heads[name].parameters()])
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - start
+        finally:
+            fused_ops.cpu_kernels_run = kernel_check
+
+    steps = {name: functools.partial(step, name) for name in heads}
+    for warm_up in steps.values():
+        warm_up()
+    medians = interleaved_medians(steps, repeats)
+    return {name: {"head_ms": medians[name] * 1e3, "steps_timed": repeats,
+                   "saved_bytes": saved_bytes(lambda: heads[name](inputs[name]),
+                                              exclude=[*inputs[name], *heads[name].parameters()])}
+            for name in heads}
+
+
+def part_rows(name: str, results: dict, key: str, env: dict, **case) -> list:
+    """Rows of a part of the step timed alone (--loss, --head), `key` its time field, with ratios to the reference."""
+    rows, base = [], results["reference"]
+    for variant, res in results.items():
+        ratios = {"time_ratio": res[key] / base[key], "saved_ratio": res["saved_bytes"] / base["saved_bytes"]}
+        rows.append(dict(env, **case, dtype="fp32", variant=f"{name}_{variant}", **res, **ratios))
+        print(f"{case['config']} fp32 {name} {variant:<20} {res[key]:8.1f} ms  x{ratios['time_ratio']:.2f}  saved "
+              f"{res['saved_bytes'] / 2**20:7.1f} MiB  x{ratios['saved_ratio']:.2f}", flush=True)
+    return rows
+
+
 def _parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -202,6 +260,9 @@ def _parser():
     parser.add_argument("--loss", action="store_true",
                         help="time the loss with deep supervision alone (forward + backward), reference vs fused, "
                              "instead of the training step")
+    parser.add_argument("--head", action="store_true",
+                        help="time one task's head (CSAM and the aggregation) alone (forward + backward): reference, "
+                             "fused with eager BatchNorm + ReLU, fused; instead of the training step")
     parser.add_argument("--quick", action="store_true", help="3 timed steps per case")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="override the input size of every config")
     parser.add_argument("--widths", type=int, nargs=4, help="decoder widths C_k (default 36 72 144 288)")
@@ -275,17 +336,14 @@ def main(argv=None):
         size = tuple(args.size) if args.size else SIZES[device][name]
         batch = random_batch(tasks, batch_size, size, device)
         loss_fn = MultiTaskLoss(list(tasks), weights)
-        if args.loss:
+        case = {"config": name, "tasks": list(tasks), "batch": batch_size, "size": list(size)}
+        if args.loss or args.head:
             torch.manual_seed(0)
             net = build_model(tasks, **({"widths": tuple(args.widths)} if args.widths else {})).to(device)
-            results = measure_loss(net, loss_fn, batch, device, repeats)
-            for variant, res in results.items():
-                ratios = {"time_ratio": res["loss_ms"] / results["reference"]["loss_ms"],
-                          "saved_ratio": res["saved_bytes"] / results["reference"]["saved_bytes"]}
-                rows.append(dict(env, config=name, tasks=list(tasks), batch=batch_size, size=list(size), dtype="fp32",
-                                 variant=f"loss_{variant}", **res, **ratios))
-                print(f"{name} fp32 loss {variant:<10} {res['loss_ms']:8.1f} ms  x{ratios['time_ratio']:.2f}  saved "
-                      f"{res['saved_bytes'] / 2**20:7.1f} MiB  x{ratios['saved_ratio']:.2f}", flush=True)
+            if args.loss:
+                rows += part_rows("loss", measure_loss(net, loss_fn, batch, device, repeats), "loss_ms", env, **case)
+            if args.head:
+                rows += part_rows("head", measure_head(net, batch, device, repeats), "head_ms", env, **case)
             continue
         for amp in amp_modes:
             torch.manual_seed(0)
@@ -297,11 +355,10 @@ def main(argv=None):
                 done = f"FAILED {res['error']}" if "error" in res else \
                     f"{res['step_ms']:9.1f} ms  saved {res['saved_bytes'] / 2**20:8.1f} MiB"
                 print(f"{name} {dtype} {variant:<23} {done}", flush=True)
-            rows += rows_of(results, env, config=name, tasks=list(tasks), batch=batch_size, size=list(size),
-                            dtype=dtype)
+            rows += rows_of(results, env, **case, dtype=dtype)
             if args.json:  # after every case, so that a run cut short by a time limit keeps what it measured
                 write_json(args.json, rows)
-    if not args.loss:
+    if not (args.loss or args.head):
         print_table(rows, env, device)
     if args.json:
         write_json(args.json, rows)

@@ -91,6 +91,21 @@ def test_loss_rows():
     assert rows[0]["time_ratio"] == 1 and rows[1]["saved_ratio"] < 0.5
 
 
+def test_head_rows():
+    """--head times one task's head alone: the reference, the fused head with eager BatchNorm + ReLU, the fused head
+    (the eager branch is restored afterwards); the fused heads save less (no 1080-channel concatenation)."""
+    from model import fused_ops
+
+    kernel_check = fused_ops.cpu_kernels_run
+    rows = bench_train.main(["--device", "cpu", "--head", "--configs", "nyud2", "--batch", "2", "--size", "64", "64",
+                             "--widths", "12", "12", "12", "12", "--repeats", "1"])
+    assert fused_ops.cpu_kernels_run is kernel_check
+    assert [r["variant"] for r in rows] == ["head_reference", "head_fused_eager_bn_relu", "head_fused"]
+    for r in rows:
+        assert ENV_FIELDS <= set(r) and r["head_ms"] > 0 and r["saved_bytes"] > 0
+    assert rows[0]["time_ratio"] == 1 and rows[1]["saved_ratio"] < 1 and rows[2]["saved_ratio"] < 1
+
+
 def test_train_compiled_variants_report_their_compile_time(monkeypatch):
     """--compile adds the compiled reference and the compiled fused path (with model.train's fused Adam and loss), and a
     compiled variant's row has the seconds its first step spent compiling. Timed here with Dynamo alone on the
