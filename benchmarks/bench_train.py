@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import statistics
 import time
 from typing import NamedTuple
 
@@ -119,14 +120,19 @@ class Runner:
         return row
 
 
-def interleaved_medians(steps: dict, repeats: int) -> dict:
-    """{name: median seconds} of `repeats` rounds of one call of every step(), in turn (interleaved, so the machine's
-    drifts hit all alike); each step returns its own seconds."""
+def interleaved_times(steps: dict, repeats: int) -> dict:
+    """{name: seconds of each round} of `repeats` rounds of one call of every step(), in turn (interleaved, so the
+    machine's drifts hit all alike); each step returns its own seconds."""
     times = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
             times[name].append(step())
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return times
+
+
+def interleaved_medians(steps: dict, repeats: int) -> dict:
+    """{name: median seconds} of interleaved_times."""
+    return {name: statistics.median(t) for name, t in interleaved_times(steps, repeats).items()}
 
 
 def measure(variants: dict, loss_fn, batch, device, amp, repeats: int) -> dict:
@@ -145,11 +151,12 @@ def measure(variants: dict, loss_fn, batch, device, amp, repeats: int) -> dict:
             results[variant] = {"error": error_text(exc)}
             if device == "cuda":
                 torch.cuda.empty_cache()
-    medians = interleaved_medians({variant: runner.step for variant, runner in runners.items()}, repeats)
+    times = interleaved_times({variant: runner.step for variant, runner in runners.items()}, repeats)
     for variant, runner in runners.items():
-        median = medians[variant]
-        results[variant] = {"step_ms": median * 1e3, "steps_timed": repeats, "fused_adam": variants[variant].fused_adam,
-                            "fused_loss": variants[variant].fused_loss,
+        median = statistics.median(times[variant])
+        results[variant] = {"step_ms": median * 1e3, "steps_timed": repeats,
+                            "step_ms_rounds": [t * 1e3 for t in times[variant]],
+                            "fused_adam": variants[variant].fused_adam, "fused_loss": variants[variant].fused_loss,
                             "images_per_s": batch["image"].shape[0] / median, **runner.memory()}
         if compile_s[variant]:
             results[variant]["compile_s"] = compile_s[variant]
@@ -294,7 +301,9 @@ def rows_of(results: dict, env: dict, **case) -> list:
     for variant, res in results.items():
         row = dict(env, **case, variant=variant, **res)
         if "error" not in res and "error" not in base:
-            row.update(time_ratio=res["step_ms"] / base["step_ms"], saved_ratio=res["saved_bytes"] / base["saved_bytes"])
+            row.update(time_ratio=res["step_ms"] / base["step_ms"], saved_ratio=res["saved_bytes"] / base["saved_bytes"],
+                       # the ratio round by round (the steps of a round ran back to back): how far one run can stray
+                       time_ratio_rounds=[a / b for a, b in zip(res["step_ms_rounds"], base["step_ms_rounds"])])
             if "peak_bytes" in res:
                 row["peak_ratio"] = res["peak_bytes"] / base["peak_bytes"]
         rows.append(row)
@@ -308,7 +317,7 @@ def print_table(rows, env, device):
     header = f"{'config':<8} {'dtype':<13} {'variant':<23} {'step ms':>9} {'x ref':>6} {'saved MiB':>10} {'x ref':>6}"
     if device == "cuda":
         header += f" {'peak MiB':>9} {'x ref':>6}"
-    print(header + f" {'compile s':>9}")
+    print(header + f" {'compile s':>9}  x ref per round (min-max)")
     for r in rows:
         if "time_ratio" not in r:
             print(f"{r['config']:<8} {r['dtype']:<13} {r['variant']:<23} {r.get('error', 'no reference to compare')}")
@@ -317,7 +326,9 @@ def print_table(rows, env, device):
                 f"{r['saved_bytes'] / 2**20:10.1f} {r['saved_ratio']:6.2f}")
         if "peak_bytes" in r:
             line += f" {r['peak_bytes'] / 2**20:9.1f} {r['peak_ratio']:6.2f}"
-        print(line + (f" {r['compile_s']:9.1f}" if "compile_s" in r else ""))
+        line += f" {r['compile_s']:9.1f}" if "compile_s" in r else " " * 10
+        rounds = r.get("time_ratio_rounds")
+        print(line + (f"  {min(rounds):.2f}-{max(rounds):.2f}" if rounds and r["variant"] != "reference" else ""))
 
 
 def main(argv=None):

@@ -7,7 +7,7 @@ PNGs written to DIR (each input optional; without matplotlib the plots are skipp
                     backend, one panel per dataset, batch and dtype
   ops_memory.png    memory / eager per scale (GPU peak where measured, else bytes saved for backward), same layout
   train_ratios.png  training step: time and memory ratios fused / reference and compiled / reference per config
-                    and dtype
+                    and dtype (whiskers on time: the lowest and highest round-by-round ratio)
 The summary (markdown) holds the steps' exit codes (a tab-separated file of name, exit code, seconds), per training
 config the fused/reference time and memory ratios in fp32 and bf16, and per op case the best backend's speed-up over
 eager at each scale and its fraction of the device's copy bandwidth at the 1/4 scale (largest batch only).
@@ -123,14 +123,19 @@ def plot_train(plt, rows, out):
                                (ax_m, series_m, "memory / reference")):
         width = 0.8 / len(series)
         for i, (variant, kind) in enumerate(series):
-            vals = []
+            vals, spread = [], [[], []]
             for g in groups:
                 r = next((r for r in rows if (r["config"], r["dtype"]) == g and r["variant"] == variant), None)
                 vals.append(float("nan") if r is None else (r["time_ratio"] if kind is None else train_ratio(r, kind))
                             or float("nan"))
+                # time bars: whiskers from the lowest to the highest round-by-round ratio (the machine's noise)
+                rounds = (r or {}).get("time_ratio_rounds") if kind is None else None
+                spread[0].append(vals[-1] - min(rounds) if rounds else 0.0)
+                spread[1].append(max(rounds) - vals[-1] if rounds else 0.0)
             bars = ax.bar([j + (i - (len(series) - 1) / 2) * width for j in x], vals, width,
                           label=variant + (f" ({kind})" if kind else ""), hatch="//" if kind == "saved" and
-                          len(mem_kinds) > 1 else None)
+                          len(mem_kinds) > 1 else None, yerr=spread if kind is None else None, capsize=2,
+                          error_kw={"elinewidth": 0.8})
             ax.bar_label(bars, fmt="%.2f", fontsize=7)
         ax.axhline(1.0, color="gray", lw=0.8)
         sizes = {r["config"]: "x".join(map(str, r.get("size", []))) for r in rows}

@@ -78,6 +78,8 @@ def test_train_rows(train_rows):
         for key in ("step_ms", "saved_bytes", "time_ratio", "saved_ratio"):
             assert r[key] > 0, key
         assert r["dtype"] == "fp32" and r["size"] == [32, 32]
+        assert len(r["step_ms_rounds"]) == len(r["time_ratio_rounds"]) == r["steps_timed"]
+        assert min(r["step_ms_rounds"]) <= r["step_ms"] <= max(r["step_ms_rounds"])
 
 
 def test_loss_rows():
