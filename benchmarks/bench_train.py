@@ -334,6 +334,9 @@ def print_table(rows, env, device):
 def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
+    if (args.loss or args.head) and (args.compile or args.layouts or args.amp not in (None, "off")):
+        parser.error("--loss and --head time a part of the step alone, in fp32 and eager; --compile, --layouts and "
+                     "--amp apply to the whole step")
     device = args.device
     batch_size = args.batch or (8 if device == "cuda" else 2)
     repeats = args.repeats or (3 if args.quick else (10 if device == "cuda" else 5))

@@ -108,6 +108,13 @@ def test_head_rows():
     assert rows[0]["time_ratio"] == 1 and rows[1]["saved_ratio"] < 1 and rows[2]["saved_ratio"] < 1
 
 
+@pytest.mark.parametrize("extra", [["--compile"], ["--layouts"], ["--amp", "bf16"]])
+def test_part_modes_reject_step_options(extra, capsys):
+    with pytest.raises(SystemExit):
+        bench_train.main(["--device", "cpu", "--head", *extra])
+    assert "apply to the whole step" in capsys.readouterr().err
+
+
 def test_train_compiled_variants_report_their_compile_time(monkeypatch):
     """--compile adds the compiled reference and the compiled fused path (with model.train's fused Adam and loss), and a
     compiled variant's row has the seconds its first step spent compiling. Timed here with Dynamo alone on the
