@@ -158,8 +158,8 @@ class _Aggregation(torch.autograd.Function):
             sl = slice(c0, min(c0 + block, channels))
             h = _build_block(xs, ws, bias, sl, geometry, None if kept is None else kept[:, sl])
             if ctx.kernel:
-                act, m, v = torch.ops.fused_mtl_attn.batch_norm_relu(h, gamma[sl], beta[sl], *_block_stats(
-                    running, mean, var, sl), eps)
+                stats = (None, None) if running is None else (mean[sl], var[sl])  # None: the block's batch statistics
+                act, m, v = torch.ops.fused_mtl_attn.batch_norm_relu(h, gamma[sl], beta[sl], *stats, eps)
                 if running is None:
                     mean[sl], var[sl] = m, v
             else:
@@ -274,12 +274,6 @@ def _block_backward(grad_h, xs, ws, b, sl, geometry, grad_xs, grad_ws):
         grad_z = torch.mm(t.view(c * hk, width), cols).view(c, hk * wk)
         grad_xs[k][b].addmm_(ws[k][sl].t(), grad_z)
         grad_ws[k][sl].addmm_(grad_z, xs[k][b].t())
-
-
-def _block_stats(running, mean, var, sl) -> tuple:
-    """The statistics batch_norm_relu normalises block `sl` with: the running ones, or (None, None) for the block's
-    own batch statistics."""
-    return (None, None) if running is None else (mean[sl], var[sl])
 
 
 def _channel_stats(h: torch.Tensor):

@@ -8,50 +8,30 @@
 // g (h - mean) over the active positions (the ReLU mask recomputed from h), one writing dL/dh.
 namespace {
 
-// (sum of x, sum of (x - centre)^2) over n values, vector lanes of T, then the lanes in double
-template <typename T>
-inline double row_sum(const T* x, int64_t n) {
+// the sum of f(x) over n values: vector lanes of T (two accumulators), then the lanes and the tail in double; f
+// takes a vector or a scalar of T
+template <typename T, typename F>
+inline double row_sum(const T* x, int64_t n, F f) {
   constexpr int W = Vec<T>::W;
   V<T> a0 = vsplat(T(0)), a1 = a0;
   int64_t i = 0;
   for (; i + 2 * W <= n; i += 2 * W) {
-    a0 += vload(x + i);
-    a1 += vload(x + i + W);
+    a0 += f(vload(x + i));
+    a1 += f(vload(x + i + W));
   }
-  for (; i + W <= n; i += W) a0 += vload(x + i);
+  for (; i + W <= n; i += W) a0 += f(vload(x + i));
   a0 += a1;
   double s = 0;
   for (int l = 0; l < W; ++l) s += a0[l];
-  for (; i < n; ++i) s += x[i];
-  return s;
-}
-
-template <typename T>
-inline double row_centred_squares(const T* x, int64_t n, T centre) {
-  constexpr int W = Vec<T>::W;
-  const V<T> c = vsplat(centre);
-  V<T> a0 = vsplat(T(0)), a1 = a0;
-  int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    const V<T> d0 = vload(x + i) - c, d1 = vload(x + i + W) - c;
-    a0 += d0 * d0;
-    a1 += d1 * d1;
-  }
-  for (; i + W <= n; i += W) {
-    const V<T> d = vload(x + i) - c;
-    a0 += d * d;
-  }
-  a0 += a1;
-  double s = 0;
-  for (int l = 0; l < W; ++l) s += a0[l];
-  for (; i < n; ++i) s += (x[i] - centre) * (x[i] - centre);
+  for (; i < n; ++i) s += f(x[i]);
   return s;
 }
 
 // h's geometry: B rows of N positions per channel
 struct Rows {
   int64_t batch, channels, n, sb, sc;
-  explicit Rows(const Tensor& h) : batch(h.size(0)), channels(h.size(1)), n(h.size(2)), sb(h.stride(0)), sc(h.stride(1)) {}
+  explicit Rows(const Tensor& h)
+      : batch(h.size(0)), channels(h.size(1)), n(h.size(2)), sb(h.stride(0)), sc(h.stride(1)) {}
   int64_t count() const { return batch * n; }
 };
 
@@ -76,10 +56,11 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_forward_typed(const Tensor& h, const 
       const T* x = hp + c * r.sc;
       if (batch_stats) {
         double s = 0;
-        for (int64_t b = 0; b < r.batch; ++b) s += row_sum(x + b * r.sb, r.n);
-        mp[c] = static_cast<T>(s / r.count());
+        for (int64_t b = 0; b < r.batch; ++b) s += row_sum(x + b * r.sb, r.n, [](auto v) { return v; });
+        const T mu = mp[c] = static_cast<T>(s / r.count());
         double q = 0;
-        for (int64_t b = 0; b < r.batch; ++b) q += row_centred_squares(x + b * r.sb, r.n, mp[c]);
+        for (int64_t b = 0; b < r.batch; ++b)
+          q += row_sum(x + b * r.sb, r.n, [mu](auto v) { const auto d = v - mu; return d * d; });
         vp[c] = static_cast<T>(q / r.count());
       }
       const double scale_d = wp[c] / std::sqrt(static_cast<double>(vp[c]) + eps);
