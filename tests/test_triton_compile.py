@@ -1,7 +1,8 @@
 """Ahead-of-time GPU compilation of every Triton kernel, no GPU needed: each kernel x flag value x launch config
 x dtype, for sm_80 and sm_90. Fails on a compile error (e.g. a tl.dot dimension < 16, which the interpreter
-forgives), on shared memory above the target's limit, on more registers than REG_BOUND, and on any spill
-(stack/local memory, read from the cubin by cuobjdump). Prints a table of registers / shared memory / spills.
+forgives), on shared memory above the target's limit, on more registers than REG_BOUND, on a spill (stack/local
+memory, read from the cubin by cuobjdump; fp64 may spill up to SPILL_BOUND), and on a contraction that does not
+run on tensor cores (no mma/wgmma in the PTX). Prints a table of registers / shared memory / spills / MMA.
 
 The compiles run in two worker processes (one per arch; this file run as a script) without TRITON_INTERPRET:
 with the interpreter on when triton is imported, triton's own jit helpers (tl.cdiv, tl.sum) are interpreted
@@ -20,9 +21,10 @@ import pytest
 
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block
 REG_BOUND = 255  # the hardware limit per thread; beyond what fits ptxas spills, which SPILL_BOUND forbids
-# bytes of stack + local memory per thread: 15 of the 126 compiles spill 8-40 B (apply_grad and sm_80 mostly,
-# where ptxas caps 8-warp kernels at 128 registers); small enough to stay in L1, to be tuned on a GPU
-SPILL_BOUND = 64
+# bytes of stack + local memory per thread. fp32: none. fp16/bf16: one 8-byte slot, in one variant (the multi-block
+# query kernel on sm_90, where ptxas settles on 80 registers and parks one value outside the position loop). fp64,
+# the verification dtype: 8-64 B in a few compiles (ptxas caps them at 128 fp64-hungry registers)
+SPILL_BOUND = {"fp32": 0, "fp16": 8, "bf16": 8, "fp64": 64}
 DTYPES = ("fp32", "fp16", "bf16", "fp64")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,7 +65,18 @@ def _compile_one(triton, tk, name, flags, cfg, dtype, arch, contiguous):
         f.flush()
         text = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     regs, stack, local = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", text).groups()
-    return {"regs": int(regs), "spill": int(stack) + int(local), "shared": compiled.metadata.shared}
+    # the contractions' instruction: wgmma (sm_90 warpgroup MMA), mma (warp MMA) or none (FMA)
+    mma = re.search(r"\bwgmma\.mma_async[\w.]*|\bmma\.sync[\w.]*", compiled.asm["ptx"])
+    return {"regs": int(regs), "spill": int(stack) + int(local), "shared": compiled.metadata.shared,
+            "mma": mma.group(0) if mma else ""}
+
+
+def _ships(tk, name, flags, dtype):
+    """Whether the launchers ever run this variant in this dtype (the fused-dS query kernel: half precision only)."""
+    import torch
+
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}[dtype]
+    return not (name == "query_grad" and flags["FUSE_DS"] and not tk.fuses_ds(torch_dtype))
 
 
 def compile_all(arch: int) -> list:
@@ -74,9 +87,11 @@ def compile_all(arch: int) -> list:
     from fused_mtl_attn import triton_kernels as tk
 
     assert not tk.INTERPRETED, "kernels are interpreted: unset TRITON_INTERPRET to compile them"
-    jobs = [(v, cfg, dtype, True) for v in _variants(tk.KERNELS) for cfg in tk.GPU_CONFIGS for dtype in DTYPES]
+    jobs = [(v, cfg, dtype, True) for v in _variants(tk.KERNELS) for cfg in tk.GPU_CONFIGS for dtype in DTYPES
+            if _ships(tk, *v, dtype)]
     if arch == 90:
-        jobs += [(v, cfg, "fp32", False) for v in _variants(tk.KERNELS) for cfg in tk.GPU_CONFIGS]
+        jobs += [(v, cfg, "fp32", False) for v in _variants(tk.KERNELS) for cfg in tk.GPU_CONFIGS
+                 if _ships(tk, *v, "fp32")]
     rows = []
     for (name, flags), cfg, dtype, contiguous in jobs:
         row = {"kernel": name, "flags": flags, "config": list(cfg), "dtype": dtype, "arch": arch,
@@ -119,9 +134,10 @@ def _flag_id(flags):
     return ",".join(f"{k}={int(v)}" for k, v in flags.items()) or "-"
 
 
-KERNEL_VARIANTS = [("reduce", {"BACKWARD": False}), ("reduce", {"BACKWARD": True}),
-                   ("apply", {"NORMALIZE": True}), ("apply", {"NORMALIZE": False}), ("row_stats", {}),
-                   ("apply_grad", {"HAS_COLS": True}), ("apply_grad", {"HAS_COLS": False})]
+KERNEL_VARIANTS = [("reduce", {"BACKWARD": b, "RAGGED": r}) for b in (False, True) for r in (False, True)] + [
+    ("apply", {"SINGLE": True}), ("apply", {"SINGLE": False}),
+    ("query_grad", {"FUSE_DS": True}), ("query_grad", {"FUSE_DS": False})] + [
+    ("source_grad", {"SINGLE": s, "RAGGED": r}) for s in (True, False) for r in (False, True)]
 
 
 def test_every_kernel_variant_is_checked(rows):
@@ -140,18 +156,29 @@ def test_kernel_compiles_within_limits(rows, name, flags):
             bad.append(f"{where}: {r['error']}")
         elif r["shared"] > SHARED_LIMIT[r["arch"]]:
             bad.append(f"{where}: {r['shared']} B shared memory > {SHARED_LIMIT[r['arch']]}")
-        elif r["regs"] > REG_BOUND or r["spill"] > SPILL_BOUND:
+        elif r["regs"] > REG_BOUND or r["spill"] > SPILL_BOUND[r["dtype"]]:
             bad.append(f"{where}: {r['regs']} registers, {r['spill']} B spilled")
     assert not bad, f"{name} {flags}:\n" + "\n".join(bad)
 
 
+def test_contractions_run_on_tensor_cores(rows):
+    # the documented rule (triton_kernels' docstring): bf16/fp16 operands in their own dtype, fp32 as tf32x3, so
+    # every variant of those dtypes multiplies on tensor cores; fp64 is IEEE and reported only
+    fma = [f"{r['kernel']} {_flag_id(r['flags'])} {r['config']} {r['dtype']} sm_{r['arch']}" for r in rows
+           if "error" not in r and r["dtype"] != "fp64" and not r["mma"]]
+    assert not fma, "compiled without an mma/wgmma instruction:\n" + "\n".join(fma)
+    # sm_90 with half-precision operands and a 64-wide block: the warpgroup MMA (Hopper's fastest path)
+    assert any(r["mma"].startswith("wgmma") for r in rows if r["arch"] == 90 and r["dtype"] == "bf16"), \
+        "no bf16 variant uses wgmma on sm_90"
+
+
 def test_print_resource_table(rows, capsys):
     lines = [f"{'kernel':<10} {'flags':<11} {'config c,n,warps,stages':<24} {'layout':<10} {'dtype':<5} "
-             f"{'arch':<5} {'regs':>4} {'shared':>7} {'spill':>5}"]
+             f"{'arch':<5} {'regs':>4} {'shared':>7} {'spill':>5} mma"]
     ok = [r for r in rows if "error" not in r]
     for r in ok:
         lines.append(f"{r['kernel']:<10} {_flag_id(r['flags']):<11} {str(tuple(r['config'])):<24} {r['layout']:<10} "
-                     f"{r['dtype']:<5} sm_{r['arch']:<2} {r['regs']:>4} {r['shared']:>7} {r['spill']:>5}")
+                     f"{r['dtype']:<5} sm_{r['arch']:<2} {r['regs']:>4} {r['shared']:>7} {r['spill']:>5} {r['mma']}")
     if ok:
         lines.append(f"{len(rows)} compiles: max {max(r['regs'] for r in ok)} registers, max "
                      f"{max(r['shared'] for r in ok)} B shared, max {max(r['spill'] for r in ok)} B spilled")
