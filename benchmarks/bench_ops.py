@@ -17,6 +17,9 @@ inputs; the minimum bytes the op must move and the achieved bandwidth:
   device_gb_per_s = 2 * copy_bytes / copy_time / 1e9, measured once per run by copying a 1 GiB device tensor
                     into another (read + write; 256 MiB on CPU)
   bw_fraction = gb_per_s / device_gb_per_s
+  flops = 2 d m B (3 Nk + 4 G Nq): the contractions (tensor-core work) of forward (S over the sources, S q over the
+          queries) and backward (S q, S^T a, dS over the queries; dS^T v, dS k over the sources), for G groups
+          (pairs or sources), Nk the source positions of all groups; tflops = flops / fwd_bwd_time / 1e12
 eager_over_this = eager fwd_bwd time / this backend's (the speed-up over eager); mem_over_eager likewise for memory.
 
     python -m benchmarks.bench_ops [--quick] [--device cpu|cuda] [--batch 1 8] [--datasets nyud,pascal]
@@ -85,6 +88,15 @@ def min_bytes(case, itemsize):
     batch, channels, n_query = case["shapes"][0][0], case["shapes"][2][-2], case["shapes"][0][-1]
     out = v if case["op"] == "cross_task" else batch * (len(case["offsets"]) - 1) * channels * n_query
     return (q + k + v + out) * itemsize, (2 * (q + k + v) + out) * itemsize
+
+
+def min_flops(case) -> int:
+    """Multiply-adds x 2 of the op's contractions, forward + backward (formula in the module docstring)."""
+    (batch, *_, n_query), k_shape, v_shape = case["shapes"]
+    d, m, n_source = k_shape[-2], v_shape[-2], k_shape[-1]
+    groups = len(case["offsets"]) - 1 if case["op"] == "cross_scale" else k_shape[1]
+    sources = n_source if case["op"] == "cross_scale" else groups * n_source
+    return 2 * d * m * batch * (3 * sources + 4 * groups * n_query)
 
 
 def device_bandwidth(device: str) -> float:
@@ -301,6 +313,7 @@ def measure_case(case, backends, batch, env, device, dtype, itemsize, device_gbs
                    bwd_gb_per_s=bwd_bytes / (row["bwd_ms"] * 1e-3) / 1e9,
                    gb_per_s=(fwd_bytes + bwd_bytes) / (row["fwd_bwd_ms"] * 1e-3) / 1e9)
         row["bw_fraction"] = row["gb_per_s"] / device_gbs
+        row["tflops"] = min_flops(case) / (row["fwd_bwd_ms"] * 1e-3) / 1e12
     del timed
     eager = next((r for r in case_rows if r["backend"] == "eager" and "error" not in r), None)
     for row in case_rows:
@@ -313,7 +326,7 @@ def measure_case(case, backends, batch, env, device, dtype, itemsize, device_gbs
         print(f"{case['dataset']:<6} {case['name']:<9} {case['scale']:>5} {hw:>7} {batch:>2} "
               f"{row['backend']:<14} {row['fwd_ms']:>9.2f} {row['bwd_ms']:>9.2f} {row['fwd_bwd_ms']:>9.2f} "
               f"{memory_mb(row):>8.1f} {row['gb_per_s']:>7.1f} {100 * row['bw_fraction']:>4.0f}% "
-              f"{ratio:>10}", flush=True)
+              f"{row['tflops']:>7.3f} {ratio:>10}", flush=True)
     return case_rows
 
 
@@ -336,7 +349,7 @@ def main(argv=None):
     print(f"# {env['device_name']} ({env['threads']} threads{isa_note}), torch {env['torch']}, triton {env['triton']}, "
           f"commit {env['commit']}, {args.dtype}, batch {batches}, copy bandwidth {device_gbs:.1f} GB/s")
     print(f"{'data':<6} {'case':<9} {'scale':>5} {'HxW':>7} {'B':>2} {'backend':<14} {'fwd ms':>9} {'bwd ms':>9} "
-          f"{'f+b ms':>9} {'mem MB':>8} {'GB/s':>7} {'%bw':>5} {'eager/this':>10}")
+          f"{'f+b ms':>9} {'mem MB':>8} {'GB/s':>7} {'%bw':>5} {'TFLOP/s':>7} {'eager/this':>10}")
     rows = []
     for batch in batches:
         for case in cases(datasets, pairs, batch, args.positions_scale):

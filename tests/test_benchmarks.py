@@ -52,6 +52,16 @@ def test_ops_shapes_cover_the_paper():
     assert bench_ops.min_bytes(csam[0], 2)[0] == (2 * 36 * 19200 + 2 * 2 * 36 * 6300 + out) * 2
 
 
+def test_ops_flops_count_the_contractions():
+    # CTAM B=1, P=2, d=4, m=3, N=10 (2*d*m = 24 per position and contraction): forward S over 2*10 source and S q
+    # over 2*10 query positions; backward three contractions over the queries, two over the sources
+    ctam = dict(op="cross_task", offsets=None, shapes=((1, 2, 4, 10), (1, 2, 4, 10), (1, 2, 3, 10)))
+    assert bench_ops.min_flops(ctam) == 24 * (20 + 20) + 24 * (3 * 20 + 2 * 20)
+    # CSAM B=2, J=2 sources of 5 and 7 positions (12), 6 queries attended per source (2*6)
+    csam = dict(op="cross_scale", offsets=[0, 5, 12], shapes=((2, 4, 6), (2, 4, 12), (2, 3, 12)))
+    assert bench_ops.min_flops(csam) == 2 * 24 * ((12 + 12) + (3 * 12 + 2 * 12))
+
+
 def test_ops_rows(ops_rows):
     assert {r["dataset"] for r in ops_rows} == {"nyud", "pascal"}
     assert {r["case"] for r in ops_rows} == {"ctam P=2", "csam J=3", "csam J=2", "csam J=1"}
@@ -59,7 +69,7 @@ def test_ops_rows(ops_rows):
     for r in ops_rows:
         assert "error" not in r, r["error"]
         assert ENV_FIELDS <= set(r)
-        for key in ("fwd_ms", "bwd_ms", "fwd_bwd_ms", "saved_mb", "gb_per_s", "bw_fraction", "device_gb_per_s",
+        for key in ("fwd_ms", "bwd_ms", "fwd_bwd_ms", "saved_mb", "gb_per_s", "bw_fraction", "tflops", "device_gb_per_s",
                     "min_bytes", "eager_over_this", "mem_over_eager"):
             assert r[key] is not None and r[key] >= 0, key
         assert r["min_bytes"] == r["fwd_bytes"] + r["bwd_bytes"]

@@ -180,6 +180,93 @@ def test_empty_source_gives_zero_output_and_no_source_gives_empty():
     assert _scale([0])(q, k, v).shape == (2, 0, 3, 5)
 
 
+def test_more_sources_than_one_launch_takes():
+    # MAX_SOURCES gathered sources per launch of the source-side kernels: 10 sources take two, some empty
+    offsets = [0, 3, 3, 9, 10, 16, 17, 17, 25, 26, 31]
+    _against_reference(_scale(offsets), _scale_inputs(1, 3, 4, 6, offsets), *TOL[torch.float32])
+
+
+# (shape, offsets, dtype, forward launches, backward launches): the bounds of the kernels' design
+LAUNCH_CASES = [
+    ((2, 3, 12, 10, 40), None, torch.bfloat16, 2, 2),  # half precision, one channel block: dS fused in the query pass
+    ((2, 3, 12, 10, 40), None, torch.float32, 2, 3),
+    ((1, 1, 70, 36, 50), None, torch.float32, 2, 3),  # two channel blocks
+    ((2, 7, 9, 13), [0, 5, 12, 30, 31], torch.float32, 2, 3),  # ragged sources, one launch
+    ((2, 7, 9, 13), [0, 5, 12, 30, 31], torch.bfloat16, 2, 3),
+]
+
+
+@pytest.mark.parametrize("shape, offsets, dtype, n_forward, n_backward", LAUNCH_CASES, ids=str)
+def test_launch_counts_and_no_other_device_work(monkeypatch, shape, offsets, dtype, n_forward, n_backward):
+    """Forward in <= 2 kernel launches and backward in <= 3 for all pairs or sources of a call, and no other tensor
+    work than allocation (no partial sums, zero fills or copies by torch: each would be a device launch)."""
+    import math
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fused_mtl_attn import triton_kernels as tk
+
+    launches, ops, inside = [], [], [False]
+    real = tk._launch
+
+    def counting(kernel, grid, *args, **meta):
+        launches.append(math.prod(grid) > 0)
+        inside[0] = True  # the interpreter's own tensor work is not the launcher's
+        try:
+            real(kernel, grid, *args, **meta)
+        finally:
+            inside[0] = False
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside[0]:
+                ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(tk, "_launch", counting)
+    inputs = _task_inputs(*shape, dtype=dtype) if offsets is None else _scale_inputs(*shape, offsets, dtype=dtype)
+    with Record():
+        out, S, z = tk.forward(*inputs, offsets)
+    assert sum(launches) == n_forward, f"forward: {sum(launches)} launches"
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out)
+    launches.clear()
+    with Record():
+        grads = tk.backward(grad, *inputs, S, z, offsets)
+    assert sum(launches) == n_backward, f"backward: {sum(launches)} launches"
+    assert set(ops) <= {"aten.empty.memory_format", "aten.empty_like.default"}, sorted(set(ops))
+    # and the results are the op's (the launch plan computes the same function)
+    fn = _task if offsets is None else _scale(offsets)
+    want = _run(fn, [t.double() for t in inputs], grad.double(), backend="eager")
+    floor = 4 * torch.finfo(dtype).eps if dtype != torch.float32 else 0.0
+    eager = _rel_errors(_run(fn, inputs, grad, backend="eager"), want)
+    for name, got, w, e in zip(NAMES, [out, *grads], want, eager):
+        assert _rel_errors([got], [w])[0] <= max(2 * e + floor, 1e-4), name
+
+
+def test_bf16_operand_rounding_matches_torch():
+    # under the interpreter bf16 tl.dot operands are fp32 values rounded by _round_bf16: it must round as torch does
+    import triton
+    import triton.language as tl
+
+    from fused_mtl_attn.triton_kernels import _round_bf16
+
+    @triton.jit
+    def rounding(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        r = tl.arange(0, BLOCK)
+        tl.store(y_ptr + r, round_bf16(tl.load(x_ptr + r, mask=r < n)), mask=r < n)
+
+    # the kernel finds the helper among this module's globals
+    globals()["round_bf16"] = _round_bf16
+
+    g = torch.Generator().manual_seed(4)
+    # random magnitudes, exact ties (even and odd mantissa tails), subnormals, zeros, large values
+    x = torch.cat([torch.randn(4000, generator=g) * 10.0 ** torch.randint(-30, 30, (4000,), generator=g),
+                   torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 2**-130, -2**-133, 0.0, -0.0, 3e38])])
+    y = torch.empty_like(x, device=DEVICE)
+    rounding[(1,)](x.to(DEVICE), y, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    assert torch.equal(y.cpu(), x.to(torch.bfloat16).float())
+
+
 # --------------------------------------------------------------------------------- determinism, strides, ops
 
 
