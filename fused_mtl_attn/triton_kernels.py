@@ -34,8 +34,8 @@ Indexing is 64-bit (`_tile`): B*C*N may pass 2^31.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-import os
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -516,9 +516,24 @@ def fuses_ds(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
+_FORCED: list = []  # the config of an enclosing `forced_config`, if any
+
+
+@contextlib.contextmanager
+def forced_config(cfg: Config):
+    """Launch every kernel with `cfg` inside this block (benchmarks/tune_triton.py times candidates so)."""
+    _FORCED.append(Config(*cfg))
+    try:
+        yield
+    finally:
+        _FORCED.pop()
+
+
 def pick_config(d: int, m: int) -> Config:
     """Blocks for channel sizes d, m: one 64-wide block where both fit (the network's finest scale, C = 36, runs
     as one block), else 32-wide blocks unless 64-wide ones pad no more; one big block in the interpreter."""
+    if _FORCED:
+        return _FORCED[-1]
     c = max(d, m)
     if INTERPRETED:  # each interpreted program costs milliseconds: as few programs as possible
         return Config(min(64, max(16, triton.next_power_of_2(c))), 64, 4)

@@ -168,3 +168,36 @@ def test_plots(ops_rows, train_rows, tmp_path):
     # either input is optional, and a missing file is no error
     assert plot.main(["--train", str(train), "--ops", str(tmp_path / "missing.json"),
                       "--out", str(tmp_path / "only_train")]) == [str(tmp_path / "only_train" / "train_ratios.png")]
+
+
+def test_tune_triton_rows_and_forced_config(monkeypatch, tmp_path):
+    from benchmarks import tune_triton
+    from fused_mtl_attn import triton_kernels as tk
+
+    # every launch inside a forced config uses its blocks (else the tuning rows would all time one config)
+    seen = []
+    real = tk._launch
+    monkeypatch.setattr(tk, "_launch", lambda kernel, grid, *a, **meta: (seen.append(meta["BLOCK_N"]),
+                                                                          real(kernel, grid, *a, **meta)))
+    path = tmp_path / "tune.json"
+    rows = tune_triton.main(["--device", "cpu", "--batch", "1", "--positions-scale", "0.02", "--pairs", "2",
+                             "--dtypes", "float32", "--configs", "16/16/4,32/32/8", "--min-run-time", "0.01",
+                             "--json", str(path)])
+    assert [(r["case"], r["config"]) for r in rows] == [
+        ("csam J=3", [16, 16, 4, 1]), ("csam J=3", [32, 32, 8, 1]),
+        ("ctam P=2", [16, 16, 4, 1]), ("ctam P=2", [32, 32, 8, 1])]
+    for r in rows:
+        assert "error" not in r, r["error"]
+        assert r["fwd_bwd_ms"] > 0 and r["bw_fraction"] > 0 and r["tflops"] > 0 and r["dtype"] == "float32"
+    assert set(seen) == {16, 32}
+    assert json.loads(path.read_text()) == rows
+
+
+@pytest.mark.parametrize("bad", [["--configs", "32/30/8"], ["--configs", "32/32"], ["--dtypes", "int32"],
+                                 ["--batch", "0"], ["--pairs", "two"]])
+def test_tune_triton_rejects_bad_arguments(bad, capsys):
+    from benchmarks import tune_triton
+
+    with pytest.raises(SystemExit):
+        tune_triton.main(["--device", "cpu", *bad])
+    assert "error:" in capsys.readouterr().err
