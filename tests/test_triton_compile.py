@@ -51,7 +51,7 @@ def _compile_one(triton, tk, name, flags, cfg, dtype, arch, layout):
     for arg in fn.arg_names:
         if arg.startswith("BLOCK_"):
             constexprs[arg] = cfg.block_n if arg == "BLOCK_N" else cfg.block_c
-        elif layout == "contiguous" and re.fullmatch(r"[a-z]s_n", arg):
+        elif layout in ("contiguous", "aligned") and re.fullmatch(r"[a-z]s_n", arg):
             constexprs[arg] = 1  # a launch with a contiguous position axis specializes its stride to 1
         elif layout == "ones" and not arg.endswith("_ptr") and arg not in flags:
             constexprs[arg] = 1  # Triton specializes every integer argument equal to 1 (B, P, N, offsets, ...)
@@ -60,7 +60,12 @@ def _compile_one(triton, tk, name, flags, cfg, dtype, arch, layout):
         "*" + (acc if arg in acc_pointers else dtype) if arg.endswith("_ptr") else "i32"
         for arg in fn.arg_names
     }
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+    attrs = {}
+    if layout == "aligned":  # what a launch at the network's sizes specializes: 16-byte aligned pointers and
+        # sizes, strides and offsets divisible by 16 (N = 19200, C * N, ...; not the channel counts 36, 72, ...)
+        attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names) if arg not in constexprs and (
+            arg.endswith("_ptr") or re.fullmatch(r"[a-z]s_[bpc]", arg) or re.fullmatch(r"n_pos|o\d", arg))}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     # registers and spills from the cubin (compiled.n_regs needs a driver)
@@ -73,7 +78,8 @@ def _compile_one(triton, tk, name, flags, cfg, dtype, arch, layout):
     # the contractions' instruction: wgmma (sm_90 warpgroup MMA), mma (warp MMA) or none (FMA)
     mma = re.search(r"\bwgmma\.mma_async[\w.]*|\bmma\.sync[\w.]*", compiled.asm["ptx"])
     return {"regs": int(regs), "spill": int(stack) + int(local), "shared": compiled.metadata.shared,
-            "mma": mma.group(0) if mma else ""}
+            "mma": mma.group(0) if mma else "",
+            "vector_loads": len(re.findall(r"\bld\.global(?:\.\w+)*\.v[24]\.", compiled.asm["ptx"]))}
 
 
 def _ships(tk, name, flags, dtype):
@@ -98,6 +104,7 @@ def compile_all(arch: int) -> list:
     if arch == 90:
         jobs += [(v, cfg, "fp32", layout) for v in _variants(tk.KERNELS) for cfg in tk.GPU_CONFIGS
                  for layout in ("strided", "ones") if _ships(tk, *v, "fp32")]
+        jobs += [(v, cfg, "bf16", "aligned") for v in _variants(tk.KERNELS) for cfg in tk.GPU_CONFIGS]
     rows = []
     for (name, flags), cfg, dtype, layout in jobs:
         row = {"kernel": name, "flags": flags, "config": list(cfg), "dtype": dtype, "arch": arch, "layout": layout}
@@ -177,6 +184,16 @@ def test_contractions_run_on_tensor_cores(rows):
     # sm_90 with half-precision operands and a 64-wide block: the warpgroup MMA (Hopper's fastest path)
     assert any(r["mma"].startswith("wgmma") for r in rows if r["arch"] == 90 and r["dtype"] == "bf16"), \
         "no bf16 variant uses wgmma on sm_90"
+
+
+def test_aligned_launches_load_positions_in_vectors(rows):
+    # at the network's sizes the position axis is contiguous and 16-divisible: the tiles of q, k, v and g must load as
+    # vectors (ld.global.v2/.v4), not element by element (a masked tail would otherwise cost every load its width)
+    aligned = [r for r in rows if r["layout"] == "aligned"]
+    assert aligned, "no aligned compile"
+    scalar = [f"{r['kernel']} {_flag_id(r['flags'])} {r['config']}" for r in aligned
+              if "error" not in r and not r["vector_loads"]]
+    assert not scalar, "no vector loads in:\n" + "\n".join(scalar)
 
 
 def test_print_resource_table(rows, capsys):
