@@ -9,7 +9,8 @@ group) are the only intermediates.
 Forward, 2 launches:
 - `_reduce_kernel` (sources): each program sums one split of a group's source positions into a partial
   S = v softplus(k)^T and z = sum softplus(k). All sources of a gathered call are one launch (ragged: each
-  group reads its bounds from the offsets, passed as scalars so that no table is copied to the GPU).
+  group reads its bounds from the offsets, passed as scalars so that no table is copied to the GPU; beyond
+  MAX_SOURCES sources, one launch per MAX_SOURCES).
 - `_apply_kernel` (queries): out = S softplus(q) / max(z . softplus(q), eps). Its prologue sums the partials in a
   fixed order (deterministic, no atomics); the programs of the first position span also store the summed S and
   z, which autograd saves for backward. A program walks a span of position blocks, so the prologue is paid once
@@ -17,8 +18,8 @@ Forward, 2 launches:
 Backward, 2 launches (half-precision stacked pairs with d, m within one channel block: the network's finest
 scales under autocast) or 3:
 - `_query_grad_kernel` (queries): per position 1/den and b = -(g . S q)/den^2 (= -(g . out)/den, without a saved
-  out), then dq = softplus'(q) sum_j (S_j^T g_j / den_j + b_j z_j). With one channel block and one source per
-  group it also accumulates the partials of dS = sum (g/den) q^T and dz = sum b q in registers while it has q
+  out), then dq = softplus'(q) sum_j (S_j^T g_j / den_j + b_j z_j). With half-precision inputs (`fuses_ds`), one
+  channel block and one source per group it also accumulates the partials of dS = sum (g/den) q^T and dz = sum b q in registers while it has q
   and g loaded (FUSE_DS); otherwise it stores 1/den and b per position and
 - `_reduce_kernel` (BACKWARD) sums dS, dz over the query positions from them.
 - `_source_grad_kernel` (sources): dv = dS softplus(k), dk = softplus'(k) (dS^T v + dz), reading k and v once,
