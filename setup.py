@@ -42,7 +42,9 @@ def _extensions():
         return [], {}
     cuda_home = _cuda_home()
     with_cuda = not _flag("FORCE_CPU") and (_flag("FORCE_CUDA") or (torch.version.cuda is not None and cuda_home))
-    sources = [os.path.join("csrc", "attention.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    # attention_cuda_emulated.cpp: the CUDA kernels compiled for the host, run by the tests on any machine
+    sources = [os.path.join("csrc", "attention.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))) + [
+        os.path.join("csrc", "cuda", "attention_cuda_emulated.cpp")]
     cxx = ["-O3"]  # the C++ standard comes from torch (C++17 or C++20 by version)
     link = []
     if platform.system() == "Linux":

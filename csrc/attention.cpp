@@ -2,6 +2,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "attention.h"
 #include "cpu/isa.h"
 
 // `import fused_mtl_attn._C` loads the library and runs the registrations below; the module itself only reports
@@ -87,12 +88,7 @@ PyObject* PyInit__C(void) {
 // accumulation dtype; autograd saves it (it is small) so backward needs no second reduction over the sources.
 // Backward needs no `out`: every backend gets g . out from S and z (docs/attention-op.md, section 3).
 TORCH_LIBRARY(fused_mtl_attn, m) {
-  m.def("cross_task(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)");
-  m.def("cross_task_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor context) "
-        "-> (Tensor, Tensor, Tensor)");
-  m.def("cross_scale(Tensor q, Tensor k, Tensor v, SymInt[] offsets) -> (Tensor, Tensor)");
-  m.def("cross_scale_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor context, SymInt[] offsets) "
-        "-> (Tensor, Tensor, Tensor)");
+  fused_mtl_attn::define_attention_ops(m);
   // the fused loss (cross_entropy.h): (sum over labelled pixels of lse - z_label, lse [B, H, W]); CPU kernels only
   m.def("upsampled_cross_entropy(Tensor logits, Tensor label, int ignore_index) -> (Tensor, Tensor)");
   m.def("upsampled_cross_entropy_backward(Tensor grad, Tensor logits, Tensor label, Tensor lse, int ignore_index) "

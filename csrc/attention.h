@@ -120,9 +120,21 @@ std::tuple<Tensor, Tensor, Tensor> cross_scale_backward(const Tensor& grad, cons
   return F(grad.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), context.contiguous(), offs);
 }
 
+// the schemas of the four attention ops: those of fused_mtl_attn (attention.cpp) and, for tests, of
+// fused_mtl_attn_emulated (the CUDA kernels run on the CPU, cuda/attention_cuda_emulated.cpp)
+inline void define_attention_ops(torch::Library& m) {
+  m.def("cross_task(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)");
+  m.def("cross_task_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor context) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("cross_scale(Tensor q, Tensor k, Tensor v, SymInt[] offsets) -> (Tensor, Tensor)");
+  m.def("cross_scale_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor context, SymInt[] offsets) "
+        "-> (Tensor, Tensor, Tensor)");
+}
+
 // registers the four ops of one device with its two cores
-#define FUSED_MTL_ATTN_REGISTER(KEY, FWD, BWD)                                                      \
-  TORCH_LIBRARY_IMPL(fused_mtl_attn, KEY, m) {                                                      \
+#define FUSED_MTL_ATTN_REGISTER(KEY, FWD, BWD) FUSED_MTL_ATTN_REGISTER_IN(fused_mtl_attn, KEY, FWD, BWD)
+#define FUSED_MTL_ATTN_REGISTER_IN(NS, KEY, FWD, BWD)                                               \
+  TORCH_LIBRARY_IMPL(NS, KEY, m) {                                                                  \
     m.impl("cross_task", &::fused_mtl_attn::cross_task_forward<FWD>);                               \
     m.impl("cross_task_backward", &::fused_mtl_attn::cross_task_backward<BWD>);                     \
     m.impl("cross_scale", &::fused_mtl_attn::cross_scale_forward<FWD>);                             \

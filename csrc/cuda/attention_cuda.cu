@@ -3,18 +3,54 @@
 // are then summed in chunk order, so results are bitwise reproducible), and apply_tile contracts a small matrix with
 // a tile of positions. Softplus, sigmoid, the clamp and the division are applied while loading or storing tiles.
 // Accumulation is fp32 (fp64 for fp64 inputs); every index is 64-bit.
+//
+// The same source also compiles as plain C++ with FUSED_MTL_ATTN_EMULATE_CUDA (attention_cuda_emulated.cpp): the
+// kernels then run on the CPU through emulation.h, registered as the ops of `fused_mtl_attn_emulated`, and the test
+// suite checks them against the eager reference without a GPU (tests/test_cuda_emulated.py).
 #include "../attention.h"
 #include "../attention_math.h"
 
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
+#include <utility>
+
+#ifdef FUSED_MTL_ATTN_EMULATE_CUDA
+#include "emulation.h"
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 namespace fused_mtl_attn {
 namespace {
+
+#ifdef FUSED_MTL_ATTN_EMULATE_CUDA
+constexpr bool kEmulated = true;
+using Stream = int;
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Device&) {}
+};
+Stream current_stream() { return 0; }
+
+// kernel<<<grid, block, 0, stream>>>(args...), emulated
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Stream, Args&&... args) {
+  emulation::launch(grid, block, [&] { kernel(args...); });
+}
+#else
+constexpr bool kEmulated = false;
+using Stream = cudaStream_t;
+using DeviceGuard = c10::cuda::CUDAGuard;
+Stream current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Stream stream, Args&&... args) {
+  kernel<<<grid, block, 0, stream>>>(std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#endif
 
 constexpr int TILE = 32;   // rows, columns and positions of a tile
 constexpr int ROWS = 8;    // threadIdx.y; each thread owns TILE / ROWS rows
@@ -320,7 +356,7 @@ __global__ void source_kernel(Pieces tiles, const scalar_t* k, const scalar_t* v
 // sum of reduce_kernel partials per (group, segment) into dst [G, J, R, C]; `options` give the partials' dtype
 template <typename T, typename XLoad, typename YLoad>
 void reduce(const std::vector<int64_t>& offsets, int64_t G, int64_t R, int64_t C, XLoad X, YLoad Y, T* dst,
-            const at::TensorOptions& options, cudaStream_t stream) {
+            const at::TensorOptions& options, Stream stream) {
   const int64_t J = static_cast<int64_t>(offsets.size()) - 1;
   if (J == 0 || G * R * C == 0) return;
   const std::vector<Pieces> ws = windows(offsets, CHUNK);
@@ -331,21 +367,20 @@ void reduce(const std::vector<int64_t>& offsets, int64_t G, int64_t R, int64_t C
   for (const Pieces& w : ws) {
     if (w.count() > 0) {
       const dim3 grid(w.count(), cdiv(R, TILE) * cdiv(C, TILE), G);
-      reduce_kernel<T><<<grid, dim3(TILE, ROWS), 0, stream>>>(w, R, C, X, Y, partial.mutable_data_ptr<T>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(reduce_kernel<T, XLoad, YLoad>, grid, dim3(TILE, ROWS), stream, w, R, C, X, Y,
+             partial.mutable_data_ptr<T>());
     }
     // also for a window without chunks: its segments are empty and sum to zero
-    sum_chunks_kernel<T><<<cdiv(G * w.n * R * C, 256), 256, 0, stream>>>(partial.const_data_ptr<T>(), w, G, J, R * C,
-                                                                         dst);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(sum_chunks_kernel<T>, dim3(cdiv(G * w.n * R * C, 256)), dim3(256), stream, partial.const_data_ptr<T>(), w,
+           G, J, R * C, dst);
   }
 }
 
 std::tuple<Tensor, Tensor> forward_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
                                         const std::vector<int64_t>& offsets) {
-  TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor for the cuda kernels, got ", q.device());
-  const c10::cuda::CUDAGuard guard(q.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  TORCH_CHECK(kEmulated || q.is_cuda(), "q must be a CUDA tensor for the cuda kernels, got ", q.device());
+  const DeviceGuard guard(q.device());
+  const Stream stream = current_stream();
   const int64_t J = static_cast<int64_t>(offsets.size()) - 1;
   const int64_t G = q.size(0), d = q.size(1), nq = q.size(2), m = v.size(1), nk = k.size(2);
   Tensor out = at::empty({G, J, m, nq}, q.options());
@@ -357,13 +392,11 @@ std::tuple<Tensor, Tensor> forward_cuda(const Tensor& q, const Tensor& k, const 
     reduce<T>(offsets, G, m + 1, d, x, y, ctx.mutable_data_ptr<T>(), ctx.options(), stream);
     if (out.numel() == 0) return;
     Tensor den = at::empty({G, J, nq}, ctx.options());
-    den_kernel<scalar_t, T><<<cdiv(G * J * nq, 256), 256, 0, stream>>>(
-        q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(), G, J, d, m, nq, den.mutable_data_ptr<T>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    forward_apply_kernel<scalar_t, T><<<dim3(cdiv(nq, TILE), cdiv(m, TILE), G * J), dim3(TILE, ROWS), 0, stream>>>(
-        q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(), den.const_data_ptr<T>(), J, d, m, nq,
-        out.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(den_kernel<scalar_t, T>, dim3(cdiv(G * J * nq, 256)), dim3(256), stream, q.const_data_ptr<scalar_t>(),
+           ctx.const_data_ptr<T>(), G, J, d, m, nq, den.mutable_data_ptr<T>());
+    launch(forward_apply_kernel<scalar_t, T>, dim3(cdiv(nq, TILE), cdiv(m, TILE), G * J), dim3(TILE, ROWS), stream,
+           q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(), den.const_data_ptr<T>(), J, d, m, nq,
+           out.mutable_data_ptr<scalar_t>());
   });
   return {out, ctx};
 }
@@ -371,9 +404,9 @@ std::tuple<Tensor, Tensor> forward_cuda(const Tensor& q, const Tensor& k, const 
 std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tensor& q, const Tensor& k,
                                                  const Tensor& v, const Tensor& ctx,
                                                  const std::vector<int64_t>& offsets) {
-  TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor for the cuda kernels, got ", q.device());
-  const c10::cuda::CUDAGuard guard(q.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  TORCH_CHECK(kEmulated || q.is_cuda(), "q must be a CUDA tensor for the cuda kernels, got ", q.device());
+  const DeviceGuard guard(q.device());
+  const Stream stream = current_stream();
   const int64_t J = static_cast<int64_t>(offsets.size()) - 1;
   const int64_t G = q.size(0), d = q.size(1), nq = q.size(2), m = v.size(1), nk = k.size(2);
   Tensor dq = at::zeros_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
@@ -383,15 +416,13 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tenso
     Tensor rden = at::empty({G, J, nq}, ctx.options()), b = at::empty({G, J, nq}, ctx.options());
     Tensor dctx = at::empty({G, J, m + 1, d}, ctx.options());
     if (nq > 0) {
-      backward_scalars_kernel<scalar_t, T><<<dim3(cdiv(nq, TILE), 1, G * J), dim3(TILE, ROWS), 0, stream>>>(
-          grad.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(), J, d, m, nq,
-          rden.mutable_data_ptr<T>(), b.mutable_data_ptr<T>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(backward_scalars_kernel<scalar_t, T>, dim3(cdiv(nq, TILE), 1, G * J), dim3(TILE, ROWS), stream,
+             grad.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(), J, d, m, nq,
+             rden.mutable_data_ptr<T>(), b.mutable_data_ptr<T>());
       if (d > 0) {
-        dq_kernel<scalar_t, T><<<dim3(cdiv(nq, TILE), cdiv(d, TILE), G), dim3(TILE, ROWS), 0, stream>>>(
-            grad.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(),
-            rden.const_data_ptr<T>(), b.const_data_ptr<T>(), J, d, m, nq, dq.mutable_data_ptr<scalar_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch(dq_kernel<scalar_t, T>, dim3(cdiv(nq, TILE), cdiv(d, TILE), G), dim3(TILE, ROWS), stream,
+               grad.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(),
+               rden.const_data_ptr<T>(), b.const_data_ptr<T>(), J, d, m, nq, dq.mutable_data_ptr<scalar_t>());
       }
     }
     // dS, dz of every segment reduce over all query positions: the query range is "segment" 0 of each j
@@ -405,16 +436,14 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tenso
       const int64_t n_tiles = tiles.count();
       if (n_tiles == 0) continue;
       if (d > 0) {
-        source_kernel<scalar_t, T, true><<<dim3(n_tiles, cdiv(d, TILE), G), dim3(TILE, ROWS), 0, stream>>>(
-            tiles, k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), dctx.const_data_ptr<T>(), J, d, m, nk,
-            dk.mutable_data_ptr<scalar_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch(source_kernel<scalar_t, T, true>, dim3(n_tiles, cdiv(d, TILE), G), dim3(TILE, ROWS), stream, tiles,
+               k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), dctx.const_data_ptr<T>(), J, d, m, nk,
+               dk.mutable_data_ptr<scalar_t>());
       }
       if (m > 0) {
-        source_kernel<scalar_t, T, false><<<dim3(n_tiles, cdiv(m, TILE), G), dim3(TILE, ROWS), 0, stream>>>(
-            tiles, k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), dctx.const_data_ptr<T>(), J, d, m, nk,
-            dv.mutable_data_ptr<scalar_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch(source_kernel<scalar_t, T, false>, dim3(n_tiles, cdiv(m, TILE), G), dim3(TILE, ROWS), stream, tiles,
+               k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), dctx.const_data_ptr<T>(), J, d, m, nk,
+               dv.mutable_data_ptr<scalar_t>());
       }
     }
   });
@@ -423,6 +452,12 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tenso
 
 }  // namespace
 
+#ifdef FUSED_MTL_ATTN_EMULATE_CUDA
+// the CUDA kernels on CPU tensors, for tests: the four ops of fused_mtl_attn (same schemas) in their own namespace
+TORCH_LIBRARY(fused_mtl_attn_emulated, m) { define_attention_ops(m); }
+FUSED_MTL_ATTN_REGISTER_IN(fused_mtl_attn_emulated, CPU, forward_cuda, backward_cuda)
+#else
 FUSED_MTL_ATTN_REGISTER(CUDA, forward_cuda, backward_cuda)
+#endif
 
 }  // namespace fused_mtl_attn

@@ -1,0 +1,101 @@
+"""The CUDA kernels (csrc/cuda/attention_cuda.cu) run on the CPU through csrc/cuda/emulation.h: every block's
+threads as OS threads with a real barrier for __syncthreads, shared memory shared by the block. So their indexing,
+bounds, chunking, windows of segments and barriers are checked against the eager reference here, without a GPU;
+tests/test_cpp_ops.py checks the same kernels on a GPU where one is visible. The ops are those of
+`torch.ops.fused_mtl_attn_emulated` (the schemas of fused_mtl_attn's), called directly: forward, then backward with
+the forward's context, as the autograd formula of the cuda backend does."""
+import pytest
+import torch
+
+import fused_mtl_attn
+from fused_mtl_attn import reference
+
+from .test_cpp_ops import CROSS_SCALE, CROSS_TASK, _check_against, _cross_scale_inputs, _cross_task_inputs, \
+    _outputs_and_grads
+
+pytestmark = pytest.mark.skipif(not fused_mtl_attn.available_backends()["cpu"][0], reason="extension not built")
+
+
+def _ops():
+    import fused_mtl_attn.cpp_backend  # noqa: F401  (loads the extension, which registers the ops)
+
+    return torch.ops.fused_mtl_attn_emulated
+
+
+class _Attention(torch.autograd.Function):
+    """The emulated CUDA op with the cuda backend's autograd: save q, k, v and the context, backward from them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, offsets):
+        out, context = (_ops().cross_task(q, k, v) if offsets is None else _ops().cross_scale(q, k, v, offsets))
+        ctx.save_for_backward(q, k, v, context)
+        ctx.offsets = offsets
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, context = ctx.saved_tensors
+        if ctx.offsets is None:
+            return (*_ops().cross_task_backward(grad, q, k, v, context), None)
+        return (*_ops().cross_scale_backward(grad, q, k, v, context, ctx.offsets), None)
+
+
+def _task(q, k, v):
+    return _Attention.apply(q, k, v, None)
+
+
+def _scale(offsets):
+    return lambda q, k, v: _Attention.apply(q, k, v, list(offsets))
+
+
+# the sweep of test_cpp_ops (N = 1, odd N, d != m, several 1024-position chunks, logits beyond +-20, an empty
+# segment, J = 0) with the tolerances of the contract
+@pytest.mark.parametrize("case", range(len(CROSS_TASK)))
+def test_cross_task_matches_reference(case):
+    b, p, d, m, n, scale = CROSS_TASK[case]
+    inputs = _cross_task_inputs(b, p, d, m, n, scale, seed=case)
+    want = _outputs_and_grads(reference.cross_task_attention, [t.double() for t in inputs])
+    _check_against(_outputs_and_grads(_task, inputs), want, (1e-5, 1e-4, 1e-4, 1e-4), f"cross_task {CROSS_TASK[case]}")
+
+
+@pytest.mark.parametrize("case", range(len(CROSS_SCALE)))
+def test_cross_scale_matches_reference(case):
+    b, d, m, nq, offsets = CROSS_SCALE[case]
+    inputs = _cross_scale_inputs(b, d, m, nq, offsets, seed=case)
+    want = _outputs_and_grads(lambda q, k, v: reference.cross_scale_attention(q, k, v, offsets),
+                              [t.double() for t in inputs])
+    _check_against(_outputs_and_grads(_scale(offsets), inputs), want, (1e-5, 1e-4, 1e-4, 1e-4),
+                   f"cross_scale {CROSS_SCALE[case]}")
+
+
+def test_float64_to_rounding_and_segments_beyond_one_window():
+    # 40 segments: more than one launch's window of 32 (attention_cuda.cu passes the segments by value, WINDOW at a
+    # time), some empty; float64, so only the order of the sums differs from eager
+    sizes = [(i * 7) % 5 for i in range(40)]
+    offsets = [0]
+    for s in sizes:
+        offsets.append(offsets[-1] + s)
+    inputs = _cross_scale_inputs(2, 5, 3, 9, offsets, dtype=torch.float64)
+    want = _outputs_and_grads(lambda q, k, v: reference.cross_scale_attention(q, k, v, offsets), inputs)
+    _check_against(_outputs_and_grads(_scale(offsets), inputs), want, (1e-12,) * 4, "float64, 40 segments")
+    inputs = _cross_task_inputs(2, 3, 40, 33, 70, 3.0, dtype=torch.float64)  # two tiles of 32 channels
+    want = _outputs_and_grads(reference.cross_task_attention, inputs)
+    _check_against(_outputs_and_grads(_task, inputs), want, (1e-12,) * 4, "float64 cross_task, 2 channel tiles")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_within_twice_eager(dtype):
+    inputs = _cross_task_inputs(2, 2, 24, 20, 100, 2.0, dtype)
+    truth = _outputs_and_grads(reference.cross_task_attention, [t.double() for t in inputs])
+    eager = _outputs_and_grads(reference.cross_task_attention, inputs)
+    got = _outputs_and_grads(_task, inputs)
+    for name, a, e, t in zip(("out", "dq", "dk", "dv"), got, eager, truth):
+        err = float((a - t).abs().max()) / max(float(t.abs().max()), 1.0)
+        eager_err = float((e - t).abs().max()) / max(float(t.abs().max()), 1.0)
+        assert err <= 2 * eager_err + 1e-2, f"{dtype} {name}: {err:.3g} vs eager {eager_err:.3g}"
+
+
+def test_emulated_ops_check_their_inputs():
+    q, k, v = _cross_scale_inputs(1, 3, 2, 4, [0, 5])
+    with pytest.raises(RuntimeError, match="offsets must end at the gathered length"):
+        _ops().cross_scale(q, k, v, [0, 4])
