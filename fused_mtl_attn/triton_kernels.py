@@ -570,11 +570,19 @@ def _num_splits(n: int, programs_per_split: int, block_n: int) -> int:
     return max(1, min(blocks, MAX_SPLITS, triton.cdiv(target, max(1, programs_per_split))))
 
 
+_UNUSED_BOUNDS = (0,) * (MAX_SOURCES + 1)  # o0..o8 of a launch whose groups all span 0:n (RAGGED off)
+
+
+def _longest(n: int, offsets: Optional[Sequence[int]]) -> int:
+    """Positions of the longest group: n for stacked pairs, the longest gathered source otherwise."""
+    return n if offsets is None else max((hi - lo for lo, hi in zip(offsets, offsets[1:])), default=0)
+
+
 def _source_launches(n_groups: int, n: int, offsets: Optional[Sequence[int]]):
     """(p_base, groups, o0..o8, ragged) per launch of a source-side kernel: one launch for stacked pairs (every
     group spans 0:n) and one per MAX_SOURCES gathered sources."""
     if offsets is None:
-        return [(0, n_groups, (0,) * (MAX_SOURCES + 1), False)]
+        return [(0, n_groups, _UNUSED_BOUNDS, False)]
     launches = []
     for j in range(0, n_groups, MAX_SOURCES):
         chunk = list(offsets[j:j + MAX_SOURCES + 1])
@@ -595,9 +603,8 @@ def forward(q, k, v, offsets: Optional[Sequence[int]] = None):
     cfg = pick_config(d, m)
     acc = accumulation_dtype(q.dtype)
     launches = _source_launches(G, n_k, offsets)
-    longest = n_k if offsets is None else max((offsets[j + 1] - offsets[j] for j in range(G)), default=0)
     tiles = max(1, _blocks(m, cfg)) * _blocks(d, cfg)
-    n_split = _num_splits(longest, tiles * B * G, cfg.block_n)
+    n_split = _num_splits(_longest(n_k, offsets), tiles * B * G, cfg.block_n)
     s_part = torch.empty(B, G, n_split, m, d, device=q.device, dtype=acc)
     z_part = torch.empty(B, G, n_split, d, device=q.device, dtype=acc)
     for p_base, n_groups, bounds, ragged in launches:
@@ -648,13 +655,12 @@ def backward(grad, q, k, v, S, z, offsets: Optional[Sequence[int]] = None):
         ds_part = torch.empty(B, G, n_split, m, d, device=q.device, dtype=acc)
         dz_part = torch.empty(B, G, n_split, d, device=q.device, dtype=acc)
         _launch(_reduce_kernel, (n_split * tiles, G, B), q, *_strides(q), grad, *_strides(grad),
-                rden, bvec, ds_part, dz_part, d, m, n_q, G, 0, n_split, *(0,) * (MAX_SOURCES + 1),
+                rden, bvec, ds_part, dz_part, d, m, n_q, G, 0, n_split, *_UNUSED_BOUNDS,
                 BLOCK_M=cfg.block_c, BLOCK_D=cfg.block_c, BLOCK_N=cfg.block_n, BACKWARD=True, RAGGED=False,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-    longest = n_k if not gathered else max((offsets[j + 1] - offsets[j] for j in range(G)), default=0)
-    n_prog_k = _num_splits(longest, B * G, cfg.block_n)
+    n_prog_k = _num_splits(_longest(n_k, offsets), B * G, cfg.block_n)
     for p_base, n_groups, bounds, ragged in _source_launches(G, n_k, offsets):
         _launch(_source_grad_kernel, (n_prog_k, n_groups, B), ds_part, dz_part, n_split, k, *_strides(k),
                 v, *_strides(v), dk, *_strides(dk), dv, *_strides(dv), d, m, n_k, G, p_base, n_prog_k, *bounds,
