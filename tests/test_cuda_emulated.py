@@ -1,6 +1,7 @@
 """The CUDA kernels (csrc/cuda/attention_cuda.cu) run on the CPU through csrc/cuda/emulation.h: every block's
-threads as OS threads with a real barrier for __syncthreads, shared memory shared by the block. So their indexing,
-bounds, chunking, windows of segments and barriers are checked against the eager reference here, without a GPU;
+threads as OS threads with a real barrier for __syncthreads, shared memory shared by the block, wmma fragments as
+whole tiles computed by lane 0 of each warp. So their indexing, bounds, tile layouts, pieces, windows of segments,
+barriers and launch counts are checked against the eager reference here, without a GPU;
 tests/test_cpp_ops.py checks the same kernels on a GPU where one is visible. The ops are those of
 `torch.ops.fused_mtl_attn_emulated` (the schemas of fused_mtl_attn's), called directly: forward, then backward with
 the forward's context, as the autograd formula of the cuda backend does."""
@@ -78,9 +79,15 @@ def test_float64_to_rounding_and_segments_beyond_one_window():
     inputs = _cross_scale_inputs(2, 5, 3, 9, offsets, dtype=torch.float64)
     want = _outputs_and_grads(lambda q, k, v: reference.cross_scale_attention(q, k, v, offsets), inputs)
     _check_against(_outputs_and_grads(_scale(offsets), inputs), want, (1e-12,) * 4, "float64, 40 segments")
-    inputs = _cross_task_inputs(2, 3, 40, 33, 70, 3.0, dtype=torch.float64)  # two tiles of 32 channels
+
+
+def test_float64_channels_past_one_tile():
+    # d = 70 and m = 130 take two and three 64-row tiles: the reduction's row and column tiles, apply's and
+    # scalars_kernel's 63-row blocks of S (m = 130: 3 blocks, the denominator in each), dq's channel blocks, and
+    # source_kernel's dv and dk row blocks
+    inputs = _cross_task_inputs(2, 1, 70, 130, 90, 3.0, dtype=torch.float64)
     want = _outputs_and_grads(reference.cross_task_attention, inputs)
-    _check_against(_outputs_and_grads(_task, inputs), want, (1e-12,) * 4, "float64 cross_task, 2 channel tiles")
+    _check_against(_outputs_and_grads(_task, inputs), want, (1e-12,) * 4, "float64 cross_task, several tiles")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -108,3 +115,30 @@ def test_bitwise_equal_across_runs():
     first, second = (_outputs_and_grads(_scale(offsets), inputs) for _ in range(2))
     for name, a, b in zip(("out", "dq", "dk", "dv"), first, second):
         assert torch.equal(a, b), f"{name} differs between two runs"
+
+
+def _launches(fn):
+    before = _ops().launches()
+    fn()
+    return _ops().launches() - before
+
+
+@pytest.mark.parametrize("op", ["cross_task", "cross_scale", "cross_scale_40"])
+def test_two_launches_forward_three_backward(op):
+    # all pairs, all sources of a call (ragged) in one launch each: forward = reduce + apply, backward = scalars +
+    # query (dS partials and dq) + source; beyond WINDOW (32) segments, two launches more per window
+    if op == "cross_task":
+        q, k, v = _cross_task_inputs(2, 3, 5, 4, 300, 1.0)
+        forward = lambda: _ops().cross_task(q, k, v)  # noqa: E731
+        out, context = forward()
+        backward = lambda: _ops().cross_task_backward(torch.ones_like(out), q, k, v, context)  # noqa: E731
+        windows = 1
+    else:
+        offsets = [0, 300, 301, 700] if op == "cross_scale" else [i * 3 for i in range(41)]
+        q, k, v = _cross_scale_inputs(2, 5, 4, 50, offsets)
+        forward = lambda: _ops().cross_scale(q, k, v, offsets)  # noqa: E731
+        out, context = forward()
+        backward = lambda: _ops().cross_scale_backward(torch.ones_like(out), q, k, v, context, offsets)  # noqa: E731
+        windows = 1 if op == "cross_scale" else 2
+    assert _launches(forward) == 2 * windows
+    assert _launches(backward) == 1 + 2 * windows

@@ -18,8 +18,9 @@ WINDOW = 32  # segments per launch in attention_cuda.cu
 
 
 def _segments(n, seed=0):
-    """offsets of n segments: empty ones, lengths at and around the tile (32) and chunk (1024) sizes, several chunks."""
-    lengths = [0, 1, 31, 32, 33, 1023, 1024, 1025, 2048, 2500, 7]
+    """offsets of n segments: empty ones, lengths at and around the tile (64) and least piece (256) sizes, several
+    pieces."""
+    lengths = [0, 1, 63, 64, 65, 255, 256, 257, 2048, 2500, 7]
     g = torch.Generator().manual_seed(seed)
     offsets = [0]
     for i in torch.randint(len(lengths), (n,), generator=g).tolist():

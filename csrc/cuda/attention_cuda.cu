@@ -1,19 +1,41 @@
-// CUDA kernels of the gathered core (see ../attention.h). Two shared-memory tile shapes do all the work:
-// reduce_kernel sums X(r,t) Y(c,t) over a chunk of positions into one partial per chunk (no atomics: the partials
-// are then summed in chunk order, so results are bitwise reproducible), and apply_tile contracts a small matrix with
-// a tile of positions. Softplus, sigmoid, the clamp and the division are applied while loading or storing tiles.
-// Accumulation is fp32 (fp64 for fp64 inputs); every index is 64-bit.
+// CUDA kernels of the gathered core (see ../attention.h), on tensor cores.
+//
+// Every contraction is a block GEMM (block_gemm): 128 threads, 4 warps in 2 x 2, compute a 64 x 64 output tile,
+// the K axis streamed through shared memory 32 at a time, each warp owning 2 x 2 tiles of 16 x 16 on the tensor
+// cores (Mma16). All threads load the operand tiles with the contiguous index fastest (coalesced), transform them
+// on the way (softplus, the 1/den weight, the row of ones) and round them to the operand type: fp16/bf16 operands
+// with fp32 accumulation; fp32 inputs as tf32x3 (hi/lo split, three TF32 products: fp32 accuracy, where one TF32
+// product would miss the float32 tolerance); fp64 on the fp64 tensor cores (DMMA). A finished tile goes through
+// shared memory to the kernel's per-element epilogue, which stores it coalesced along positions.
+// Why wmma and not inline mma.sync: wmma's fragments are opaque, so emulation.h gives them a host implementation
+// and the test suite runs this very source on a CPU (tests/test_cuda_emulated.py); what it costs is that epilogues
+// read the tile back from shared memory instead of from registers.
+//
+// Forward, 2 launches: reduce_kernel sums [v; 1] softplus(k)^T over one piece of a segment's positions into a
+// partial [m+1, d] (a segment has at most MAX_SPLITS pieces); apply_kernel sums the segment's partials in piece
+// order while loading them as its operand and computes [S; z] softplus(q) for a tile of 64 positions: tile rows
+// 0..62 are 63 rows of S q, row 63 is z . softplus(q), the denominator. It stores S q / max(den, eps); the blocks of
+// the first position tile also store the sums as the context.
+// Backward, 3 launches: scalars_kernel recomputes [S; z] softplus(q) the same way and stores 1/den and
+// b = -(g . S q)/den^2, the only per-position intermediates (2 values per position and segment); query_kernel runs
+// two kinds of blocks in one launch: partials of [dS; dz] = [g/den; b] softplus(q)^T over pieces of the query
+// positions, and dq = softplus'(q) sum_j [S_j; z_j]^T [g_j/den_j; b_j] in one accumulator;
+// source_kernel sums dS's partials in piece order and computes dv = dS softplus(k) and
+// dk = softplus'(k) [dS; dz]^T [v; 1] for a tile of source positions.
+// No atomics: results are bitwise reproducible. Every index is 64-bit. No table is copied to the device (so no host
+// synchronisation, and CUDA graphs can capture the calls): segments travel by value, WINDOW per launch.
 //
 // The same source also compiles as plain C++ with FUSED_MTL_ATTN_EMULATE_CUDA (attention_cuda_emulated.cpp): the
-// kernels then run on the CPU through emulation.h, registered as the ops of `fused_mtl_attn_emulated`, and the test
-// suite checks them against the eager reference without a GPU (tests/test_cuda_emulated.py).
+// kernels then run on the CPU through emulation.h, registered as the ops of `fused_mtl_attn_emulated`.
 #include "../attention.h"
 #include "../attention_math.h"
 
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <utility>
+#include <vector>
 
 #ifdef FUSED_MTL_ATTN_EMULATE_CUDA
 #include "emulation.h"
@@ -21,10 +43,18 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "fused_mtl_attn's CUDA kernels need sm_80 or newer (bf16, tf32 and fp64 tensor cores); set TORCH_CUDA_ARCH_LIST"
+#endif
 #endif
 
 namespace fused_mtl_attn {
 namespace {
+
+namespace wmma = nvcuda::wmma;
 
 #ifdef FUSED_MTL_ATTN_EMULATE_CUDA
 constexpr bool kEmulated = true;
@@ -52,10 +82,13 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Stream stream, Arg
 }
 #endif
 
-constexpr int TILE = 32;   // rows, columns and positions of a tile
-constexpr int ROWS = 8;    // threadIdx.y; each thread owns TILE / ROWS rows
-constexpr int PER = TILE / ROWS;
-constexpr int64_t CHUNK = 1024;  // positions per partial sum
+constexpr int THREADS = 128;     // 4 warps
+constexpr int BR = 64, BC = 64;  // a block's output tile
+constexpr int KT = 32;           // K per shared-memory stage
+constexpr int S_ROWS = BR - 1;   // rows of S in an apply/scalars tile; its last row is z (the denominator)
+constexpr int64_t MAX_SPLITS = 16;     // pieces per segment: every consumer block sums them again
+constexpr int64_t MIN_PIECE = 256;     // positions
+constexpr int64_t TARGET_BLOCKS = 512; // pieces are cut until a reduction has about this many blocks
 
 __host__ __device__ inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -73,7 +106,8 @@ struct Pieces {
   int64_t start[WINDOW + 1];  // segment j0 + i spans positions [start[i], start[i + 1])
   int64_t first[WINDOW + 1];  // its pieces are first[i] .. first[i + 1] - 1, counted from the window's first
   int64_t j0, size;
-  int n;  // segments in the window
+  int64_t base;  // pieces of earlier windows: this window's piece b is the call's piece base + b
+  int n;         // segments in the window
 
   __host__ __device__ int64_t count() const { return first[n]; }
   // piece b < count(); a linear search: a window is short and it runs once per block
@@ -94,6 +128,7 @@ std::vector<Pieces> windows(const std::vector<int64_t>& offsets, int64_t size) {
     w.j0 = j0;
     w.size = size;
     w.n = static_cast<int>(std::min<int64_t>(WINDOW, J - j0));
+    w.base = out.empty() ? 0 : out.back().base + out.back().count();
     for (int i = 0; i <= w.n; ++i) {
       w.start[i] = offsets[j0 + i];
       w.first[i] = i == 0 ? 0 : w.first[i - 1] + cdiv(w.start[i] - w.start[i - 1], size);
@@ -103,279 +138,442 @@ std::vector<Pieces> windows(const std::vector<int64_t>& offsets, int64_t size) {
   return out;
 }
 
-// ---------------------------------------------------------------- tile primitives
-// acc[s] += sum_k A(ty + ROWS*s, k) * Y(k, tx) over k < K (A and Y return 0 out of range)
-template <typename T, typename ALoad, typename YLoad>
-__device__ __forceinline__ void apply_tile(T (&acc)[PER], int64_t K, const ALoad& A, const YLoad& Y,
-                                           T (&As)[TILE][TILE + 1], T (&Ys)[TILE][TILE + 1]) {
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  for (int64_t k0 = 0; k0 < K; k0 += TILE) {
-    for (int s = 0; s < PER; ++s) {
-      const int rr = ty + ROWS * s;
-      As[rr][tx] = A(rr, k0 + tx);
-      Ys[rr][tx] = Y(k0 + rr, tx);
+int64_t total_pieces(const std::vector<Pieces>& ws) { return ws.empty() ? 0 : ws.back().base + ws.back().count(); }
+
+int64_t longest(const std::vector<int64_t>& offsets) {
+  int64_t most = 0;
+  for (size_t i = 1; i < offsets.size(); ++i) most = std::max(most, offsets[i] - offsets[i - 1]);
+  return most;
+}
+
+// positions per piece of a reduction whose pieces each take `blocks` blocks: pieces are cut until the launch has
+// about TARGET_BLOCKS blocks, at most MAX_SPLITS per segment and at least MIN_PIECE positions each
+int64_t piece_size(int64_t longest_segment, int64_t blocks) {
+  const int64_t splits = std::clamp<int64_t>(cdiv(TARGET_BLOCKS, std::max<int64_t>(blocks, 1)), 1, MAX_SPLITS);
+  return std::max(MIN_PIECE, cdiv(cdiv(longest_segment, splits), KT) * KT);
+}
+
+
+// ---------------------------------------------------------------- tensor-core tiles
+// the tensor cores' operand type of each input dtype
+template <typename scalar_t>
+struct OperandOf {
+  using type = scalar_t;
+};
+#ifndef FUSED_MTL_ATTN_EMULATE_CUDA
+template <>
+struct OperandOf<c10::Half> {
+  using type = __half;
+};
+template <>
+struct OperandOf<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
+#endif
+template <typename scalar_t>
+using operand_t = typename OperandOf<scalar_t>::type;
+
+// x rounded to the operand type, to nearest even (torch builds without the implicit half conversions)
+template <typename Op, typename T>
+__device__ __forceinline__ Op to_operand(T x) {
+#ifndef FUSED_MTL_ATTN_EMULATE_CUDA
+  if constexpr (std::is_same_v<Op, __half>) return __float2half_rn(x);
+  else if constexpr (std::is_same_v<Op, __nv_bfloat16>) return __float2bfloat16_rn(x);
+  else
+#endif
+    return static_cast<Op>(x);
+}
+
+// element (r, c) of a matrix stored in the layout, with leading dimension ld
+template <typename Layout>
+__device__ __forceinline__ int offset_of(int ld, int r, int c) {
+  return std::is_same_v<Layout, wmma::row_major> ? r * ld + c : c * ld + r;
+}
+
+// a 16 x 16 accumulator tile of one warp: acc += A[16 x 16] B[16 x 16] per step, A and B in shared memory
+template <typename scalar_t, typename AL, typename BL>
+struct Mma16 {  // fp16, bf16: one m16n16k16 product
+  using Op = operand_t<scalar_t>;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  __device__ void zero() { wmma::fill_fragment(acc, 0.0f); }
+  __device__ void step(const Op* a, int lda, const Op* b, int ldb) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, Op, AL> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, Op, BL> fb;
+    wmma::load_matrix_sync(fa, a, lda);
+    wmma::load_matrix_sync(fb, b, ldb);
+    wmma::mma_sync(acc, fa, fb, acc);
+  }
+  __device__ void store(float* c, int ldc) const { wmma::store_matrix_sync(c, acc, ldc, wmma::mem_row_major); }
+};
+
+template <typename AL, typename BL>
+struct Mma16<float, AL, BL> {  // fp32: tf32x3, x = hi + lo with both in TF32, hi*hi + hi*lo + lo*hi
+  wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc;
+  __device__ void zero() { wmma::fill_fragment(acc, 0.0f); }
+  template <typename F>
+  __device__ static void split(F& hi, F& lo) {
+#pragma unroll
+    for (int e = 0; e < hi.num_elements; ++e) {
+      const float x = hi.x[e];
+      hi.x[e] = wmma::__float_to_tf32(x);
+      lo.x[e] = wmma::__float_to_tf32(x - hi.x[e]);
+    }
+  }
+  __device__ void step(const float* a, int lda, const float* b, int ldb) {
+#pragma unroll
+    for (int kk = 0; kk < 16; kk += 8) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, AL> a_hi, a_lo;
+      wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, BL> b_hi, b_lo;
+      wmma::load_matrix_sync(a_hi, a + offset_of<AL>(lda, 0, kk), lda);
+      wmma::load_matrix_sync(b_hi, b + offset_of<BL>(ldb, kk, 0), ldb);
+      split(a_hi, a_lo);
+      split(b_hi, b_lo);
+      wmma::mma_sync(acc, a_lo, b_hi, acc);  // the small terms first
+      wmma::mma_sync(acc, a_hi, b_lo, acc);
+      wmma::mma_sync(acc, a_hi, b_hi, acc);
+    }
+  }
+  __device__ void store(float* c, int ldc) const { wmma::store_matrix_sync(c, acc, ldc, wmma::mem_row_major); }
+};
+
+template <typename AL, typename BL>
+struct Mma16<double, AL, BL> {  // fp64: 2 x 2 m8n8k4 tiles, four K steps
+  wmma::fragment<wmma::accumulator, 8, 8, 4, double> acc[2][2];
+  __device__ void zero() {
+    for (auto& row : acc)
+      for (auto& a : row) wmma::fill_fragment(a, 0.0);
+  }
+  __device__ void step(const double* a, int lda, const double* b, int ldb) {
+#pragma unroll
+    for (int kk = 0; kk < 16; kk += 4) {
+      wmma::fragment<wmma::matrix_a, 8, 8, 4, double, AL> fa[2];
+      wmma::fragment<wmma::matrix_b, 8, 8, 4, double, BL> fb[2];
+      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], a + offset_of<AL>(lda, 8 * i, kk), lda);
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], b + offset_of<BL>(ldb, kk, 8 * j), ldb);
+      for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+  }
+  __device__ void store(double* c, int ldc) const {
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j) wmma::store_matrix_sync(c + 8 * i * ldc + 8 * j, acc[i][j], ldc, wmma::mem_row_major);
+  }
+};
+
+// shared memory of one block: two operand tiles while the K axis streams, then the finished tile (the stage)
+template <typename scalar_t>
+struct Smem {
+  using Op = operand_t<scalar_t>;
+  using T = accumulation_t<scalar_t>;
+  // leading dimensions, padded by 16 bytes: a 64 x KT tile with K contiguous, a KT x 64 tile with the 64 contiguous
+  static constexpr int LD_K = KT + 16 / sizeof(Op), LD_64 = 64 + 16 / sizeof(Op), LD_STAGE = BC + 16 / sizeof(T);
+  static constexpr int TILE = 64 * LD_K > KT * LD_64 ? 64 * LD_K : KT * LD_64;  // operand elements per tile
+  static constexpr size_t OPERANDS = 2 * TILE * sizeof(Op), STAGE = BR * LD_STAGE * sizeof(T);
+  static constexpr size_t BYTES = OPERANDS > STAGE ? OPERANDS : STAGE;
+};
+static_assert(Smem<double>::BYTES <= 48 * 1024, "static shared memory is limited to 48 KiB");
+
+// Warp w's tiles: rows (w / 2) * 32 + 16 i, columns (w % 2) * 32 + 16 j
+template <typename scalar_t, typename AL, typename BL>
+using Acc = Mma16<scalar_t, AL, BL>[2][2];
+__device__ __forceinline__ int warp_row() { return static_cast<int>(threadIdx.x) / 32 / 2 * 32; }
+__device__ __forceinline__ int warp_col() { return static_cast<int>(threadIdx.x) / 32 % 2 * 32; }
+
+// acc = sum over k < K of A(r, k) B(k, c) for the block's 64 x 64 tile (acc += with `accumulate`). A(r, k) and B(k, c) return operand values
+// in the accumulation type, 0 outside the matrices; AL = row_major means A is read with K contiguous (else r),
+// BL = col_major means B is read with K contiguous (else c): each tile is loaded in the order its source is
+// contiguous. Every warp runs all its tiles, also those beyond the matrices' edges: wmma under a branch costs a
+// reconvergence call, around which ptxas (sm_80) parks registers in local memory. Ends with a barrier.
+template <typename scalar_t, typename AL, typename BL, typename ALoad, typename BLoad>
+__device__ void block_gemm(Acc<scalar_t, AL, BL>& acc, int64_t K, const ALoad& A, const BLoad& B, unsigned char* smem,
+                           bool accumulate = false) {
+  using S = Smem<scalar_t>;
+  using Op = typename S::Op;
+  constexpr bool A_K = std::is_same_v<AL, wmma::row_major>, B_K = std::is_same_v<BL, wmma::col_major>;
+  constexpr int LDA = A_K ? S::LD_K : S::LD_64, LDB = B_K ? S::LD_K : S::LD_64;
+  Op* As = reinterpret_cast<Op*>(smem);
+  Op* Bs = As + S::TILE;
+  const int tid = threadIdx.x, wr = warp_row(), wc = warp_col();
+  if (!accumulate) {
+    for (auto& row : acc)
+      for (auto& a : row) a.zero();
+  }
+  for (int64_t k0 = 0; k0 < K; k0 += KT) {
+    for (int e = tid; e < 64 * KT; e += THREADS) {
+      const int x = A_K ? e / KT : e % 64, k = A_K ? e % KT : e / 64;  // x: row of A
+      As[offset_of<AL>(LDA, x, k)] = to_operand<Op>(A(x, k0 + k));
+      const int y = B_K ? e / KT : e % 64, kb = B_K ? e % KT : e / 64;  // y: column of B
+      Bs[offset_of<BL>(LDB, kb, y)] = to_operand<Op>(B(k0 + kb, y));
     }
     __syncthreads();
-#pragma unroll 8
-    for (int kk = 0; kk < TILE; ++kk) {
-      const T y = Ys[kk][tx];
-      for (int s = 0; s < PER; ++s) acc[s] += As[ty + ROWS * s][kk] * y;
-    }
-    __syncthreads();
-  }
-}
-
-// partial[chunk, g][r][c] = sum_{t in chunk} X(g, seg, r, t) * Y(g, c, t), rows r < R, columns c < C
-// grid: x = chunk of the window, y = row tile * column tiles, z = group
-template <typename T, typename XLoad, typename YLoad>
-__global__ void reduce_kernel(Pieces chunks, int64_t R, int64_t C, XLoad X, YLoad Y, T* partial) {
-  __shared__ T Xs[TILE][TILE + 1], Ys[TILE][TILE + 1];
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t g = blockIdx.z, col_tiles = cdiv(C, TILE);
-  const int64_t r0 = (blockIdx.y / col_tiles) * TILE, c0 = (blockIdx.y % col_tiles) * TILE;
-  const Piece pc = chunks.piece(blockIdx.x);
-  const int64_t seg = pc.seg, lo = pc.lo, hi = pc.hi;
-  T acc[PER] = {};
-  for (int64_t t0 = lo; t0 < hi; t0 += TILE) {
-    const int64_t t = t0 + tx;
-    for (int s = 0; s < PER; ++s) {
-      const int64_t rr = ty + ROWS * s;
-      Xs[rr][tx] = (t < hi && r0 + rr < R) ? X(g, seg, r0 + rr, t) : T(0);
-      Ys[rr][tx] = (t < hi && c0 + rr < C) ? Y(g, c0 + rr, t) : T(0);
-    }
-    __syncthreads();
-#pragma unroll 8
-    for (int tt = 0; tt < TILE; ++tt) {
-      const T y = Ys[tx][tt];
-      for (int s = 0; s < PER; ++s) acc[s] += Xs[ty + ROWS * s][tt] * y;
-    }
-    __syncthreads();
-  }
-  T* dst = partial + (static_cast<int64_t>(blockIdx.x) * gridDim.z + g) * R * C;
-  for (int s = 0; s < PER; ++s) {
-    const int64_t r = r0 + ty + ROWS * s, c = c0 + tx;
-    if (r < R && c < C) dst[r * C + c] = acc[s];
-  }
-}
-
-// dst[g, j][e] = sum over the chunks of segment j, in order, of partial[chunk, g][e]  (e < E), for the window's j
-template <typename T>
-__global__ void sum_chunks_kernel(const T* partial, Pieces chunks, int64_t G, int64_t J, int64_t E, T* dst) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x, n = chunks.n;
-  if (idx >= G * n * E) return;
-  const int64_t e = idx % E, gi = idx / E, i = gi % n, g = gi / n;
-  T s = T(0);
-  for (int64_t ch = chunks.first[i]; ch < chunks.first[i + 1]; ++ch) s += partial[(ch * G + g) * E + e];
-  dst[(g * J + chunks.j0 + i) * E + e] = s;
-}
-
-// ---------------------------------------------------------------- loaders
-template <typename scalar_t, typename T>
-struct Rows {  // plain rows of a [G, R, N] tensor
-  const scalar_t* p; int64_t R, N;
-  __device__ T operator()(int64_t g, int64_t r, int64_t t) const { return static_cast<T>(p[(g * R + r) * N + t]); }
-};
-template <typename scalar_t, typename T>
-struct SoftplusRows {  // softplus of the rows of a [G, C, N] tensor of logits
-  const scalar_t* p; int64_t C, N;
-  __device__ T operator()(int64_t g, int64_t c, int64_t t) const {
-    return softplus(static_cast<T>(p[(g * C + c) * N + t]));
-  }
-};
-template <typename scalar_t, typename T>
-struct ValuesAndOnes {  // forward reduction rows: v (S = v k^T) then a row of ones (z = sum k)
-  Rows<scalar_t, T> v;
-  __device__ T operator()(int64_t g, int64_t, int64_t r, int64_t t) const { return r < v.R ? v(g, r, t) : T(1); }
-};
-template <typename scalar_t, typename T>
-struct GradRows {  // backward reduction rows: a = g / den (dS), then b (dz)
-  const scalar_t* grad; const T* rden; const T* b; int64_t J, m, nq;
-  __device__ T operator()(int64_t g, int64_t j, int64_t r, int64_t t) const {
-    const int64_t gj = g * J + j;
-    return r < m ? static_cast<T>(grad[(gj * m + r) * nq + t]) * rden[gj * nq + t] : b[gj * nq + t];
-  }
-};
-// backward reduction: segment j's chunks cover virtual positions [j nq, (j+1) nq) of the one shared query range
-template <typename XLoad>
-struct QueryRowsOfSegment {
-  XLoad x; int64_t nq;
-  __device__ auto operator()(int64_t g, int64_t j, int64_t r, int64_t t) const { return x(g, j, r, t - j * nq); }
-};
-template <typename YLoad>
-struct QueryColumns {
-  YLoad y; int64_t nq;
-  __device__ auto operator()(int64_t g, int64_t c, int64_t t) const { return y(g, c, t % nq); }
-};
-
-// ---------------------------------------------------------------- forward
-// den[g, j, p] = z_j . softplus(q[g, :, p]) (raw, before the clamp)
-template <typename scalar_t, typename T>
-__global__ void den_kernel(const scalar_t* q, const T* ctx, int64_t G, int64_t J, int64_t d, int64_t m, int64_t nq,
-                           T* den) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= G * J * nq) return;
-  const int64_t p = idx % nq, gj = idx / nq, g = gj / J;
-  const T* z = ctx + (gj * (m + 1) + m) * d;
-  T s = T(0);
-  for (int64_t c = 0; c < d; ++c) s += z[c] * softplus(static_cast<T>(q[(g * d + c) * nq + p]));
-  den[idx] = s;
-}
-
-// out[g, j, i, p] = (S_j q_p)_i / max(den, eps); grid x = position tile, y = row tile, z = g * J + j
-template <typename scalar_t, typename T>
-__global__ void forward_apply_kernel(const scalar_t* q, const T* ctx, const T* den, int64_t J, int64_t d, int64_t m,
-                                     int64_t nq, scalar_t* out) {
-  __shared__ T As[TILE][TILE + 1], Ys[TILE][TILE + 1];
-  const int64_t gj = blockIdx.z, g = gj / J, p0 = static_cast<int64_t>(blockIdx.x) * TILE, r0 = blockIdx.y * TILE;
-  const T* s = ctx + gj * (m + 1) * d;
-  auto A = [&](int rr, int64_t c) { return (r0 + rr < m && c < d) ? s[(r0 + rr) * d + c] : T(0); };
-  auto Y = [&](int64_t c, int tt) {
-    return (c < d && p0 + tt < nq) ? softplus(static_cast<T>(q[(g * d + c) * nq + p0 + tt])) : T(0);
-  };
-  T acc[PER] = {};
-  apply_tile(acc, d, A, Y, As, Ys);
-  const int64_t p = p0 + threadIdx.x;
-  if (p >= nq) return;
-  const T dn = clamp_den(den[gj * nq + p]);
-  for (int k = 0; k < PER; ++k) {
-    const int64_t i = r0 + threadIdx.y + ROWS * k;
-    if (i < m) out[(gj * m + i) * nq + p] = static_cast<scalar_t>(acc[k] / dn);
-  }
-}
-
-// ---------------------------------------------------------------- backward
-// rden = 1 / max(den, eps) and b = -(g . S q) / max(den, eps)^2 (= -(g . out) / max(den, eps), so `out` is not
-// needed), zero where the clamp is active. [S; z] q gives S q (rows < m) and den (row m) in one pass over q; each
-// thread sums g . S q over its rows, then row 0 of the block adds the other rows' sums in order.
-// grid x = position tile, z = g * J + j
-template <typename scalar_t, typename T>
-__global__ void backward_scalars_kernel(const scalar_t* grad, const scalar_t* q, const T* ctx, int64_t J, int64_t d,
-                                        int64_t m, int64_t nq, T* rden, T* b) {
-  __shared__ T As[TILE][TILE + 1], Ys[TILE][TILE + 1];
-  __shared__ T dots[ROWS][TILE], den[TILE];
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t gj = blockIdx.z, g = gj / J, p0 = static_cast<int64_t>(blockIdx.x) * TILE, p = p0 + tx;
-  const T* s = ctx + gj * (m + 1) * d;
-  auto Y = [&](int64_t c, int tt) {
-    return (c < d && p0 + tt < nq) ? softplus(static_cast<T>(q[(g * d + c) * nq + p0 + tt])) : T(0);
-  };
-  T dot = T(0);
-  for (int64_t r0 = 0; r0 <= m; r0 += TILE) {
-    auto A = [&](int rr, int64_t c) { return (r0 + rr <= m && c < d) ? s[(r0 + rr) * d + c] : T(0); };
-    T acc[PER] = {};
-    apply_tile(acc, d, A, Y, As, Ys);
-    for (int k = 0; k < PER; ++k) {
-      const int64_t i = r0 + ty + ROWS * k;
-      if (i == m) {
-        den[tx] = acc[k];
-      } else if (i < m && p < nq) {
-        dot += static_cast<T>(grad[(gj * m + i) * nq + p]) * acc[k];
+#pragma unroll
+    for (int kk = 0; kk < KT; kk += 16) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          acc[i][j].step(As + offset_of<AL>(LDA, wr + 16 * i, kk), LDA, Bs + offset_of<BL>(LDB, kk, wc + 16 * j), LDB);
+        }
       }
     }
+    __syncthreads();
   }
-  dots[ty][tx] = dot;
+}
+
+// the finished tile in shared memory, row-major with leading dimension Smem::LD_STAGE; ends with a barrier, and the
+// caller must barrier before the next block_gemm
+template <typename scalar_t, typename AL, typename BL>
+__device__ const accumulation_t<scalar_t>* stage(const Acc<scalar_t, AL, BL>& acc, unsigned char* smem) {
+  using T = accumulation_t<scalar_t>;
+  T* st = reinterpret_cast<T*>(smem);
+  const int wr = warp_row(), wc = warp_col();
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 2; ++j) {
+      acc[i][j].store(st + (wr + 16 * i) * Smem<scalar_t>::LD_STAGE + wc + 16 * j, Smem<scalar_t>::LD_STAGE);
+    }
+  }
   __syncthreads();
-  if (ty != 0 || p >= nq) return;
-  for (int y = 1; y < ROWS; ++y) dot += dots[y][tx];
-  const T dn = den[tx], r = T(1) / clamp_den(dn);
-  rden[gj * nq + p] = r;
-  b[gj * nq + p] = den_passes_grad(dn) ? -dot * r * r : T(0);
+  return st;
 }
 
-// dq[g, c, p] = sigmoid(qp) * sum_j (S_j^T g_j,p)_c / den_j,p + b_j,p z_j,c; grid x = position tile, y = row tile, z = g
-template <typename scalar_t, typename T>
-__global__ void dq_kernel(const scalar_t* grad, const scalar_t* q, const T* ctx, const T* rden, const T* b, int64_t J,
-                          int64_t d, int64_t m, int64_t nq, scalar_t* dq) {
-  __shared__ T As[TILE][TILE + 1], Ys[TILE][TILE + 1];
-  const int64_t g = blockIdx.z, p0 = static_cast<int64_t>(blockIdx.x) * TILE, c0 = blockIdx.y * TILE;
-  const int64_t p = p0 + threadIdx.x;
-  T total[PER] = {};
-  for (int64_t j = 0; j < J; ++j) {
-    const int64_t gj = g * J + j;
-    const T* s = ctx + gj * (m + 1) * d;
-    auto A = [&](int rr, int64_t i) { return (c0 + rr < d && i < m) ? s[i * d + c0 + rr] : T(0); };
-    auto Y = [&](int64_t i, int tt) {
-      return (i < m && p0 + tt < nq) ? static_cast<T>(grad[(gj * m + i) * nq + p0 + tt]) : T(0);
-    };
-    T acc[PER] = {};
-    apply_tile(acc, m, A, Y, As, Ys);
-    if (p < nq) {
-      const T r = rden[gj * nq + p], bb = b[gj * nq + p];
-      for (int k = 0; k < PER; ++k) {
-        const int64_t c = c0 + threadIdx.y + ROWS * k;
-        if (c < d) total[k] += acc[k] * r + bb * s[m * d + c];
+// fn(r, c, x) for the staged tile's elements r < rows, c < cols, c fastest (coalesced stores along positions)
+template <typename T, typename Fn>
+__device__ void each_staged(const T* st, int ld, int rows, int cols, const Fn& fn) {
+  for (int e = threadIdx.x; e < BR * BC; e += THREADS) {
+    const int r = e / BC, c = e % BC;
+    if (r < rows && c < cols) fn(r, c, st[r * ld + c]);
+  }
+}
+
+#define FUSED_MTL_ATTN_SMEM(scalar_t) alignas(128) __shared__ unsigned char smem[Smem<scalar_t>::BYTES]
+
+// ---------------------------------------------------------------- kernels
+// sum of a segment's partials in piece order: rows of [m+1, d] matrices (S; z or dS; dz) of group g
+template <typename T>
+struct Summed {
+  const T* partial;  // [pieces, G, rows, d]
+  int64_t begin, end, G, g, rows, d;  // the segment's pieces [begin, end) of the call
+
+  __device__ Summed(const T* partial_, const Pieces& w, int i, int64_t G_, int64_t g_, int64_t rows_, int64_t d_)
+      : partial(partial_), begin(w.base + w.first[i]), end(w.base + w.first[i + 1]), G(G_), g(g_), rows(rows_), d(d_) {}
+  __device__ T operator()(int64_t r, int64_t c) const {
+    T s = T(0);
+    for (int64_t ch = begin; ch < end; ++ch) s += partial[((ch * G + g) * rows + r) * d + c];
+    return s;
+  }
+};
+
+// partial[w.base + piece, g][r][c] = sum over the piece's positions t of X(g, seg, r, t) Y(g, seg, c, t), r < R, c < C
+template <typename scalar_t, typename XLoad, typename YLoad>
+__device__ void reduce_block(int64_t piece, int64_t tile, int64_t g, int64_t G, const Pieces& w, int64_t R, int64_t C,
+                             const XLoad& X, const YLoad& Y, accumulation_t<scalar_t>* partial, unsigned char* smem) {
+  using T = accumulation_t<scalar_t>;
+  const int64_t col_tiles = cdiv(C, BC), r0 = tile / col_tiles * BR, c0 = tile % col_tiles * BC;
+  const Piece pc = w.piece(piece);
+  const int rows = static_cast<int>(std::min<int64_t>(R - r0, BR)), cols = static_cast<int>(std::min<int64_t>(C - c0, BC));
+  Acc<scalar_t, wmma::row_major, wmma::col_major> acc;
+  block_gemm<scalar_t>(
+      acc, pc.hi - pc.lo,
+      [&](int r, int64_t k) { return pc.lo + k < pc.hi && r < rows ? X(g, pc.seg, r0 + r, pc.lo + k) : T(0); },
+      [&](int64_t k, int c) { return pc.lo + k < pc.hi && c < cols ? Y(g, pc.seg, c0 + c, pc.lo + k) : T(0); }, smem);
+  T* dst = partial + ((w.base + piece) * G + g) * R * C + r0 * C + c0;
+  each_staged(stage(acc, smem), Smem<scalar_t>::LD_STAGE, rows, cols,
+              [&](int r, int c, T x) { dst[r * C + c] = x; });
+}
+
+// forward partials of [S; z] = [v; 1] softplus(k)^T; grid x = piece of the window, y = output tile, z = group
+template <typename scalar_t>
+__global__ void __launch_bounds__(THREADS) reduce_kernel(Pieces w, const scalar_t* k, const scalar_t* v, int64_t G,
+                                                         int64_t d, int64_t m, int64_t nk,
+                                                         accumulation_t<scalar_t>* partial) {
+  using T = accumulation_t<scalar_t>;
+  FUSED_MTL_ATTN_SMEM(scalar_t);
+  reduce_block<scalar_t>(
+      blockIdx.x, blockIdx.y, blockIdx.z, G, w, m + 1, d,
+      [&](int64_t g, int64_t, int64_t r, int64_t t) { return r < m ? static_cast<T>(v[(g * m + r) * nk + t]) : T(1); },
+      [&](int64_t g, int64_t, int64_t c, int64_t t) { return softplus(static_cast<T>(k[(g * d + c) * nk + t])); },
+      partial,
+      smem);
+}
+
+// [S; z] softplus(q) for 64 positions from p0: tile rows 0..62 are rows r0.. of S q, row 63 is z . softplus(q).
+// ctx(row, c) gives [S; z] (row m is z).
+template <typename scalar_t, typename Ctx>
+__device__ const accumulation_t<scalar_t>* context_times_queries(const Ctx& ctx, const scalar_t* q, int64_t d,
+                                                                 int64_t m, int64_t nq, int64_t r0, int64_t p0,
+                                                                 unsigned char* smem) {
+  using T = accumulation_t<scalar_t>;
+  Acc<scalar_t, wmma::row_major, wmma::row_major> acc;
+  block_gemm<scalar_t>(
+      acc, d,
+      [&](int r, int64_t c) {
+        const int64_t row = r == S_ROWS ? m : r0 + r;
+        return c < d && (r == S_ROWS || row < m) ? ctx(row, c) : T(0);
+      },
+      [&](int64_t c, int p) { return c < d && p0 + p < nq ? softplus(static_cast<T>(q[c * nq + p0 + p])) : T(0); },
+      smem);
+  return stage(acc, smem);
+}
+
+// out[g, j, i, p] = (S_j softplus(q_p))_i / max(z_j . softplus(q_p), eps), with S_j, z_j the sums of segment j's
+// partials; the blocks of position tile 0 also store them as the context. grid x = position tile, y = block of 63
+// rows of S, z = g * w.n + (j - w.j0)
+template <typename scalar_t>
+__global__ void __launch_bounds__(THREADS) apply_kernel(Pieces w, const accumulation_t<scalar_t>* partial,
+                                                        const scalar_t* q, int64_t G, int64_t J, int64_t d, int64_t m,
+                                                        int64_t nq, accumulation_t<scalar_t>* ctx, scalar_t* out) {
+  using T = accumulation_t<scalar_t>;
+  FUSED_MTL_ATTN_SMEM(scalar_t);
+  const int i = blockIdx.z % w.n;
+  const int64_t g = blockIdx.z / w.n, gj = g * J + w.j0 + i;
+  const int64_t p0 = static_cast<int64_t>(blockIdx.x) * BC, r0 = static_cast<int64_t>(blockIdx.y) * S_ROWS;
+  const Summed<T> summed(partial, w, i, G, g, m + 1, d);
+  T* c_out = ctx + gj * (m + 1) * d;
+  const bool stores = blockIdx.x == 0;  // one block stores each row of the context: z by row block 0
+  const T* st = context_times_queries(
+      [&](int64_t row, int64_t c) {
+        const T s = summed(row, c);
+        if (stores && (row < m || blockIdx.y == 0)) c_out[row * d + c] = s;
+        return s;
+      },
+      q + g * d * nq, d, m, nq, r0, p0, smem);
+  constexpr int LD = Smem<scalar_t>::LD_STAGE;
+  const int rows = static_cast<int>(std::min<int64_t>(m - r0, S_ROWS));
+  const int cols = static_cast<int>(std::min<int64_t>(nq - p0, BC));
+  scalar_t* dst = out + (gj * m + r0) * nq + p0;
+  each_staged(st, LD, rows, cols,
+              [&](int r, int p, T x) { dst[r * nq + p] = static_cast<scalar_t>(x / clamp_den(st[S_ROWS * LD + p])); });
+}
+
+// rden[g, j, p] = 1 / max(den, eps) and b[g, j, p] = -(g . S q) / max(den, eps)^2 (zero where the clamp is active),
+// [S; z] softplus(q) recomputed as in apply_kernel, 63 rows of S per pass. Thread t sums g . S q for position t % 64
+// over rows t / 64 + 2 i; the two halves are added in order at the end. grid x = position tile, z = g * J + j
+template <typename scalar_t>
+__global__ void __launch_bounds__(THREADS) scalars_kernel(const scalar_t* grad, const scalar_t* q,
+                                                          const accumulation_t<scalar_t>* ctx, int64_t J, int64_t d,
+                                                          int64_t m, int64_t nq, accumulation_t<scalar_t>* rden,
+                                                          accumulation_t<scalar_t>* b) {
+  using T = accumulation_t<scalar_t>;
+  FUSED_MTL_ATTN_SMEM(scalar_t);
+  __shared__ T dots[THREADS];
+  constexpr int LD = Smem<scalar_t>::LD_STAGE;
+  const int tid = threadIdx.x, p = tid % BC;
+  const int64_t gj = blockIdx.z, g = gj / J, p0 = static_cast<int64_t>(blockIdx.x) * BC;
+  const T* s = ctx + gj * (m + 1) * d;
+  const bool live = p0 + p < nq;
+  T dot = T(0), den = T(0);
+  for (int64_t r0 = 0; r0 == 0 || r0 < m; r0 += S_ROWS) {
+    const T* st = context_times_queries([&](int64_t row, int64_t c) { return s[row * d + c]; }, q + g * d * nq, d, m,
+                                        nq, r0, p0, smem);
+    if (live) {
+      for (int r = tid / BC; r < S_ROWS && r0 + r < m; r += THREADS / BC) {
+        dot += static_cast<T>(grad[(gj * m + r0 + r) * nq + p0 + p]) * st[r * LD + p];
       }
+      den = st[S_ROWS * LD + p];
     }
+    __syncthreads();  // before the next pass overwrites the stage
   }
-  if (p >= nq) return;
-  for (int k = 0; k < PER; ++k) {
-    const int64_t c = c0 + threadIdx.y + ROWS * k;
-    if (c < d) {
-      const int64_t at = (g * d + c) * nq + p;
-      dq[at] = static_cast<scalar_t>(total[k] * softplus_grad(static_cast<T>(q[at])));
-    }
-  }
+  dots[tid] = dot;
+  __syncthreads();
+  if (tid >= BC || !live) return;
+  dot = dots[tid] + dots[tid + BC];
+  const T r = T(1) / clamp_den(den);
+  rden[gj * nq + p0 + p] = r;
+  b[gj * nq + p0 + p] = den_passes_grad(den) ? -dot * r * r : T(0);
 }
 
-// dk = (dS^T v + dz) * sigmoid(kp) (rows c) or dv = dS softplus(k) (rows i), over one tile of a segment;
-// grid x = tile of the window, y = row tile, z = g
-template <typename scalar_t, typename T, bool KEYS>
-__global__ void source_kernel(Pieces tiles, const scalar_t* k, const scalar_t* v, const T* dctx, int64_t J,
-                              int64_t d, int64_t m, int64_t nk, scalar_t* dst) {
-  __shared__ T As[TILE][TILE + 1], Ys[TILE][TILE + 1];
-  const int64_t g = blockIdx.z, r0 = blockIdx.y * TILE;
-  const Piece pc = tiles.piece(blockIdx.x);
-  const int64_t seg = pc.seg, lo = pc.lo, hi = pc.hi;
-  const T* ds = dctx + (g * J + seg) * (m + 1) * d;
-  const int64_t rows = KEYS ? d : m, inner = KEYS ? m : d;
-  auto A = [&](int rr, int64_t x) {
-    if (r0 + rr >= rows || x >= inner) return T(0);
-    return KEYS ? ds[x * d + r0 + rr] : ds[(r0 + rr) * d + x];
+// Two kinds of blocks: the first n_reduce sum [dS; dz] = [g / den; b] softplus(q)^T over pieces of the query
+// positions (w: segment j's pieces cover the virtual positions [j nq, (j + 1) nq)); the rest (launched with the
+// first window only) compute dq[g, c, p] = softplus'(q) sum_j sum_{i <= m} [S_j; z_j][i, c] [g_j / den_j; b_j][i, p],
+// one accumulator over all j. Reduce blocks: x = (g, tile, piece), piece fastest; dq blocks: (g, channel
+// tile, position tile), position tile fastest.
+template <typename scalar_t>
+__global__ void __launch_bounds__(THREADS) query_kernel(Pieces w, int64_t n_reduce, const scalar_t* grad,
+                                                        const scalar_t* q, const accumulation_t<scalar_t>* ctx,
+                                                        const accumulation_t<scalar_t>* rden,
+                                                        const accumulation_t<scalar_t>* bv, int64_t G, int64_t J,
+                                                        int64_t d, int64_t m, int64_t nq,
+                                                        accumulation_t<scalar_t>* partial, scalar_t* dq) {
+  using T = accumulation_t<scalar_t>;
+  FUSED_MTL_ATTN_SMEM(scalar_t);
+  // row i of [g_j / den_j; b_j] at query position t of group g
+  auto weights = [&](int64_t g, int64_t j, int64_t i, int64_t t) {
+    const int64_t gj = g * J + j;
+    return i < m ? static_cast<T>(grad[(gj * m + i) * nq + t]) * rden[gj * nq + t] : bv[gj * nq + t];
   };
-  auto Y = [&](int64_t x, int tt) {
-    if (x >= inner || lo + tt >= hi) return T(0);
-    return KEYS ? static_cast<T>(v[(g * m + x) * nk + lo + tt]) : softplus(static_cast<T>(k[(g * d + x) * nk + lo + tt]));
-  };
-  T acc[PER] = {};
-  apply_tile(acc, inner, A, Y, As, Ys);
-  const int64_t t = lo + threadIdx.x;
-  if (t >= hi) return;
-  for (int s = 0; s < PER; ++s) {
-    const int64_t r = r0 + threadIdx.y + ROWS * s;
-    if (r >= rows) continue;
-    const int64_t at = (g * rows + r) * nk + t;
-    if (KEYS) {
-      dst[at] = static_cast<scalar_t>((acc[s] + ds[m * d + r]) * softplus_grad(static_cast<T>(k[at])));
-    } else {
-      dst[at] = static_cast<scalar_t>(acc[s]);
-    }
+  int64_t block = blockIdx.x;
+  if (block < n_reduce) {
+    const int64_t pieces = w.count(), tiles = cdiv(m + 1, BR) * cdiv(d, BC);
+    reduce_block<scalar_t>(
+        block % pieces, block / pieces % tiles, block / (pieces * tiles), G, w, m + 1, d,
+        [&](int64_t g, int64_t j, int64_t i, int64_t t) { return weights(g, j, i, t - j * nq); },
+        [&](int64_t g, int64_t j, int64_t c, int64_t t) {
+          return softplus(static_cast<T>(q[(g * d + c) * nq + t - j * nq]));
+        },
+        partial, smem);
+    return;
   }
+  block -= n_reduce;
+  const int64_t p_tiles = cdiv(nq, BC), c_tiles = cdiv(d, BR);
+  const int64_t p0 = block % p_tiles * BC, c0 = block / p_tiles % c_tiles * BR, g = block / (p_tiles * c_tiles);
+  const int rows = static_cast<int>(std::min<int64_t>(d - c0, BR)), cols = static_cast<int>(std::min<int64_t>(nq - p0, BC));
+  Acc<scalar_t, wmma::col_major, wmma::row_major> acc;
+  for (int64_t j = 0; j < J; ++j) {
+    const T* s = ctx + (g * J + j) * (m + 1) * d + c0;
+    block_gemm<scalar_t>(
+        acc, m + 1, [&](int c, int64_t i) { return i <= m && c < rows ? s[i * d + c] : T(0); },
+        [&](int64_t i, int p) { return i <= m && p < cols ? weights(g, j, i, p0 + p) : T(0); }, smem, j > 0);
+  }
+  const scalar_t* qg = q + (g * d + c0) * nq + p0;
+  scalar_t* dst = dq + (g * d + c0) * nq + p0;
+  each_staged(stage(acc, smem), Smem<scalar_t>::LD_STAGE, rows, cols, [&](int c, int p, T x) {
+    dst[c * nq + p] = static_cast<scalar_t>(x * softplus_grad(static_cast<T>(qg[c * nq + p])));
+  });
+}
+
+// dv = dS softplus(k) (row blocks y < cdiv(m, 64)) and dk = softplus'(k) [dS; dz]^T [v; 1] (the rest) for one tile
+// of a segment's positions, with dS and dz summed from query_kernel's partials (pieces qw) in piece order.
+// grid x = tile of the window, y = row block, z = group
+template <typename scalar_t>
+__global__ void __launch_bounds__(THREADS) source_kernel(Pieces tiles, Pieces qw, const accumulation_t<scalar_t>* partial,
+                                                         const scalar_t* k, const scalar_t* v, int64_t G, int64_t d,
+                                                         int64_t m, int64_t nk, scalar_t* dk, scalar_t* dv) {
+  using T = accumulation_t<scalar_t>;
+  FUSED_MTL_ATTN_SMEM(scalar_t);
+  constexpr int LD = Smem<scalar_t>::LD_STAGE;
+  const int64_t g = blockIdx.z, v_blocks = cdiv(m, BR);
+  const Piece pc = tiles.piece(blockIdx.x);
+  const Summed<T> ds(partial, qw, static_cast<int>(pc.seg - tiles.j0), G, g, m + 1, d);
+  const int cols = static_cast<int>(pc.hi - pc.lo);
+  const scalar_t* kg = k + g * d * nk + pc.lo;
+  if (blockIdx.y < v_blocks) {
+    const int64_t r0 = static_cast<int64_t>(blockIdx.y) * BR;
+    const int rows = static_cast<int>(std::min<int64_t>(m - r0, BR));
+    Acc<scalar_t, wmma::row_major, wmma::row_major> acc;
+    block_gemm<scalar_t>(
+        acc, d, [&](int r, int64_t c) { return c < d && r < rows ? ds(r0 + r, c) : T(0); },
+        [&](int64_t c, int t) { return c < d && t < cols ? softplus(static_cast<T>(kg[c * nk + t])) : T(0); }, smem);
+    scalar_t* dst = dv + (g * m + r0) * nk + pc.lo;
+    each_staged(stage(acc, smem), LD, rows, cols,
+                [&](int r, int t, T x) { dst[r * nk + t] = static_cast<scalar_t>(x); });
+    return;
+  }
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y - v_blocks) * BR;
+  const int rows = static_cast<int>(std::min<int64_t>(d - c0, BR));
+  const scalar_t* vg = v + g * m * nk + pc.lo;
+  Acc<scalar_t, wmma::col_major, wmma::row_major> acc;
+  block_gemm<scalar_t>(
+      acc, m + 1, [&](int c, int64_t i) { return i <= m && c < rows ? ds(i, c0 + c) : T(0); },
+      [&](int64_t i, int t) { return t < cols && i <= m ? (i < m ? static_cast<T>(vg[i * nk + t]) : T(1)) : T(0); },
+      smem);
+  const scalar_t* kc = kg + c0 * nk;
+  scalar_t* dst = dk + (g * d + c0) * nk + pc.lo;
+  each_staged(stage(acc, smem), LD, rows, cols, [&](int c, int t, T x) {
+    dst[c * nk + t] = static_cast<scalar_t>(x * softplus_grad(static_cast<T>(kc[c * nk + t])));
+  });
 }
 
 // ---------------------------------------------------------------- host side
-// sum of reduce_kernel partials per (group, segment) into dst [G, J, R, C]; `options` give the partials' dtype
-template <typename T, typename XLoad, typename YLoad>
-void reduce(const std::vector<int64_t>& offsets, int64_t G, int64_t R, int64_t C, XLoad X, YLoad Y, T* dst,
-            const at::TensorOptions& options, Stream stream) {
-  const int64_t J = static_cast<int64_t>(offsets.size()) - 1;
-  if (J == 0 || G * R * C == 0) return;
-  const std::vector<Pieces> ws = windows(offsets, CHUNK);
-  int64_t most = 1;
-  for (const Pieces& w : ws) most = std::max(most, w.count());
-  // one scratch for all windows: the stream runs a window's sums before the next window's partials overwrite it
-  Tensor partial = at::empty({most, G, R, C}, options);
-  for (const Pieces& w : ws) {
-    if (w.count() > 0) {
-      const dim3 grid(w.count(), cdiv(R, TILE) * cdiv(C, TILE), G);
-      launch(reduce_kernel<T, XLoad, YLoad>, grid, dim3(TILE, ROWS), stream, w, R, C, X, Y,
-             partial.mutable_data_ptr<T>());
-    }
-    // also for a window without chunks: its segments are empty and sum to zero
-    launch(sum_chunks_kernel<T>, dim3(cdiv(G * w.n * R * C, 256)), dim3(256), stream, partial.const_data_ptr<T>(), w,
-           G, J, R * C, dst);
-  }
-}
-
 std::tuple<Tensor, Tensor> forward_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
                                         const std::vector<int64_t>& offsets) {
   TORCH_CHECK(kEmulated || q.is_cuda(), "q must be a CUDA tensor for the cuda kernels, got ", q.device());
@@ -385,18 +583,24 @@ std::tuple<Tensor, Tensor> forward_cuda(const Tensor& q, const Tensor& k, const 
   const int64_t G = q.size(0), d = q.size(1), nq = q.size(2), m = v.size(1), nk = k.size(2);
   Tensor out = at::empty({G, J, m, nq}, q.options());
   Tensor ctx = at::empty({G, J, m + 1, d}, q.options().dtype(accumulation_dtype(q.scalar_type())));
+  if (G == 0 || J == 0) return {out, ctx};
+  const int64_t tiles = cdiv(m + 1, BR) * cdiv(d, BC);
+  const std::vector<Pieces> ws = windows(offsets, piece_size(longest(offsets), G * J * tiles));
+  Tensor partial = at::empty({total_pieces(ws), G, m + 1, d}, ctx.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_mtl_attn_forward_cuda", [&] {
     using T = accumulation_t<scalar_t>;
-    ValuesAndOnes<scalar_t, T> x{{v.const_data_ptr<scalar_t>(), m, nk}};
-    SoftplusRows<scalar_t, T> y{k.const_data_ptr<scalar_t>(), d, nk};
-    reduce<T>(offsets, G, m + 1, d, x, y, ctx.mutable_data_ptr<T>(), ctx.options(), stream);
-    if (out.numel() == 0) return;
-    Tensor den = at::empty({G, J, nq}, ctx.options());
-    launch(den_kernel<scalar_t, T>, dim3(cdiv(G * J * nq, 256)), dim3(256), stream, q.const_data_ptr<scalar_t>(),
-           ctx.const_data_ptr<T>(), G, J, d, m, nq, den.mutable_data_ptr<T>());
-    launch(forward_apply_kernel<scalar_t, T>, dim3(cdiv(nq, TILE), cdiv(m, TILE), G * J), dim3(TILE, ROWS), stream,
-           q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(), den.const_data_ptr<T>(), J, d, m, nq,
-           out.mutable_data_ptr<scalar_t>());
+    for (const Pieces& w : ws) {
+      if (w.count() > 0 && tiles > 0) {
+        launch(reduce_kernel<scalar_t>, dim3(w.count(), tiles, G), dim3(THREADS), stream, w,
+               k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), G, d, m, nk,
+               partial.mutable_data_ptr<T>());
+      }
+      // also without positions: its first tile stores the context
+      launch(apply_kernel<scalar_t>, dim3(std::max<int64_t>(cdiv(nq, BC), 1), std::max<int64_t>(cdiv(m, S_ROWS), 1),
+                                          G * w.n),
+             dim3(THREADS), stream, w, partial.const_data_ptr<T>(), q.const_data_ptr<scalar_t>(), G, J, d, m, nq,
+             ctx.mutable_data_ptr<T>(), out.mutable_data_ptr<scalar_t>());
+    }
   });
   return {out, ctx};
 }
@@ -409,41 +613,37 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tenso
   const Stream stream = current_stream();
   const int64_t J = static_cast<int64_t>(offsets.size()) - 1;
   const int64_t G = q.size(0), d = q.size(1), nq = q.size(2), m = v.size(1), nk = k.size(2);
-  Tensor dq = at::zeros_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  if (J == 0 || G == 0) return {dq, dk, dv};
+  if (J == 0 || G == 0) return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v)};
+  Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  // [dS; dz] of segment j reduce over all query positions: segment j's pieces cover [j nq, (j + 1) nq)
+  std::vector<int64_t> query_offsets(J + 1);
+  for (int64_t j = 0; j <= J; ++j) query_offsets[j] = j * nq;
+  const int64_t tiles = cdiv(m + 1, BR) * cdiv(d, BC);
+  const std::vector<Pieces> qws = windows(query_offsets, piece_size(nq, G * J * tiles));
+  const std::vector<Pieces> sws = windows(offsets, BC);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_mtl_attn_backward_cuda", [&] {
     using T = accumulation_t<scalar_t>;
     Tensor rden = at::empty({G, J, nq}, ctx.options()), b = at::empty({G, J, nq}, ctx.options());
-    Tensor dctx = at::empty({G, J, m + 1, d}, ctx.options());
+    Tensor partial = at::empty({total_pieces(qws), G, m + 1, d}, ctx.options());
     if (nq > 0) {
-      launch(backward_scalars_kernel<scalar_t, T>, dim3(cdiv(nq, TILE), 1, G * J), dim3(TILE, ROWS), stream,
+      launch(scalars_kernel<scalar_t>, dim3(cdiv(nq, BC), 1, G * J), dim3(THREADS), stream,
              grad.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(), J, d, m, nq,
              rden.mutable_data_ptr<T>(), b.mutable_data_ptr<T>());
-      if (d > 0) {
-        launch(dq_kernel<scalar_t, T>, dim3(cdiv(nq, TILE), cdiv(d, TILE), G), dim3(TILE, ROWS), stream,
-               grad.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(),
-               rden.const_data_ptr<T>(), b.const_data_ptr<T>(), J, d, m, nq, dq.mutable_data_ptr<scalar_t>());
-      }
     }
-    // dS, dz of every segment reduce over all query positions: the query range is "segment" 0 of each j
-    std::vector<int64_t> query_offsets(J + 1);
-    for (int64_t j = 0; j <= J; ++j) query_offsets[j] = j * nq;  // chunk table indexes segment j at [j nq, (j+1) nq)
-    GradRows<scalar_t, T> x{grad.const_data_ptr<scalar_t>(), rden.const_data_ptr<T>(), b.const_data_ptr<T>(), J, m, nq};
-    SoftplusRows<scalar_t, T> y{q.const_data_ptr<scalar_t>(), d, nq};
-    reduce<T>(query_offsets, G, m + 1, d, QueryRowsOfSegment<decltype(x)>{x, nq}, QueryColumns<decltype(y)>{y, nq},
-              dctx.mutable_data_ptr<T>(), ctx.options(), stream);
-    for (const Pieces& tiles : windows(offsets, TILE)) {
-      const int64_t n_tiles = tiles.count();
-      if (n_tiles == 0) continue;
-      if (d > 0) {
-        launch(source_kernel<scalar_t, T, true>, dim3(n_tiles, cdiv(d, TILE), G), dim3(TILE, ROWS), stream, tiles,
-               k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), dctx.const_data_ptr<T>(), J, d, m, nk,
-               dk.mutable_data_ptr<scalar_t>());
+    for (size_t wi = 0; wi < qws.size(); ++wi) {
+      const int64_t n_reduce = qws[wi].count() * tiles * G;
+      const int64_t n_dq = wi == 0 ? cdiv(nq, BC) * cdiv(d, BR) * G : 0;
+      if (n_reduce + n_dq > 0) {
+        launch(query_kernel<scalar_t>, dim3(n_reduce + n_dq), dim3(THREADS), stream, qws[wi], n_reduce,
+               grad.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(),
+               rden.const_data_ptr<T>(), b.const_data_ptr<T>(), G, J, d, m, nq, partial.mutable_data_ptr<T>(),
+               dq.mutable_data_ptr<scalar_t>());
       }
-      if (m > 0) {
-        launch(source_kernel<scalar_t, T, false>, dim3(n_tiles, cdiv(m, TILE), G), dim3(TILE, ROWS), stream, tiles,
-               k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), dctx.const_data_ptr<T>(), J, d, m, nk,
-               dv.mutable_data_ptr<scalar_t>());
+      const int64_t row_blocks = cdiv(m, BR) + cdiv(d, BR);
+      if (sws[wi].count() > 0 && row_blocks > 0) {
+        launch(source_kernel<scalar_t>, dim3(sws[wi].count(), row_blocks, G), dim3(THREADS), stream, sws[wi], qws[wi],
+               partial.const_data_ptr<T>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), G, d, m, nk,
+               dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>());
       }
     }
   });
@@ -454,7 +654,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tenso
 
 #ifdef FUSED_MTL_ATTN_EMULATE_CUDA
 // the CUDA kernels on CPU tensors, for tests: the four ops of fused_mtl_attn (same schemas) in their own namespace
-TORCH_LIBRARY(fused_mtl_attn_emulated, m) { define_attention_ops(m); }
+TORCH_LIBRARY(fused_mtl_attn_emulated, m) {
+  define_attention_ops(m);
+  m.def("launches() -> int", +[]() -> int64_t { return emulation::launches.load(); });  // kernel launches so far
+}
 FUSED_MTL_ATTN_REGISTER_IN(fused_mtl_attn_emulated, CPU, forward_cuda, backward_cuda)
 #else
 FUSED_MTL_ATTN_REGISTER(CUDA, forward_cuda, backward_cuda)

@@ -6,9 +6,17 @@
 // barrier and a thread that returns early leaves it (as on a GPU, where exited threads no longer count).
 // __shared__ variables become function statics: one copy, shared by the threads of the one block that runs at a
 // time. Streams, guards and launch checks are no-ops.
+//
+// The tensor cores' warp-level API (nvcuda::wmma) is emulated too: a fragment holds its whole tile, row-major, and
+// lane 0 of each warp does the loads, products and stores for the warp while the other lanes skip them. The
+// kernels read a product only back through memory after a barrier, so what each lane's registers would hold on a
+// GPU does not matter here; operands keep their rounding (fp16/bf16 values, TF32 by __float_to_tf32), products
+// accumulate in the accumulator's type, the K axis in order.
 #pragma once
 
 #include <atomic>
+#include <cstring>
+#include <type_traits>
 #include <cstdint>
 #include <functional>
 #include <mutex>
@@ -19,6 +27,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __launch_bounds__(...)
 #define __shared__ static
 
 namespace fused_mtl_attn {
@@ -79,7 +88,10 @@ inline void syncthreads() { block_barrier->arrive_and_wait(); }
 
 // runs body() for every thread of every block of the grid, block after block, on one team of blockDim threads
 // (started once per launch: a thread per block and thread would cost more than the kernels)
+inline std::atomic<int64_t> launches{0};  // kernel launches so far, for the tests' count of launches per op call
+
 inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
+  ++launches;
   gridDim = grid;
   blockDim = block;
   const int threads = static_cast<int>(block.x * block.y * block.z);
@@ -115,3 +127,106 @@ using emulation::threadIdx;
 }  // namespace fused_mtl_attn
 
 #define __syncthreads() ::fused_mtl_attn::emulation::syncthreads()
+
+// ---------------------------------------------------------------- nvcuda::wmma on the host
+namespace nvcuda {
+namespace wmma {
+
+struct row_major {};
+struct col_major {};
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+namespace precision {
+struct tf32 {};
+}
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename T>
+struct storage {
+  using type = T;
+};
+template <>
+struct storage<precision::tf32> {
+  using type = float;
+};
+
+template <typename Use, int M, int N, int K>
+struct shape;
+template <int M, int N, int K>
+struct shape<matrix_a, M, N, K> {
+  static constexpr int rows = M, cols = K;
+};
+template <int M, int N, int K>
+struct shape<matrix_b, M, N, K> {
+  static constexpr int rows = K, cols = N;
+};
+template <int M, int N, int K>
+struct shape<accumulator, M, N, K> {
+  static constexpr int rows = M, cols = N;
+};
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  using element_type = typename storage<T>::type;
+  static constexpr int rows = shape<Use, M, N, K>::rows, cols = shape<Use, M, N, K>::cols;
+  static constexpr int num_elements = rows * cols;
+  element_type x[num_elements];
+};
+
+// lane of the calling thread in its warp (threads numbered x fastest, as on a GPU)
+inline int lane() {
+  using ::fused_mtl_attn::emulation::blockDim;
+  using ::fused_mtl_attn::emulation::threadIdx;
+  return static_cast<int>((threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) % 32);
+}
+
+template <typename Use, int M, int N, int K, typename T, typename L, typename P>
+void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const P* p, unsigned ld) {
+  using F = fragment<Use, M, N, K, T, L>;
+  if (lane() != 0) return;
+  for (int r = 0; r < F::rows; ++r) {
+    for (int c = 0; c < F::cols; ++c) {
+      f.x[r * F::cols + c] = std::is_same<L, col_major>::value ? p[c * ld + r] : p[r * ld + c];
+    }
+  }
+}
+
+template <int M, int N, int K, typename T>
+void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, unsigned ld, layout_t layout) {
+  if (lane() != 0) return;
+  for (int r = 0; r < M; ++r) {
+    for (int c = 0; c < N; ++c) p[layout == mem_row_major ? r * ld + c : c * ld + r] = f.x[r * N + c];
+  }
+}
+
+template <typename Use, int M, int N, int K, typename T, typename L, typename V>
+void fill_fragment(fragment<Use, M, N, K, T, L>& f, const V& v) {
+  for (auto& e : f.x) e = v;
+}
+
+// d = c + a b; d may be c (each element reads only its own c)
+template <int M, int N, int K, typename TA, typename LA, typename LB, typename TC>
+void mma_sync(fragment<accumulator, M, N, K, TC>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
+              const fragment<matrix_b, M, N, K, TA, LB>& b, const fragment<accumulator, M, N, K, TC>& c) {
+  if (lane() != 0) return;
+  for (int i = 0; i < M; ++i) {
+    for (int j = 0; j < N; ++j) {
+      TC s = c.x[i * N + j];
+      for (int k = 0; k < K; ++k) s += static_cast<TC>(a.x[i * K + k]) * static_cast<TC>(b.x[k * N + j]);
+      d.x[i * N + j] = s;
+    }
+  }
+}
+
+// cvt.rna.tf32.f32: 10 mantissa bits, to nearest with ties away from zero
+inline float __float_to_tf32(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  if ((bits & 0x7f800000u) != 0x7f800000u) bits = (bits + 0x1000u) & 0xffffe000u;
+  std::memcpy(&x, &bits, sizeof bits);
+  return x;
+}
+
+}  // namespace wmma
+}  // namespace nvcuda

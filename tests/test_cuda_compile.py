@@ -1,0 +1,122 @@
+"""The CUDA kernels as built into the extension, read back without a GPU (cuobjdump, shipped with Triton): every
+kernel x dtype has machine code for sm_80 and sm_90 and PTX for compute_90 (TORCH_CUDA_ARCH_LIST "8.0;9.0+PTX"),
+runs its contractions on tensor cores (HMMA for fp16/bf16/tf32, DMMA for fp64 in the SASS; the matching
+wmma.mma.sync in the PTX), and uses no local memory (no spills, no stack). Skips when the extension was built
+without its CUDA kernels (no nvcc at build time, FORCE_CPU) or a TORCH_CUDA_ARCH_LIST without sm_80 and sm_90."""
+import glob
+import os
+import re
+import subprocess
+
+import pytest
+import torch
+
+import fused_mtl_attn
+
+KERNELS = ("reduce_kernel", "apply_kernel", "scalars_kernel", "query_kernel", "source_kernel")
+# mangled template argument -> (dtype, the PTX mma's operand types, the SASS instruction)
+DTYPES = {"IN3c104HalfE": ("fp16", "m16n16k16.f32.f32", "HMMA"),
+          "IN3c108BFloat16E": ("bf16", "m16n16k16.f32.bf16.bf16.f32", "HMMA"),
+          "IfE": ("fp32", "m16n16k8.f32.tf32.tf32.f32", "HMMA"),
+          "IdE": ("fp64", "m8n8k4.f64.f64.f64.f64", "DMMA")}
+ARCHS = ("sm_80", "sm_90")
+
+
+def _library():
+    import fused_mtl_attn.cpp_backend  # noqa: F401  (loads the extension)
+
+    libs = glob.glob(os.path.join(os.path.dirname(fused_mtl_attn.__file__), "_C*.so"))
+    if not libs or not torch._C._dispatch_has_kernel_for_dispatch_key("fused_mtl_attn::cross_task", "CUDA"):
+        pytest.skip("the extension was built without its CUDA kernels")
+    return libs[0]
+
+
+def _cuobjdump():
+    try:
+        import triton
+    except ImportError:
+        pytest.skip("needs cuobjdump (shipped with triton)")
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        pytest.skip("needs cuobjdump (shipped with triton)")
+    return tool
+
+
+def _dump(*args):
+    out = subprocess.run([_cuobjdump(), *args, _library()], capture_output=True, text=True, check=True).stdout
+    return out
+
+
+def _kernel(mangled):
+    """(kernel, dtype key) of a mangled name of ours, else None"""
+    for name in KERNELS:
+        at = mangled.find(str(len(name)) + name)
+        if at >= 0 and "fused_mtl_attn" in mangled:
+            rest = mangled[at + len(str(len(name))) + len(name):]
+            return next(((name, key) for key in DTYPES if rest.startswith(key)), None)
+    return None
+
+
+@pytest.fixture(scope="module")
+def sass():
+    """{(arch, kernel, dtype key): SASS text}"""
+    out, found, arch, name = _dump("-sass"), {}, None, None
+    for line in out.splitlines():
+        m = re.match(r"\s*arch = (sm_\d+)", line)
+        if m:
+            arch = m.group(1)
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            name = _kernel(m.group(1))
+            if name:
+                found[(arch, *name)] = []
+            continue
+        if name and (arch, *name) in found:
+            found[(arch, *name)].append(line)
+    return {key: "\n".join(lines) for key, lines in found.items()}
+
+
+def test_every_kernel_is_built_for_sm80_and_sm90_on_tensor_cores(sass):
+    for arch in ARCHS:
+        for kernel in KERNELS:
+            for key, (dtype, _, instruction) in DTYPES.items():
+                code = sass.get((arch, kernel, key))
+                assert code is not None, f"{kernel} {dtype}: no {arch} code in the extension"
+                assert re.search(rf"\b{instruction}\.", code), f"{kernel} {dtype} on {arch}: no {instruction}"
+
+
+def test_ptx_for_compute90_uses_wmma_of_the_dtype():
+    ptx, entries = _dump("-ptx"), {}
+    for m in re.finditer(r"\.entry (\S+)\(", ptx):
+        name = _kernel(m.group(1))
+        if name:
+            end = ptx.find(".entry", m.end())
+            entries[name] = ptx[m.end():end if end > 0 else None]
+    for kernel in KERNELS:
+        for key, (dtype, shape, _) in DTYPES.items():
+            body = entries.get((kernel, key))
+            assert body is not None, f"{kernel} {dtype}: no compute_90 PTX in the extension"
+            assert re.search(r"wmma\.mma\.sync\.aligned\.\w+\.\w+\." + re.escape(shape), body), \
+                f"{kernel} {dtype}: no wmma.mma.sync ...{shape} in its PTX"
+            assert not re.search(r"\b(ld|st)\.local", body), f"{kernel} {dtype}: local memory in its PTX"
+
+
+def test_no_spills_no_stack():
+    usage, arch, rows = _dump("-res-usage"), None, 0
+    lines = usage.splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(r"\s*Resource usage:", line)
+        f = re.match(r"\s*Function (\S+):", line)
+        if f:
+            name = _kernel(f.group(1))
+            if not name:
+                continue
+            res = lines[i + 1]
+            stack = re.search(r"STACK:(\d+)", res)
+            local = re.search(r"LOCAL:(\d+)", res)
+            regs = re.search(r"REG:(\d+)", res)
+            assert stack and local and regs, f"unreadable resource usage for {name}: {res}"
+            assert int(stack.group(1)) == 0 and int(local.group(1)) == 0, f"{name}: {res.strip()}"
+            assert int(regs.group(1)) <= 255, f"{name}: {res.strip()}"
+            rows += 1
+    assert rows >= len(KERNELS) * len(DTYPES) * len(ARCHS), f"resource usage of only {rows} kernels:\n{usage[:2000]}"
