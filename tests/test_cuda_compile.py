@@ -2,7 +2,8 @@
 kernel x dtype has machine code for sm_80 and sm_90 and PTX for compute_90 (TORCH_CUDA_ARCH_LIST "8.0;9.0+PTX"),
 runs its contractions on tensor cores (HMMA for fp16/bf16/tf32, DMMA for fp64 in the SASS; the matching
 wmma.mma.sync in the PTX), and uses no local memory (no spills, no stack). Skips when the extension was built
-without its CUDA kernels (no nvcc at build time, FORCE_CPU) or a TORCH_CUDA_ARCH_LIST without sm_80 and sm_90."""
+without its CUDA kernels (no nvcc at build time, FORCE_CPU); a build for a TORCH_CUDA_ARCH_LIST of one's own is
+checked for the architectures it holds."""
 import glob
 import os
 import re
@@ -20,6 +21,9 @@ DTYPES = {"IN3c104HalfE": ("fp16", "m16n16k16.f32.f32", "HMMA"),
           "IfE": ("fp32", "m16n16k8.f32.tf32.tf32.f32", "HMMA"),
           "IdE": ("fp64", "m8n8k4.f64.f64.f64.f64", "DMMA")}
 ARCHS = ("sm_80", "sm_90")
+# setup.py's default when no GPU is visible; a TORCH_CUDA_ARCH_LIST of the user's (the GPU check builds 9.0 only)
+# is checked for the architectures it holds
+DEFAULT_BUILD = not os.environ.get("TORCH_CUDA_ARCH_LIST")
 
 
 def _library():
@@ -77,7 +81,11 @@ def sass():
 
 
 def test_every_kernel_is_built_for_sm80_and_sm90_on_tensor_cores(sass):
-    for arch in ARCHS:
+    built = {arch for arch, _, _ in sass}
+    archs = ARCHS if DEFAULT_BUILD else sorted(built & set(ARCHS))
+    if not archs:
+        pytest.skip(f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} builds neither sm_80 nor sm_90")
+    for arch in archs:
         for kernel in KERNELS:
             for key, (dtype, _, instruction) in DTYPES.items():
                 code = sass.get((arch, kernel, key))
@@ -92,6 +100,8 @@ def test_ptx_for_compute90_uses_wmma_of_the_dtype():
         if name:
             end = ptx.find(".entry", m.end())
             entries[name] = ptx[m.end():end if end > 0 else None]
+    if not entries and not DEFAULT_BUILD:
+        pytest.skip(f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} embeds no PTX")
     for kernel in KERNELS:
         for key, (dtype, shape, _) in DTYPES.items():
             body = entries.get((kernel, key))
@@ -102,10 +112,9 @@ def test_ptx_for_compute90_uses_wmma_of_the_dtype():
 
 
 def test_no_spills_no_stack():
-    usage, arch, rows = _dump("-res-usage"), None, 0
+    usage, rows = _dump("-res-usage"), 0
     lines = usage.splitlines()
     for i, line in enumerate(lines):
-        m = re.match(r"\s*Resource usage:", line)
         f = re.match(r"\s*Function (\S+):", line)
         if f:
             name = _kernel(f.group(1))
@@ -119,4 +128,5 @@ def test_no_spills_no_stack():
             assert int(stack.group(1)) == 0 and int(local.group(1)) == 0, f"{name}: {res.strip()}"
             assert int(regs.group(1)) <= 255, f"{name}: {res.strip()}"
             rows += 1
-    assert rows >= len(KERNELS) * len(DTYPES) * len(ARCHS), f"resource usage of only {rows} kernels:\n{usage[:2000]}"
+    assert rows >= len(KERNELS) * len(DTYPES) * (len(ARCHS) if DEFAULT_BUILD else 1), \
+        f"resource usage of only {rows} kernels:\n{usage[:2000]}"

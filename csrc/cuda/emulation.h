@@ -15,6 +15,7 @@
 #pragma once
 
 #include <atomic>
+#include <condition_variable>
 #include <cstring>
 #include <type_traits>
 #include <cstdint>
@@ -44,22 +45,25 @@ inline dim3 blockDim{1, 1, 1};
 inline dim3 gridDim{1, 1, 1};
 
 // the block's barrier: `live` threads take part; one that finishes leaves, releasing the others if they all wait.
-// The count is under a mutex; the waiting is on an atomic generation (C++20 wait/notify), so that a release wakes
-// the waiters without making them queue for the mutex again.
+// The count is under a mutex; waiters wait for the generation to move on: on an atomic (C++20 wait/notify, so that a
+// release wakes them without making them queue for the mutex again) or, in C++17 builds (torch before 2.12 compiles
+// extensions as C++17), on a condition variable.
 class Barrier {
  public:
   explicit Barrier(int live) : live_(live) {}
   void arrive_and_wait() {
-    int64_t generation;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      generation = generation_.load();
-      if (++arrived_ == live_) {
-        release();
-        return;
-      }
+    std::unique_lock<std::mutex> lock(mutex_);
+    const int64_t generation = generation_.load();
+    if (++arrived_ == live_) {
+      release();
+      return;
     }
+#if defined(__cpp_lib_atomic_wait)
+    lock.unlock();
     generation_.wait(generation);  // until a release moves the generation on
+#else
+    released_.wait(lock, [&] { return generation_.load() != generation; });
+#endif
   }
   void reset(int live) {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -75,9 +79,14 @@ class Barrier {
   void release() {  // under the mutex
     arrived_ = 0;
     generation_.fetch_add(1);
+#if defined(__cpp_lib_atomic_wait)
     generation_.notify_all();
+#else
+    released_.notify_all();
+#endif
   }
   std::mutex mutex_;
+  std::condition_variable released_;
   int live_, arrived_ = 0;
   std::atomic<int64_t> generation_{0};
 };
