@@ -98,7 +98,7 @@ run_step env 30 "$OUT/env.log" "
     nvcc --version 2>/dev/null | tail -n 1; ninja --version 2>/dev/null | sed 's/^/ninja /'"
 cat "$OUT/env.log"
 
-TESTS_KERNELS="tests/test_cpp_ops.py tests/test_triton.py tests/test_cuda_sync.py"
+TESTS_KERNELS="tests/test_cpp_ops.py tests/test_triton.py tests/test_cuda_sync.py tests/test_cuda_compile.py"
 if [ "$DRY" = 1 ]; then
     record build skipped 0
     COLLECT="--collect-only"  # the test commands and their collection, not the tests

@@ -18,8 +18,11 @@ KERNELS = ("reduce_kernel", "apply_kernel", "scalars_kernel", "query_kernel", "s
 # mangled template argument -> (dtype, the PTX mma's operand types, the SASS instruction)
 DTYPES = {"IN3c104HalfE": ("fp16", "m16n16k16.f32.f32", "HMMA"),
           "IN3c108BFloat16E": ("bf16", "m16n16k16.f32.bf16.bf16.f32", "HMMA"),
-          "IfE": ("fp32", "m16n16k8.f32.tf32.tf32.f32", "HMMA"),
-          "IdE": ("fp64", "m8n8k4.f64.f64.f64.f64", "DMMA")}
+          "If": ("fp32", "m16n16k8.f32.tf32.tf32.f32", "HMMA"),
+          "Id": ("fp64", "m8n8k4.f64.f64.f64.f64", "DMMA")}
+# apply_kernel and source_kernel also come with the sums of partials cached in shared memory (template argument
+# CACHED), except for fp64
+CACHED = ("apply_kernel", "source_kernel")
 ARCHS = ("sm_80", "sm_90")
 # setup.py's default when no GPU is visible; a TORCH_CUDA_ARCH_LIST of the user's (the GPU check builds 9.0 only)
 # is checked for the architectures it holds
@@ -52,13 +55,22 @@ def _dump(*args):
 
 
 def _kernel(mangled):
-    """(kernel, dtype key) of a mangled name of ours, else None"""
+    """(kernel, dtype key, CACHED) of a mangled name of ours, else None"""
     for name in KERNELS:
         at = mangled.find(str(len(name)) + name)
         if at >= 0 and "fused_mtl_attn" in mangled:
             rest = mangled[at + len(str(len(name))) + len(name):]
-            return next(((name, key) for key in DTYPES if rest.startswith(key)), None)
+            for key in DTYPES:
+                if rest.startswith(key):
+                    return name, key, rest[len(key):].startswith("Lb1")
     return None
+
+
+def _variants():
+    for kernel in KERNELS:
+        for key in DTYPES:
+            for cached in (False, True) if kernel in CACHED and DTYPES[key][0] != "fp64" else (False,):
+                yield kernel, key, cached
 
 
 @pytest.fixture(scope="module")
@@ -81,16 +93,16 @@ def sass():
 
 
 def test_every_kernel_is_built_for_sm80_and_sm90_on_tensor_cores(sass):
-    built = {arch for arch, _, _ in sass}
+    built = {arch for arch, *_ in sass}
     archs = ARCHS if DEFAULT_BUILD else sorted(built & set(ARCHS))
     if not archs:
         pytest.skip(f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} builds neither sm_80 nor sm_90")
     for arch in archs:
-        for kernel in KERNELS:
-            for key, (dtype, _, instruction) in DTYPES.items():
-                code = sass.get((arch, kernel, key))
-                assert code is not None, f"{kernel} {dtype}: no {arch} code in the extension"
-                assert re.search(rf"\b{instruction}\.", code), f"{kernel} {dtype} on {arch}: no {instruction}"
+        for kernel, key, cached in _variants():
+            dtype, _, instruction = DTYPES[key]
+            code = sass.get((arch, kernel, key, cached))
+            assert code is not None, f"{kernel} {dtype} cached={cached}: no {arch} code in the extension"
+            assert re.search(rf"\b{instruction}\.", code), f"{kernel} {dtype} cached={cached} on {arch}: no {instruction}"
 
 
 def test_ptx_for_compute90_uses_wmma_of_the_dtype():
@@ -102,13 +114,13 @@ def test_ptx_for_compute90_uses_wmma_of_the_dtype():
             entries[name] = ptx[m.end():end if end > 0 else None]
     if not entries and not DEFAULT_BUILD:
         pytest.skip(f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} embeds no PTX")
-    for kernel in KERNELS:
-        for key, (dtype, shape, _) in DTYPES.items():
-            body = entries.get((kernel, key))
-            assert body is not None, f"{kernel} {dtype}: no compute_90 PTX in the extension"
-            assert re.search(r"wmma\.mma\.sync\.aligned\.\w+\.\w+\." + re.escape(shape), body), \
-                f"{kernel} {dtype}: no wmma.mma.sync ...{shape} in its PTX"
-            assert not re.search(r"\b(ld|st)\.local", body), f"{kernel} {dtype}: local memory in its PTX"
+    for variant in _variants():
+        dtype, shape, _ = DTYPES[variant[1]]
+        body = entries.get(variant)
+        assert body is not None, f"{variant}: no compute_90 PTX in the extension"
+        assert re.search(r"wmma\.mma\.sync\.aligned\.\w+\.\w+\." + re.escape(shape), body), \
+            f"{variant}: no wmma.mma.sync ...{shape} in its PTX"
+        assert not re.search(r"\b(ld|st)\.local", body), f"{variant}: local memory in its PTX"
 
 
 def test_no_spills_no_stack():
@@ -128,5 +140,5 @@ def test_no_spills_no_stack():
             assert int(stack.group(1)) == 0 and int(local.group(1)) == 0, f"{name}: {res.strip()}"
             assert int(regs.group(1)) <= 255, f"{name}: {res.strip()}"
             rows += 1
-    assert rows >= len(KERNELS) * len(DTYPES) * (len(ARCHS) if DEFAULT_BUILD else 1), \
+    assert rows >= len(list(_variants())) * (len(ARCHS) if DEFAULT_BUILD else 1), \
         f"resource usage of only {rows} kernels:\n{usage[:2000]}"

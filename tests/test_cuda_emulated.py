@@ -81,13 +81,16 @@ def test_float64_to_rounding_and_segments_beyond_one_window():
     _check_against(_outputs_and_grads(_scale(offsets), inputs), want, (1e-12,) * 4, "float64, 40 segments")
 
 
-def test_float64_channels_past_one_tile():
+def test_channels_past_one_tile():
     # d = 70 and m = 130 take two and three 64-row tiles: the reduction's row and column tiles, apply's and
     # scalars_kernel's 63-row blocks of S (m = 130: 3 blocks, the denominator in each), dq's channel blocks, and
     # source_kernel's dv and dk row blocks
     inputs = _cross_task_inputs(2, 1, 70, 130, 90, 3.0, dtype=torch.float64)
     want = _outputs_and_grads(reference.cross_task_attention, inputs)
     _check_against(_outputs_and_grads(_task, inputs), want, (1e-12,) * 4, "float64 cross_task, several tiles")
+    # float32 takes the same path (the partials summed per tile, no cache: d and m + 1 exceed one tile)
+    inputs = [t.float() for t in inputs]
+    _check_against(_outputs_and_grads(_task, inputs), want, (1e-5, 1e-4, 1e-4, 1e-4), "float32 cross_task, several tiles")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -115,6 +118,21 @@ def test_bitwise_equal_across_runs():
     first, second = (_outputs_and_grads(_scale(offsets), inputs) for _ in range(2))
     for name, a, b in zip(("out", "dq", "dk", "dv"), first, second):
         assert torch.equal(a, b), f"{name} differs between two runs"
+
+
+@pytest.mark.parametrize("op", ["cross_task", "cross_scale"])
+def test_spans_of_tiles_per_block(op):
+    # long position axes with few groups: apply_kernel and source_kernel blocks walk spans of several 64-position
+    # tiles with the cached sums of the partials (a segment of 1 position among them), and segments have many pieces
+    if op == "cross_task":
+        inputs = _cross_task_inputs(1, 1, 5, 6, 20000, 2.0, seed=5)
+        fn, ref = _task, reference.cross_task_attention
+    else:
+        offsets = [0, 9000, 9001, 20000]
+        inputs = _cross_scale_inputs(1, 5, 6, 17000, offsets, seed=5)
+        fn, ref = _scale(offsets), lambda q, k, v: reference.cross_scale_attention(q, k, v, offsets)
+    want = _outputs_and_grads(ref, [t.double() for t in inputs])
+    _check_against(_outputs_and_grads(fn, inputs), want, (1e-5, 1e-4, 1e-4, 1e-4), f"{op}, long positions")
 
 
 def _launches(fn):

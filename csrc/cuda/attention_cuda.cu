@@ -15,7 +15,8 @@
 // partial [m+1, d] (a segment has at most MAX_SPLITS pieces); apply_kernel sums the segment's partials in piece
 // order while loading them as its operand and computes [S; z] softplus(q) for a tile of 64 positions: tile rows
 // 0..62 are 63 rows of S q, row 63 is z . softplus(q), the denominator. It stores S q / max(den, eps); the blocks of
-// the first position tile also store the sums as the context.
+// the first position tile also store the sums as the context. Where [m+1, d] fits one tile (the finest scales), a
+// block sums the partials once into shared memory and walks a span of position tiles (source_kernel likewise).
 // Backward, 3 launches: scalars_kernel recomputes [S; z] softplus(q) the same way and stores 1/den and
 // b = -(g . S q)/den^2, the only per-position intermediates (2 values per position and segment); query_kernel runs
 // two kinds of blocks in one launch: partials of [dS; dz] = [g/den; b] softplus(q)^T over pieces of the query
@@ -363,6 +364,25 @@ struct Summed {
   }
 };
 
+// When [m+1, d] fits one 64 x 64 tile (the finest scales), apply_kernel and source_kernel sum a segment's partials
+// once per block into shared memory and walk a span of position tiles with them, instead of summing them again for
+// every tile. Not for fp64, whose tiles leave no room for the cache in 48 KiB.
+template <typename scalar_t>
+constexpr bool kCachesSums = !std::is_same_v<scalar_t, double>;
+bool caches_sums(at::ScalarType dtype, int64_t d, int64_t m) { return dtype != at::kDouble && m + 1 <= BR && d <= BC; }
+
+// cache[r * BC + c] = summed(r, c) for r < rows, c < d, calling keep(r, c, sum) on each; ends with a barrier
+template <typename T, typename Keep>
+__device__ void sum_into(T* cache, const Summed<T>& summed, int64_t rows, int64_t d, const Keep& keep) {
+  for (int64_t e = threadIdx.x; e < rows * d; e += THREADS) {
+    const int64_t r = e / d, c = e % d;
+    const T s = summed(r, c);
+    keep(r, c, s);
+    cache[r * BC + c] = s;
+  }
+  __syncthreads();
+}
+
 // partial[w.base + piece, g][r][c] = sum over the piece's positions t of X(g, seg, r, t) Y(g, seg, c, t), r < R, c < C
 template <typename scalar_t, typename XLoad, typename YLoad>
 __device__ void reduce_block(int64_t piece, int64_t tile, int64_t g, int64_t G, const Pieces& w, int64_t R, int64_t C,
@@ -416,33 +436,51 @@ __device__ const accumulation_t<scalar_t>* context_times_queries(const Ctx& ctx,
 }
 
 // out[g, j, i, p] = (S_j softplus(q_p))_i / max(z_j . softplus(q_p), eps), with S_j, z_j the sums of segment j's
-// partials; the blocks of position tile 0 also store them as the context. grid x = position tile, y = block of 63
-// rows of S, z = g * w.n + (j - w.j0)
-template <typename scalar_t>
-__global__ void __launch_bounds__(THREADS) apply_kernel(Pieces w, const accumulation_t<scalar_t>* partial,
+// partials; the blocks of the first position span also store them as the context. grid x = span of `span` position
+// tiles (more than one only when CACHED), y = block of 63 rows of S, z = g * w.n + (j - w.j0). CACHED is a template
+// argument: one kernel holding both ways of reading the sums spills on sm_80. The explicit "1 block per SM" lets
+// ptxas take 158 registers for the uncached fp32 variant on sm_80, which it otherwise caps at 128 with 24 B spilled.
+template <typename scalar_t, bool CACHED>
+__global__ void __launch_bounds__(THREADS, 1) apply_kernel(Pieces w, const accumulation_t<scalar_t>* partial,
                                                         const scalar_t* q, int64_t G, int64_t J, int64_t d, int64_t m,
-                                                        int64_t nq, accumulation_t<scalar_t>* ctx, scalar_t* out) {
+                                                        int64_t nq, int64_t span, accumulation_t<scalar_t>* ctx,
+                                                        scalar_t* out) {
   using T = accumulation_t<scalar_t>;
   FUSED_MTL_ATTN_SMEM(scalar_t);
+  __shared__ T cache[CACHED ? BR * BC : 1];
+  constexpr int LD = Smem<scalar_t>::LD_STAGE;
   const int i = blockIdx.z % w.n;
-  const int64_t g = blockIdx.z / w.n, gj = g * J + w.j0 + i;
-  const int64_t p0 = static_cast<int64_t>(blockIdx.x) * BC, r0 = static_cast<int64_t>(blockIdx.y) * S_ROWS;
+  const int64_t g = blockIdx.z / w.n, gj = g * J + w.j0 + i, r0 = static_cast<int64_t>(blockIdx.y) * S_ROWS;
   const Summed<T> summed(partial, w, i, G, g, m + 1, d);
   T* c_out = ctx + gj * (m + 1) * d;
   const bool stores = blockIdx.x == 0;  // one block stores each row of the context: z by row block 0
-  const T* st = context_times_queries(
-      [&](int64_t row, int64_t c) {
-        const T s = summed(row, c);
-        if (stores && (row < m || blockIdx.y == 0)) c_out[row * d + c] = s;
-        return s;
-      },
-      q + g * d * nq, d, m, nq, r0, p0, smem);
-  constexpr int LD = Smem<scalar_t>::LD_STAGE;
+  auto keep = [&](int64_t row, int64_t c, T s) {
+    if (stores && (row < m || blockIdx.y == 0)) c_out[row * d + c] = s;
+  };
+  if constexpr (CACHED) sum_into(cache, summed, m + 1, d, keep);
+  auto context = [&](int64_t row, int64_t c) {
+    if constexpr (CACHED) {
+      return cache[row * BC + c];
+    } else {
+      const T s = summed(row, c);
+      keep(row, c, s);
+      return s;
+    }
+  };
   const int rows = static_cast<int>(std::min<int64_t>(m - r0, S_ROWS));
-  const int cols = static_cast<int>(std::min<int64_t>(nq - p0, BC));
-  scalar_t* dst = out + (gj * m + r0) * nq + p0;
-  each_staged(st, LD, rows, cols,
-              [&](int r, int p, T x) { dst[r * nq + p] = static_cast<scalar_t>(x / clamp_den(st[S_ROWS * LD + p])); });
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * span, last = std::min(first + span, cdiv(nq, BC));
+  // at least one tile: without positions, the first span still stores the context; uncached, exactly one
+  for (int64_t tile = first; tile == first || (CACHED && tile < last); ++tile) {
+    const int64_t p0 = tile * BC;
+    const T* st = context_times_queries(context, q + g * d * nq, d, m, nq, r0, p0, smem);
+    const int cols = static_cast<int>(std::min<int64_t>(nq - p0, BC));
+    T* den = const_cast<T*>(st) + S_ROWS * LD;  // the stage's last row, replaced by 1 / max(den, eps)
+    if (threadIdx.x < BC) den[threadIdx.x] = T(1) / clamp_den(den[threadIdx.x]);
+    __syncthreads();
+    scalar_t* dst = out + (gj * m + r0) * nq + p0;
+    each_staged(st, LD, rows, cols, [&](int r, int p, T x) { dst[r * nq + p] = static_cast<scalar_t>(x * den[p]); });
+    __syncthreads();  // before the next tile overwrites the stage
+  }
 }
 
 // rden[g, j, p] = 1 / max(den, eps) and b[g, j, p] = -(g . S q) / max(den, eps)^2 (zero where the clamp is active),
@@ -531,46 +569,65 @@ __global__ void __launch_bounds__(THREADS) query_kernel(Pieces w, int64_t n_redu
   });
 }
 
-// dv = dS softplus(k) (row blocks y < cdiv(m, 64)) and dk = softplus'(k) [dS; dz]^T [v; 1] (the rest) for one tile
-// of a segment's positions, with dS and dz summed from query_kernel's partials (pieces qw) in piece order.
-// grid x = tile of the window, y = row block, z = group
-template <typename scalar_t>
+// dv = dS softplus(k) (row blocks y < cdiv(m, 64)) and dk = softplus'(k) [dS; dz]^T [v; 1] (the rest) for the
+// 64-position tiles of one piece of a segment's positions (more than one only when CACHED), with dS and dz summed
+// from query_kernel's partials (pieces qw) in piece order. grid x = piece of the window, y = row block, z = group
+template <typename scalar_t, bool CACHED>
 __global__ void __launch_bounds__(THREADS) source_kernel(Pieces tiles, Pieces qw, const accumulation_t<scalar_t>* partial,
                                                          const scalar_t* k, const scalar_t* v, int64_t G, int64_t d,
                                                          int64_t m, int64_t nk, scalar_t* dk, scalar_t* dv) {
   using T = accumulation_t<scalar_t>;
   FUSED_MTL_ATTN_SMEM(scalar_t);
+  __shared__ T cache[CACHED ? BR * BC : 1];
   constexpr int LD = Smem<scalar_t>::LD_STAGE;
   const int64_t g = blockIdx.z, v_blocks = cdiv(m, BR);
   const Piece pc = tiles.piece(blockIdx.x);
-  const Summed<T> ds(partial, qw, static_cast<int>(pc.seg - tiles.j0), G, g, m + 1, d);
-  const int cols = static_cast<int>(pc.hi - pc.lo);
-  const scalar_t* kg = k + g * d * nk + pc.lo;
+  const Summed<T> summed(partial, qw, static_cast<int>(pc.seg - tiles.j0), G, g, m + 1, d);
+  if constexpr (CACHED) sum_into(cache, summed, m + 1, d, [](int64_t, int64_t, T) {});
+  auto ds = [&](int64_t r, int64_t c) {
+    if constexpr (CACHED) {
+      return cache[r * BC + c];
+    } else {
+      return summed(r, c);
+    }
+  };
+  const scalar_t* kg = k + g * d * nk;
   if (blockIdx.y < v_blocks) {
     const int64_t r0 = static_cast<int64_t>(blockIdx.y) * BR;
     const int rows = static_cast<int>(std::min<int64_t>(m - r0, BR));
-    Acc<scalar_t, wmma::row_major, wmma::row_major> acc;
-    block_gemm<scalar_t>(
-        acc, d, [&](int r, int64_t c) { return c < d && r < rows ? ds(r0 + r, c) : T(0); },
-        [&](int64_t c, int t) { return c < d && t < cols ? softplus(static_cast<T>(kg[c * nk + t])) : T(0); }, smem);
-    scalar_t* dst = dv + (g * m + r0) * nk + pc.lo;
-    each_staged(stage(acc, smem), LD, rows, cols,
-                [&](int r, int t, T x) { dst[r * nk + t] = static_cast<scalar_t>(x); });
+    for (int64_t lo = pc.lo; lo == pc.lo || (CACHED && lo < pc.hi); lo += BC) {  // uncached: one tile per piece
+      const int cols = static_cast<int>(std::min<int64_t>(pc.hi - lo, BC));
+      Acc<scalar_t, wmma::row_major, wmma::row_major> acc;
+      block_gemm<scalar_t>(
+          acc, d, [&](int r, int64_t c) { return c < d && r < rows ? ds(r0 + r, c) : T(0); },
+          [&](int64_t c, int t) { return c < d && t < cols ? softplus(static_cast<T>(kg[c * nk + lo + t])) : T(0); },
+          smem);
+      scalar_t* dst = dv + (g * m + r0) * nk + lo;
+      each_staged(stage(acc, smem), LD, rows, cols,
+                  [&](int r, int t, T x) { dst[r * nk + t] = static_cast<scalar_t>(x); });
+      __syncthreads();  // before the next tile overwrites the stage
+    }
     return;
   }
   const int64_t c0 = static_cast<int64_t>(blockIdx.y - v_blocks) * BR;
   const int rows = static_cast<int>(std::min<int64_t>(d - c0, BR));
-  const scalar_t* vg = v + g * m * nk + pc.lo;
-  Acc<scalar_t, wmma::col_major, wmma::row_major> acc;
-  block_gemm<scalar_t>(
-      acc, m + 1, [&](int c, int64_t i) { return i <= m && c < rows ? ds(i, c0 + c) : T(0); },
-      [&](int64_t i, int t) { return t < cols && i <= m ? (i < m ? static_cast<T>(vg[i * nk + t]) : T(1)) : T(0); },
-      smem);
+  const scalar_t* vg = v + g * m * nk;
   const scalar_t* kc = kg + c0 * nk;
-  scalar_t* dst = dk + (g * d + c0) * nk + pc.lo;
-  each_staged(stage(acc, smem), LD, rows, cols, [&](int c, int t, T x) {
-    dst[c * nk + t] = static_cast<scalar_t>(x * softplus_grad(static_cast<T>(kc[c * nk + t])));
-  });
+  for (int64_t lo = pc.lo; lo == pc.lo || (CACHED && lo < pc.hi); lo += BC) {
+    const int cols = static_cast<int>(std::min<int64_t>(pc.hi - lo, BC));
+    Acc<scalar_t, wmma::col_major, wmma::row_major> acc;
+    block_gemm<scalar_t>(
+        acc, m + 1, [&](int c, int64_t i) { return i <= m && c < rows ? ds(i, c0 + c) : T(0); },
+        [&](int64_t i, int t) {
+          return t < cols && i <= m ? (i < m ? static_cast<T>(vg[i * nk + lo + t]) : T(1)) : T(0);
+        },
+        smem);
+    scalar_t* dst = dk + (g * d + c0) * nk + lo;
+    each_staged(stage(acc, smem), LD, rows, cols, [&](int c, int t, T x) {
+      dst[c * nk + t] = static_cast<scalar_t>(x * softplus_grad(static_cast<T>(kc[c * nk + lo + t])));
+    });
+    __syncthreads();
+  }
 }
 
 // ---------------------------------------------------------------- host side
@@ -587,6 +644,10 @@ std::tuple<Tensor, Tensor> forward_cuda(const Tensor& q, const Tensor& k, const 
   const int64_t tiles = cdiv(m + 1, BR) * cdiv(d, BC);
   const std::vector<Pieces> ws = windows(offsets, piece_size(longest(offsets), G * J * tiles));
   Tensor partial = at::empty({total_pieces(ws), G, m + 1, d}, ctx.options());
+  // position tiles per apply block: with the sums cached, enough for about TARGET_BLOCKS blocks; else one
+  const bool cached = caches_sums(q.scalar_type(), d, m);
+  const int64_t row_blocks = std::max<int64_t>(cdiv(m, S_ROWS), 1);
+  const int64_t span = cached ? std::max<int64_t>(cdiv(cdiv(nq, BC), cdiv(TARGET_BLOCKS, G * J * row_blocks)), 1) : 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_mtl_attn_forward_cuda", [&] {
     using T = accumulation_t<scalar_t>;
     for (const Pieces& w : ws) {
@@ -595,10 +656,11 @@ std::tuple<Tensor, Tensor> forward_cuda(const Tensor& q, const Tensor& k, const 
                k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), G, d, m, nk,
                partial.mutable_data_ptr<T>());
       }
-      // also without positions: its first tile stores the context
-      launch(apply_kernel<scalar_t>, dim3(std::max<int64_t>(cdiv(nq, BC), 1), std::max<int64_t>(cdiv(m, S_ROWS), 1),
-                                          G * w.n),
-             dim3(THREADS), stream, w, partial.const_data_ptr<T>(), q.const_data_ptr<scalar_t>(), G, J, d, m, nq,
+      // also without positions: its first span stores the context
+      auto kernel = apply_kernel<scalar_t, false>;
+      if constexpr (kCachesSums<scalar_t>) kernel = cached ? apply_kernel<scalar_t, true> : kernel;
+      launch(kernel, dim3(cdiv(std::max<int64_t>(cdiv(nq, BC), 1), span), row_blocks, G * w.n), dim3(THREADS),
+             stream, w, partial.const_data_ptr<T>(), q.const_data_ptr<scalar_t>(), G, J, d, m, nq, span,
              ctx.mutable_data_ptr<T>(), out.mutable_data_ptr<scalar_t>());
     }
   });
@@ -620,7 +682,11 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tenso
   for (int64_t j = 0; j <= J; ++j) query_offsets[j] = j * nq;
   const int64_t tiles = cdiv(m + 1, BR) * cdiv(d, BC);
   const std::vector<Pieces> qws = windows(query_offsets, piece_size(nq, G * J * tiles));
-  const std::vector<Pieces> sws = windows(offsets, BC);
+  // source positions per source_kernel block: with the sums cached, enough tiles for about TARGET_BLOCKS blocks
+  const bool cached = caches_sums(q.scalar_type(), d, m);
+  const int64_t row_blocks = cdiv(m, BR) + cdiv(d, BR);
+  const int64_t span = cached ? std::max<int64_t>(cdiv(cdiv(nk, BC) * G * row_blocks, TARGET_BLOCKS), 1) : 1;
+  const std::vector<Pieces> sws = windows(offsets, BC * span);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_mtl_attn_backward_cuda", [&] {
     using T = accumulation_t<scalar_t>;
     Tensor rden = at::empty({G, J, nq}, ctx.options()), b = at::empty({G, J, nq}, ctx.options());
@@ -639,9 +705,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tenso
                rden.const_data_ptr<T>(), b.const_data_ptr<T>(), G, J, d, m, nq, partial.mutable_data_ptr<T>(),
                dq.mutable_data_ptr<scalar_t>());
       }
-      const int64_t row_blocks = cdiv(m, BR) + cdiv(d, BR);
       if (sws[wi].count() > 0 && row_blocks > 0) {
-        launch(source_kernel<scalar_t>, dim3(sws[wi].count(), row_blocks, G), dim3(THREADS), stream, sws[wi], qws[wi],
+        auto kernel = source_kernel<scalar_t, false>;
+        if constexpr (kCachesSums<scalar_t>) kernel = cached ? source_kernel<scalar_t, true> : kernel;
+        launch(kernel, dim3(sws[wi].count(), row_blocks, G), dim3(THREADS), stream, sws[wi], qws[wi],
                partial.const_data_ptr<T>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), G, d, m, nk,
                dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>());
       }
