@@ -14,7 +14,7 @@ import torch
 
 import fused_mtl_attn
 
-KERNELS = ("reduce_kernel", "apply_kernel", "scalars_kernel", "query_kernel", "source_kernel")
+KERNELS = ("reduce_kernel", "apply_kernel", "scalars_kernel", "query_kernel", "fused_query_kernel", "source_kernel")
 # mangled template argument -> (dtype, the PTX mma's operand types, the SASS instruction)
 DTYPES = {"IN3c104HalfE": ("fp16", "m16n16k16.f32.f32", "HMMA"),
           "IN3c108BFloat16E": ("bf16", "m16n16k16.f32.bf16.bf16.f32", "HMMA"),
@@ -69,6 +69,8 @@ def _kernel(mangled):
 def _variants():
     for kernel in KERNELS:
         for key in DTYPES:
+            if kernel == "fused_query_kernel" and DTYPES[key][0] not in ("fp16", "bf16"):
+                continue  # the one-pass query side is for half precision only
             for cached in (False, True) if kernel in CACHED and DTYPES[key][0] != "fp64" else (False,):
                 yield kernel, key, cached
 

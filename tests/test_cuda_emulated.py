@@ -93,15 +93,26 @@ def test_channels_past_one_tile():
     _check_against(_outputs_and_grads(_task, inputs), want, (1e-5, 1e-4, 1e-4, 1e-4), "float32 cross_task, several tiles")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_low_precision_within_twice_eager(dtype):
-    inputs = _cross_task_inputs(2, 2, 24, 20, 100, 2.0, dtype)
-    truth = _outputs_and_grads(reference.cross_task_attention, [t.double() for t in inputs])
-    eager = _outputs_and_grads(reference.cross_task_attention, inputs)
-    got = _outputs_and_grads(_task, inputs)
+def _check_low_precision(fn, ref, inputs, what):
+    truth = _outputs_and_grads(ref, [t.double() for t in inputs])
+    eager = _outputs_and_grads(ref, inputs)
+    got = _outputs_and_grads(fn, inputs)
     for name, a, e, t in zip(("out", "dq", "dk", "dv"), got, eager, truth):
         (err, where), (eager_err, _) = _error(a, t), _error(e, t)
-        assert err <= 2 * eager_err + 1e-2, f"{dtype} {name}: {err:.3g} vs eager {eager_err:.3g}; {where}"
+        assert err <= 2 * eager_err + 1e-2, f"{what} {name}: {err:.3g} vs eager {eager_err:.3g}; {where}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("op", ["cross_task", "cross_scale"])
+def test_low_precision_within_twice_eager(dtype, op):
+    # cross_task: the one-pass query side (fused_query_kernel); cross_scale (3 segments): the three launches
+    if op == "cross_task":
+        _check_low_precision(_task, reference.cross_task_attention, _cross_task_inputs(2, 2, 24, 20, 100, 2.0, dtype),
+                             f"{op} {dtype}")
+    else:
+        offsets = [0, 60, 61, 130]
+        _check_low_precision(_scale(offsets), lambda q, k, v: reference.cross_scale_attention(q, k, v, offsets),
+                             _cross_scale_inputs(2, 24, 20, 100, offsets, dtype), f"{op} {dtype}")
 
 
 def test_emulated_ops_check_their_inputs():
@@ -110,17 +121,19 @@ def test_emulated_ops_check_their_inputs():
         _ops().cross_scale(q, k, v, [0, 4])
 
 
-def test_bitwise_equal_across_runs():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bitwise_equal_across_runs(dtype):
     # the emulated threads interleave differently on every run: a result that depended on it (a race across a
-    # barrier, an unordered sum) would differ
+    # barrier, an unordered sum) would differ. bf16 stacked pairs: the one-pass query side
     offsets = [0, 700, 700, 1500]
-    inputs = _cross_scale_inputs(2, 20, 17, 300, offsets, seed=3)
-    first, second = (_outputs_and_grads(_scale(offsets), inputs) for _ in range(2))
-    for name, a, b in zip(("out", "dq", "dk", "dv"), first, second):
-        assert torch.equal(a, b), f"{name} differs between two runs"
+    for fn, inputs in ((_scale(offsets), _cross_scale_inputs(2, 20, 17, 300, offsets, dtype, seed=3)),
+                       (_task, _cross_task_inputs(1, 2, 20, 17, 700, 2.0, dtype, seed=3))):
+        first, second = (_outputs_and_grads(fn, inputs) for _ in range(2))
+        for name, a, b in zip(("out", "dq", "dk", "dv"), first, second):
+            assert torch.equal(a, b), f"{dtype} {name} differs between two runs"
 
 
-@pytest.mark.parametrize("op", ["cross_task", "cross_scale"])
+@pytest.mark.parametrize("op", ["cross_task", "cross_scale", "cross_task_bf16"])
 def test_spans_of_tiles_per_block(op):
     # long position axes with few groups: apply_kernel and source_kernel blocks walk spans of several 64-position
     # tiles with the cached sums of the partials (a segment of 1 position among them), and segments have many pieces
@@ -131,6 +144,10 @@ def test_spans_of_tiles_per_block(op):
         offsets = [0, 9000, 9001, 20000]
         inputs = _cross_scale_inputs(1, 5, 6, 17000, offsets, seed=5)
         fn, ref = _scale(offsets), lambda q, k, v: reference.cross_scale_attention(q, k, v, offsets)
+    if op == "cross_task_bf16":  # fused_query_kernel: pieces of several tiles, the dS accumulators kept across them
+        inputs = [t.bfloat16() for t in inputs]
+        _check_low_precision(fn, ref, inputs, op)
+        return
     want = _outputs_and_grads(ref, [t.double() for t in inputs])
     _check_against(_outputs_and_grads(fn, inputs), want, (1e-5, 1e-4, 1e-4, 1e-4), f"{op}, long positions")
 
@@ -141,12 +158,13 @@ def _launches(fn):
     return _ops().launches() - before
 
 
-@pytest.mark.parametrize("op", ["cross_task", "cross_scale", "cross_scale_40"])
+@pytest.mark.parametrize("op", ["cross_task", "cross_task_bf16", "cross_scale", "cross_scale_40"])
 def test_two_launches_forward_three_backward(op):
     # all pairs, all sources of a call (ragged) in one launch each: forward = reduce + apply, backward = scalars +
-    # query (dS partials and dq) + source; beyond WINDOW (32) segments, two launches more per window
-    if op == "cross_task":
-        q, k, v = _cross_task_inputs(2, 3, 5, 4, 300, 1.0)
+    # query (dS partials and dq) + source, or fused_query + source for bf16/fp16 stacked pairs; beyond WINDOW (32)
+    # segments, two launches more per window
+    if op.startswith("cross_task"):
+        q, k, v = _cross_task_inputs(2, 3, 5, 4, 300, 1.0, torch.bfloat16 if op.endswith("bf16") else torch.float32)
         forward = lambda: _ops().cross_task(q, k, v)  # noqa: E731
         out, context = forward()
         backward = lambda: _ops().cross_task_backward(torch.ones_like(out), q, k, v, context)  # noqa: E731
@@ -159,4 +177,4 @@ def test_two_launches_forward_three_backward(op):
         backward = lambda: _ops().cross_scale_backward(torch.ones_like(out), q, k, v, context, offsets)  # noqa: E731
         windows = 1 if op == "cross_scale" else 2
     assert _launches(forward) == 2 * windows
-    assert _launches(backward) == 1 + 2 * windows
+    assert _launches(backward) == (2 if op.endswith("bf16") else 1 + 2 * windows)

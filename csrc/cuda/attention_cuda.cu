@@ -17,7 +17,8 @@
 // 0..62 are 63 rows of S q, row 63 is z . softplus(q), the denominator. It stores S q / max(den, eps); the blocks of
 // the first position tile also store the sums as the context. Where [m+1, d] fits one tile (the finest scales), a
 // block sums the partials once into shared memory and walks a span of position tiles (source_kernel likewise).
-// Backward, 3 launches: scalars_kernel recomputes [S; z] softplus(q) the same way and stores 1/den and
+// Backward, 2 launches for one segment in fp16/bf16 with [m+1, d] in one tile (fused_query_kernel: all of the query
+// side in one pass; then source_kernel), else 3: scalars_kernel recomputes [S; z] softplus(q) the same way and stores 1/den and
 // b = -(g . S q)/den^2, the only per-position intermediates (2 values per position and segment); query_kernel runs
 // two kinds of blocks in one launch: partials of [dS; dz] = [g/den; b] softplus(q)^T over pieces of the query
 // positions, and dq = softplus'(q) sum_j [S_j; z_j]^T [g_j/den_j; b_j] in one accumulator;
@@ -569,6 +570,70 @@ __global__ void __launch_bounds__(THREADS) query_kernel(Pieces w, int64_t n_redu
   });
 }
 
+// The query side of the backward in one pass, for one segment (stacked pairs) in fp16/bf16 where [m+1, d] fits one
+// tile (the finest scale under autocast). Per 64-position tile of the block's piece: [S; z] softplus(q) with the
+// denominator in the last row, 1/den and b, dq = softplus'(q) [S; z]^T [g/den; b], and [dS; dz] +=
+// [g/den; b] softplus(q)^T, kept in the block's accumulators over its piece and stored as the piece's partial. q and
+// g come from HBM once; a tile's later reads of them hit the cache. fp32 and fp64 keep the three launches: their
+// operand tiles leave no room for the [S; z] cache beside the stage and the partial in 48 KiB.
+// grid x = piece of the query positions, z = group
+template <typename scalar_t>
+__global__ void __launch_bounds__(THREADS) fused_query_kernel(Pieces w, const scalar_t* grad, const scalar_t* q,
+                                                              const accumulation_t<scalar_t>* ctx, int64_t G,
+                                                              int64_t d, int64_t m, int64_t nq,
+                                                              accumulation_t<scalar_t>* partial, scalar_t* dq) {
+  using T = accumulation_t<scalar_t>;
+  FUSED_MTL_ATTN_SMEM(scalar_t);
+  __shared__ T cache[BR * BC];
+  __shared__ T rden[BC], bv[BC], dots[THREADS];
+  constexpr int LD = Smem<scalar_t>::LD_STAGE;
+  const int tid = threadIdx.x, p = tid % BC;
+  const int64_t g = blockIdx.z;
+  const Piece pc = w.piece(blockIdx.x);
+  const T* s = ctx + g * (m + 1) * d;
+  for (int64_t e = tid; e < (m + 1) * d; e += THREADS) cache[e / d * BC + e % d] = s[e];
+  __syncthreads();
+  const scalar_t* qg = q + g * d * nq;
+  const scalar_t* gg = grad + g * m * nq;
+  Acc<scalar_t, wmma::row_major, wmma::col_major> ds;  // [dS; dz] over the piece
+  for (int64_t p0 = pc.lo; p0 < pc.hi; p0 += BC) {
+    const int cols = static_cast<int>(std::min<int64_t>(pc.hi - p0, BC));
+    const T* st = context_times_queries([&](int64_t row, int64_t c) { return cache[row * BC + c]; }, qg, d, m, nq, 0,
+                                        p0, smem);
+    T dot = T(0);  // g . S q as in scalars_kernel (m < 64: one pass)
+    if (p < cols) {
+      for (int r = tid / BC; r < m; r += THREADS / BC) dot += static_cast<T>(gg[r * nq + p0 + p]) * st[r * LD + p];
+    }
+    dots[tid] = dot;
+    __syncthreads();
+    if (tid < BC) {
+      const T den = st[S_ROWS * LD + tid], r = T(1) / clamp_den(den);
+      rden[tid] = r;
+      bv[tid] = den_passes_grad(den) ? -(dots[tid] + dots[tid + BC]) * r * r : T(0);
+    }
+    __syncthreads();
+    auto weights = [&](int64_t i, int64_t t) {  // row i of [g / den; b] at position t of the tile
+      if (t >= cols || i > m) return T(0);
+      return i < m ? static_cast<T>(gg[i * nq + p0 + t]) * rden[t] : bv[t];
+    };
+    Acc<scalar_t, wmma::col_major, wmma::row_major> acc;
+    block_gemm<scalar_t>(
+        acc, m + 1, [&](int c, int64_t i) { return i <= m && c < d ? cache[i * BC + c] : T(0); },
+        [&](int64_t i, int t) { return weights(i, t); }, smem);
+    each_staged(stage(acc, smem), LD, static_cast<int>(d), cols, [&](int c, int t, T x) {
+      dq[(g * d + c) * nq + p0 + t] = static_cast<scalar_t>(x * softplus_grad(static_cast<T>(qg[c * nq + p0 + t])));
+    });
+    __syncthreads();
+    block_gemm<scalar_t>(
+        ds, cols, [&](int i, int64_t t) { return weights(i, t); },
+        [&](int64_t t, int c) { return t < cols && c < d ? softplus(static_cast<T>(qg[c * nq + p0 + t])) : T(0); },
+        smem, p0 > pc.lo);
+  }
+  T* dst = partial + ((w.base + blockIdx.x) * G + g) * (m + 1) * d;
+  each_staged(stage(ds, smem), LD, static_cast<int>(m + 1), static_cast<int>(d),
+              [&](int r, int c, T x) { dst[r * d + c] = x; });
+}
+
 // dv = dS softplus(k) (row blocks y < cdiv(m, 64)) and dk = softplus'(k) [dS; dz]^T [v; 1] (the rest) for the
 // 64-position tiles of one piece of a segment's positions (more than one only when CACHED), with dS and dz summed
 // from query_kernel's partials (pieces qw) in piece order. grid x = piece of the window, y = row block, z = group
@@ -681,16 +746,37 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tenso
   std::vector<int64_t> query_offsets(J + 1);
   for (int64_t j = 0; j <= J; ++j) query_offsets[j] = j * nq;
   const int64_t tiles = cdiv(m + 1, BR) * cdiv(d, BC);
-  const std::vector<Pieces> qws = windows(query_offsets, piece_size(nq, G * J * tiles));
-  // source positions per source_kernel block: with the sums cached, enough tiles for about TARGET_BLOCKS blocks
   const bool cached = caches_sums(q.scalar_type(), d, m);
+  // one launch for the query side (fused_query_kernel): its pieces hold whole 64-position tiles, enough of them for
+  // about TARGET_BLOCKS blocks, at most MAX_SPLITS
+  const bool fused = cached && J == 1 && (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16);
+  const int64_t p_tiles = cdiv(nq, BC);
+  const int64_t fused_span = std::max<int64_t>(cdiv(p_tiles, std::min(cdiv(TARGET_BLOCKS, G), MAX_SPLITS)), 1);
+  const std::vector<Pieces> qws =
+      windows(query_offsets, fused ? BC * fused_span : piece_size(nq, G * J * tiles));
+  // source positions per source_kernel block: with the sums cached, enough tiles for about TARGET_BLOCKS blocks
   const int64_t row_blocks = cdiv(m, BR) + cdiv(d, BR);
   const int64_t span = cached ? std::max<int64_t>(cdiv(cdiv(nk, BC) * G * row_blocks, TARGET_BLOCKS), 1) : 1;
   const std::vector<Pieces> sws = windows(offsets, BC * span);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_mtl_attn_backward_cuda", [&] {
     using T = accumulation_t<scalar_t>;
-    Tensor rden = at::empty({G, J, nq}, ctx.options()), b = at::empty({G, J, nq}, ctx.options());
     Tensor partial = at::empty({total_pieces(qws), G, m + 1, d}, ctx.options());
+    if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+      if (fused) {
+        if (qws[0].count() > 0) {
+          launch(fused_query_kernel<scalar_t>, dim3(qws[0].count(), 1, G), dim3(THREADS), stream, qws[0],
+                 grad.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(), G, d, m, nq,
+                 partial.mutable_data_ptr<T>(), dq.mutable_data_ptr<scalar_t>());
+        }
+        if (sws[0].count() > 0 && row_blocks > 0) {
+          launch(source_kernel<scalar_t, true>, dim3(sws[0].count(), row_blocks, G), dim3(THREADS), stream, sws[0],
+                 qws[0], partial.const_data_ptr<T>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), G,
+                 d, m, nk, dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>());
+        }
+        return;
+      }
+    }
+    Tensor rden = at::empty({G, J, nq}, ctx.options()), b = at::empty({G, J, nq}, ctx.options());
     if (nq > 0) {
       launch(scalars_kernel<scalar_t>, dim3(cdiv(nq, BC), 1, G * J), dim3(THREADS), stream,
              grad.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(), J, d, m, nq,
