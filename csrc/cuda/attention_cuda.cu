@@ -484,6 +484,14 @@ __global__ void __launch_bounds__(THREADS, 1) apply_kernel(Pieces w, const accum
   }
 }
 
+// of one position: rden = 1 / max(den, eps) and b = -dot rden^2 with dot = g . S q, zero where the clamp is active
+template <typename T>
+__device__ __forceinline__ void position_scalars(T den, T dot, T& rden, T& b) {
+  const T r = T(1) / clamp_den(den);
+  rden = r;
+  b = den_passes_grad(den) ? -dot * r * r : T(0);
+}
+
 // rden[g, j, p] = 1 / max(den, eps) and b[g, j, p] = -(g . S q) / max(den, eps)^2 (zero where the clamp is active),
 // [S; z] softplus(q) recomputed as in apply_kernel, 63 rows of S per pass. Thread t sums g . S q for position t % 64
 // over rows t / 64 + 2 i; the two halves are added in order at the end. grid x = position tile, z = g * J + j
@@ -515,10 +523,7 @@ __global__ void __launch_bounds__(THREADS) scalars_kernel(const scalar_t* grad, 
   dots[tid] = dot;
   __syncthreads();
   if (tid >= BC || !live) return;
-  dot = dots[tid] + dots[tid + BC];
-  const T r = T(1) / clamp_den(den);
-  rden[gj * nq + p0 + p] = r;
-  b[gj * nq + p0 + p] = den_passes_grad(den) ? -dot * r * r : T(0);
+  position_scalars(den, dots[tid] + dots[tid + BC], rden[gj * nq + p0 + p], b[gj * nq + p0 + p]);
 }
 
 // Two kinds of blocks: the first n_reduce sum [dS; dz] = [g / den; b] softplus(q)^T over pieces of the query
@@ -606,11 +611,7 @@ __global__ void __launch_bounds__(THREADS) fused_query_kernel(Pieces w, const sc
     }
     dots[tid] = dot;
     __syncthreads();
-    if (tid < BC) {
-      const T den = st[S_ROWS * LD + tid], r = T(1) / clamp_den(den);
-      rden[tid] = r;
-      bv[tid] = den_passes_grad(den) ? -(dots[tid] + dots[tid + BC]) * r * r : T(0);
-    }
+    if (tid < BC) position_scalars(st[S_ROWS * LD + tid], dots[tid] + dots[tid + BC], rden[tid], bv[tid]);
     __syncthreads();
     auto weights = [&](int64_t i, int64_t t) {  // row i of [g / den; b] at position t of the tile
       if (t >= cols || i > m) return T(0);
