@@ -50,8 +50,7 @@ def _cuobjdump():
 
 
 def _dump(*args):
-    out = subprocess.run([_cuobjdump(), *args, _library()], capture_output=True, text=True, check=True).stdout
-    return out
+    return subprocess.run([_cuobjdump(), *args, _library()], capture_output=True, text=True, check=True).stdout
 
 
 def _kernel(mangled):
@@ -77,7 +76,7 @@ def _variants():
 
 @pytest.fixture(scope="module")
 def sass():
-    """{(arch, kernel, dtype key): SASS text}"""
+    """{(arch, kernel, dtype key, cached): SASS text}"""
     out, found, arch, name = _dump("-sass"), {}, None, None
     for line in out.splitlines():
         m = re.match(r"\s*arch = (sm_\d+)", line)
@@ -104,7 +103,8 @@ def test_every_kernel_is_built_for_sm80_and_sm90_on_tensor_cores(sass):
             dtype, _, instruction = DTYPES[key]
             code = sass.get((arch, kernel, key, cached))
             assert code is not None, f"{kernel} {dtype} cached={cached}: no {arch} code in the extension"
-            assert re.search(rf"\b{instruction}\.", code), f"{kernel} {dtype} cached={cached} on {arch}: no {instruction}"
+            assert re.search(rf"\b{instruction}\.", code), \
+                f"{kernel} {dtype} cached={cached} on {arch}: no {instruction}"
 
 
 def test_ptx_for_compute90_uses_wmma_of_the_dtype():

@@ -90,7 +90,8 @@ def test_channels_past_one_tile():
     _check_against(_outputs_and_grads(_task, inputs), want, (1e-12,) * 4, "float64 cross_task, several tiles")
     # float32 takes the same path (the partials summed per tile, no cache: d and m + 1 exceed one tile)
     inputs = [t.float() for t in inputs]
-    _check_against(_outputs_and_grads(_task, inputs), want, (1e-5, 1e-4, 1e-4, 1e-4), "float32 cross_task, several tiles")
+    _check_against(_outputs_and_grads(_task, inputs), want, (1e-5, 1e-4, 1e-4, 1e-4),
+                   "float32 cross_task, several tiles")
 
 
 def _check_low_precision(fn, ref, inputs, what):

@@ -18,10 +18,10 @@
 // the first position tile also store the sums as the context. Where [m+1, d] fits one tile (the finest scales), a
 // block sums the partials once into shared memory and walks a span of position tiles (source_kernel likewise).
 // Backward, 2 launches for one segment in fp16/bf16 with [m+1, d] in one tile (fused_query_kernel: all of the query
-// side in one pass; then source_kernel), else 3: scalars_kernel recomputes [S; z] softplus(q) the same way and stores 1/den and
-// b = -(g . S q)/den^2, the only per-position intermediates (2 values per position and segment); query_kernel runs
-// two kinds of blocks in one launch: partials of [dS; dz] = [g/den; b] softplus(q)^T over pieces of the query
-// positions, and dq = softplus'(q) sum_j [S_j; z_j]^T [g_j/den_j; b_j] in one accumulator;
+// side in one pass; then source_kernel), else 3: scalars_kernel recomputes [S; z] softplus(q) the same way and
+// stores 1/den and b = -(g . S q)/den^2, the only per-position intermediates (2 values per position and segment);
+// query_kernel runs two kinds of blocks in one launch: partials of [dS; dz] = [g/den; b] softplus(q)^T over pieces
+// of the query positions, and dq = softplus'(q) sum_j [S_j; z_j]^T [g_j/den_j; b_j] in one accumulator;
 // source_kernel sums dS's partials in piece order and computes dv = dS softplus(k) and
 // dk = softplus'(k) [dS; dz]^T [v; 1] for a tile of source positions.
 // No atomics: results are bitwise reproducible. Every index is 64-bit. No table is copied to the device (so no host
@@ -281,11 +281,12 @@ using Acc = Mma16<scalar_t, AL, BL>[2][2];
 __device__ __forceinline__ int warp_row() { return static_cast<int>(threadIdx.x) / 32 / 2 * 32; }
 __device__ __forceinline__ int warp_col() { return static_cast<int>(threadIdx.x) / 32 % 2 * 32; }
 
-// acc = sum over k < K of A(r, k) B(k, c) for the block's 64 x 64 tile (acc += with `accumulate`). A(r, k) and B(k, c) return operand values
-// in the accumulation type, 0 outside the matrices; AL = row_major means A is read with K contiguous (else r),
-// BL = col_major means B is read with K contiguous (else c): each tile is loaded in the order its source is
-// contiguous. Every warp runs all its tiles, also those beyond the matrices' edges: wmma under a branch costs a
-// reconvergence call, around which ptxas (sm_80) parks registers in local memory. Ends with a barrier.
+// acc = sum over k < K of A(r, k) B(k, c) for the block's 64 x 64 tile (acc += with `accumulate`). A(r, k) and
+// B(k, c) return operand values in the accumulation type, 0 outside the matrices; AL = row_major means A is read
+// with K contiguous (else r), BL = col_major means B is read with K contiguous (else c): each tile is loaded in
+// the order its source is contiguous. Every warp runs all its tiles, also those beyond the matrices' edges: wmma
+// under a branch costs a reconvergence call, around which ptxas (sm_80) parks registers in local memory. Ends with a
+// barrier.
 template <typename scalar_t, typename AL, typename BL, typename ALoad, typename BLoad>
 __device__ void block_gemm(Acc<scalar_t, AL, BL>& acc, int64_t K, const ALoad& A, const BLoad& B, unsigned char* smem,
                            bool accumulate = false) {
@@ -325,7 +326,7 @@ __device__ void block_gemm(Acc<scalar_t, AL, BL>& acc, int64_t K, const ALoad& A
 // the finished tile in shared memory, row-major with leading dimension Smem::LD_STAGE; ends with a barrier, and the
 // caller must barrier before the next block_gemm
 template <typename scalar_t, typename AL, typename BL>
-__device__ const accumulation_t<scalar_t>* stage(const Acc<scalar_t, AL, BL>& acc, unsigned char* smem) {
+__device__ accumulation_t<scalar_t>* stage(const Acc<scalar_t, AL, BL>& acc, unsigned char* smem) {
   using T = accumulation_t<scalar_t>;
   T* st = reinterpret_cast<T*>(smem);
   const int wr = warp_row(), wc = warp_col();
@@ -391,7 +392,8 @@ __device__ void reduce_block(int64_t piece, int64_t tile, int64_t g, int64_t G, 
   using T = accumulation_t<scalar_t>;
   const int64_t col_tiles = cdiv(C, BC), r0 = tile / col_tiles * BR, c0 = tile % col_tiles * BC;
   const Piece pc = w.piece(piece);
-  const int rows = static_cast<int>(std::min<int64_t>(R - r0, BR)), cols = static_cast<int>(std::min<int64_t>(C - c0, BC));
+  const int rows = static_cast<int>(std::min<int64_t>(R - r0, BR));
+  const int cols = static_cast<int>(std::min<int64_t>(C - c0, BC));
   Acc<scalar_t, wmma::row_major, wmma::col_major> acc;
   block_gemm<scalar_t>(
       acc, pc.hi - pc.lo,
@@ -420,7 +422,7 @@ __global__ void __launch_bounds__(THREADS) reduce_kernel(Pieces w, const scalar_
 // [S; z] softplus(q) for 64 positions from p0: tile rows 0..62 are rows r0.. of S q, row 63 is z . softplus(q).
 // ctx(row, c) gives [S; z] (row m is z).
 template <typename scalar_t, typename Ctx>
-__device__ const accumulation_t<scalar_t>* context_times_queries(const Ctx& ctx, const scalar_t* q, int64_t d,
+__device__ accumulation_t<scalar_t>* context_times_queries(const Ctx& ctx, const scalar_t* q, int64_t d,
                                                                  int64_t m, int64_t nq, int64_t r0, int64_t p0,
                                                                  unsigned char* smem) {
   using T = accumulation_t<scalar_t>;
@@ -473,9 +475,9 @@ __global__ void __launch_bounds__(THREADS, 1) apply_kernel(Pieces w, const accum
   // at least one tile: without positions, the first span still stores the context; uncached, exactly one
   for (int64_t tile = first; tile == first || (CACHED && tile < last); ++tile) {
     const int64_t p0 = tile * BC;
-    const T* st = context_times_queries(context, q + g * d * nq, d, m, nq, r0, p0, smem);
+    T* st = context_times_queries(context, q + g * d * nq, d, m, nq, r0, p0, smem);
     const int cols = static_cast<int>(std::min<int64_t>(nq - p0, BC));
-    T* den = const_cast<T*>(st) + S_ROWS * LD;  // the stage's last row, replaced by 1 / max(den, eps)
+    T* den = st + S_ROWS * LD;  // the stage's last row, replaced by 1 / max(den, eps)
     if (threadIdx.x < BC) den[threadIdx.x] = T(1) / clamp_den(den[threadIdx.x]);
     __syncthreads();
     scalar_t* dst = out + (gj * m + r0) * nq + p0;
@@ -560,7 +562,8 @@ __global__ void __launch_bounds__(THREADS) query_kernel(Pieces w, int64_t n_redu
   block -= n_reduce;
   const int64_t p_tiles = cdiv(nq, BC), c_tiles = cdiv(d, BR);
   const int64_t p0 = block % p_tiles * BC, c0 = block / p_tiles % c_tiles * BR, g = block / (p_tiles * c_tiles);
-  const int rows = static_cast<int>(std::min<int64_t>(d - c0, BR)), cols = static_cast<int>(std::min<int64_t>(nq - p0, BC));
+  const int rows = static_cast<int>(std::min<int64_t>(d - c0, BR));
+  const int cols = static_cast<int>(std::min<int64_t>(nq - p0, BC));
   Acc<scalar_t, wmma::col_major, wmma::row_major> acc;
   for (int64_t j = 0; j < J; ++j) {
     const T* s = ctx + (g * J + j) * (m + 1) * d + c0;
@@ -639,9 +642,10 @@ __global__ void __launch_bounds__(THREADS) fused_query_kernel(Pieces w, const sc
 // 64-position tiles of one piece of a segment's positions (more than one only when CACHED), with dS and dz summed
 // from query_kernel's partials (pieces qw) in piece order. grid x = piece of the window, y = row block, z = group
 template <typename scalar_t, bool CACHED>
-__global__ void __launch_bounds__(THREADS) source_kernel(Pieces tiles, Pieces qw, const accumulation_t<scalar_t>* partial,
-                                                         const scalar_t* k, const scalar_t* v, int64_t G, int64_t d,
-                                                         int64_t m, int64_t nk, scalar_t* dk, scalar_t* dv) {
+__global__ void __launch_bounds__(THREADS) source_kernel(Pieces tiles, Pieces qw,
+                                                         const accumulation_t<scalar_t>* partial, const scalar_t* k,
+                                                         const scalar_t* v, int64_t G, int64_t d, int64_t m, int64_t nk,
+                                                         scalar_t* dk, scalar_t* dv) {
   using T = accumulation_t<scalar_t>;
   FUSED_MTL_ATTN_SMEM(scalar_t);
   __shared__ T cache[CACHED ? BR * BC : 1];

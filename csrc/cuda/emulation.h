@@ -16,12 +16,12 @@
 
 #include <atomic>
 #include <condition_variable>
-#include <cstring>
-#include <type_traits>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #define __global__
