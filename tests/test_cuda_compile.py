@@ -68,8 +68,8 @@ def _kernel(mangled):
 def _variants():
     for kernel in KERNELS:
         for key in DTYPES:
-            if kernel == "fused_query_kernel" and DTYPES[key][0] not in ("fp16", "bf16"):
-                continue  # the one-pass query side is for half precision only
+            if kernel == "fused_query_kernel" and DTYPES[key][0] == "fp64":
+                continue  # the one-pass query side is not built for fp64 (no room for its cache)
             for cached in (False, True) if kernel in CACHED and DTYPES[key][0] != "fp64" else (False,):
                 yield kernel, key, cached
 

@@ -125,7 +125,7 @@ def test_emulated_ops_check_their_inputs():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_bitwise_equal_across_runs(dtype):
     # the emulated threads interleave differently on every run: a result that depended on it (a race across a
-    # barrier, an unordered sum) would differ. bf16 stacked pairs: the one-pass query side
+    # barrier, an unordered sum) would differ. Stacked pairs: the one-pass query side
     offsets = [0, 700, 700, 1500]
     for fn, inputs in ((_scale(offsets), _cross_scale_inputs(2, 20, 17, 300, offsets, dtype, seed=3)),
                        (_task, _cross_task_inputs(1, 2, 20, 17, 700, 2.0, dtype, seed=3))):
@@ -137,7 +137,8 @@ def test_bitwise_equal_across_runs(dtype):
 @pytest.mark.parametrize("op", ["cross_task", "cross_scale", "cross_task_bf16"])
 def test_spans_of_tiles_per_block(op):
     # long position axes with few groups: apply_kernel and source_kernel blocks walk spans of several 64-position
-    # tiles with the cached sums of the partials (a segment of 1 position among them), and segments have many pieces
+    # tiles with the cached sums of the partials (a segment of 1 position among them), and segments have many pieces;
+    # cross_task: fused_query_kernel's pieces of several tiles, its dS accumulators kept across them
     if op == "cross_task":
         inputs = _cross_task_inputs(1, 1, 5, 6, 20000, 2.0, seed=5)
         fn, ref = _task, reference.cross_task_attention
@@ -145,7 +146,7 @@ def test_spans_of_tiles_per_block(op):
         offsets = [0, 9000, 9001, 20000]
         inputs = _cross_scale_inputs(1, 5, 6, 17000, offsets, seed=5)
         fn, ref = _scale(offsets), lambda q, k, v: reference.cross_scale_attention(q, k, v, offsets)
-    if op == "cross_task_bf16":  # fused_query_kernel: pieces of several tiles, the dS accumulators kept across them
+    if op == "cross_task_bf16":  # as fp32 "cross_task": fused_query_kernel's pieces of several tiles, dS kept across them
         inputs = [t.bfloat16() for t in inputs]
         _check_low_precision(fn, ref, inputs, op)
         return
@@ -159,23 +160,27 @@ def _launches(fn):
     return _ops().launches() - before
 
 
-@pytest.mark.parametrize("op", ["cross_task", "cross_task_bf16", "cross_scale", "cross_scale_40"])
+@pytest.mark.parametrize("op", ["cross_task", "cross_task_bf16", "cross_task_fp64", "cross_task_wide", "cross_scale",
+                                "cross_scale_40"])
 def test_two_launches_forward_three_backward(op):
-    # all pairs, all sources of a call (ragged) in one launch each: forward = reduce + apply, backward = scalars +
-    # query (dS partials and dq) + source, or fused_query + source for bf16/fp16 stacked pairs; beyond WINDOW (32)
-    # segments, two launches more per window
+    # all pairs, all sources of a call (ragged) in one launch each: forward = reduce + apply; backward =
+    # fused_query + source for stacked pairs whose [m+1, d] fits one tile (fp16/bf16/fp32), else scalars + query (dS
+    # partials and dq) + source (fp64, wider channels, gathered sources); beyond WINDOW (32) segments, two launches
+    # more per window
     if op.startswith("cross_task"):
-        q, k, v = _cross_task_inputs(2, 3, 5, 4, 300, 1.0, torch.bfloat16 if op.endswith("bf16") else torch.float32)
+        dtype = {"cross_task_bf16": torch.bfloat16, "cross_task_fp64": torch.float64}.get(op, torch.float32)
+        d = 65 if op == "cross_task_wide" else 5
+        q, k, v = _cross_task_inputs(2, 3, d, 4, 300, 1.0, dtype)
         forward = lambda: _ops().cross_task(q, k, v)  # noqa: E731
         out, context = forward()
         backward = lambda: _ops().cross_task_backward(torch.ones_like(out), q, k, v, context)  # noqa: E731
-        windows = 1
+        windows, one_pass = 1, op in ("cross_task", "cross_task_bf16")
     else:
         offsets = [0, 300, 301, 700] if op == "cross_scale" else [i * 3 for i in range(41)]
         q, k, v = _cross_scale_inputs(2, 5, 4, 50, offsets)
         forward = lambda: _ops().cross_scale(q, k, v, offsets)  # noqa: E731
         out, context = forward()
         backward = lambda: _ops().cross_scale_backward(torch.ones_like(out), q, k, v, context, offsets)  # noqa: E731
-        windows = 1 if op == "cross_scale" else 2
+        windows, one_pass = (1 if op == "cross_scale" else 2), False
     assert _launches(forward) == 2 * windows
-    assert _launches(backward) == (2 if op.endswith("bf16") else 1 + 2 * windows)
+    assert _launches(backward) == (2 if one_pass else 1 + 2 * windows)

@@ -17,13 +17,14 @@
 // 0..62 are 63 rows of S q, row 63 is z . softplus(q), the denominator. It stores S q / max(den, eps); the blocks of
 // the first position tile also store the sums as the context. Where [m+1, d] fits one tile (the finest scales), a
 // block sums the partials once into shared memory and walks a span of position tiles (source_kernel likewise).
-// Backward, 2 launches for one segment in fp16/bf16 with [m+1, d] in one tile (fused_query_kernel: all of the query
-// side in one pass; then source_kernel), else 3: scalars_kernel recomputes [S; z] softplus(q) the same way and
-// stores 1/den and b = -(g . S q)/den^2, the only per-position intermediates (2 values per position and segment);
-// query_kernel runs two kinds of blocks in one launch: partials of [dS; dz] = [g/den; b] softplus(q)^T over pieces
-// of the query positions, and dq = softplus'(q) sum_j [S_j; z_j]^T [g_j/den_j; b_j] in one accumulator;
+// Backward, 2 launches for one segment (stacked pairs) with [m+1, d] in one tile, fp64 aside: fused_query_kernel
+// does all of the query side in one pass, then source_kernel. Else 3: scalars_kernel recomputes [S; z] softplus(q)
+// the same way and stores 1/den and b = -(g . S q)/den^2, the only per-position intermediates (2 values per position
+// and segment); query_kernel runs two kinds of blocks in one launch: partials of [dS; dz] = [g/den; b] softplus(q)^T
+// over pieces of the query positions, and dq = softplus'(q) sum_j [S_j; z_j]^T [g_j/den_j; b_j] in one accumulator;
 // source_kernel sums dS's partials in piece order and computes dv = dS softplus(k) and
-// dk = softplus'(k) [dS; dz]^T [v; 1] for a tile of source positions.
+// dk = softplus'(k) [dS; dz]^T [v; 1] for a tile of source positions (both in one block where [m+1, d] fits a tile).
+// HBM passes at the finest scales: forward q, k, v, out once each; backward (fused) q, g, k, v, dq, dk, dv once.
 // No atomics: results are bitwise reproducible. Every index is 64-bit. No table is copied to the device (so no host
 // synchronisation, and CUDA graphs can capture the calls): segments travel by value, WINDOW per launch.
 //
@@ -578,12 +579,12 @@ __global__ void __launch_bounds__(THREADS) query_kernel(Pieces w, int64_t n_redu
   });
 }
 
-// The query side of the backward in one pass, for one segment (stacked pairs) in fp16/bf16 where [m+1, d] fits one
-// tile (the finest scale under autocast). Per 64-position tile of the block's piece: [S; z] softplus(q) with the
+// The query side of the backward in one pass, for one segment (stacked pairs) where [m+1, d] fits one tile (the
+// finest scale), fp16/bf16/fp32. Per 64-position tile of the block's piece: [S; z] softplus(q) with the
 // denominator in the last row, 1/den and b, dq = softplus'(q) [S; z]^T [g/den; b], and [dS; dz] +=
 // [g/den; b] softplus(q)^T, kept in the block's accumulators over its piece and stored as the piece's partial. q and
-// g come from HBM once; a tile's later reads of them hit the cache. fp32 and fp64 keep the three launches: their
-// operand tiles leave no room for the [S; z] cache beside the stage and the partial in 48 KiB.
+// g come from HBM once; a tile's later reads of them hit the cache. fp64 keeps the three launches: its operand
+// tiles leave no room for the [S; z] cache in 48 KiB (as for the CACHED kernels).
 // grid x = piece of the query positions, z = group
 template <typename scalar_t>
 __global__ void __launch_bounds__(THREADS) fused_query_kernel(Pieces w, const scalar_t* grad, const scalar_t* q,
@@ -638,9 +639,11 @@ __global__ void __launch_bounds__(THREADS) fused_query_kernel(Pieces w, const sc
               [&](int r, int c, T x) { dst[r * d + c] = x; });
 }
 
-// dv = dS softplus(k) (row blocks y < cdiv(m, 64)) and dk = softplus'(k) [dS; dz]^T [v; 1] (the rest) for the
-// 64-position tiles of one piece of a segment's positions (more than one only when CACHED), with dS and dz summed
-// from query_kernel's partials (pieces qw) in piece order. grid x = piece of the window, y = row block, z = group
+// dv = dS softplus(k) and dk = softplus'(k) [dS; dz]^T [v; 1] for the 64-position tiles of one piece of a segment's
+// positions, with dS and dz summed from the query side's partials (pieces qw) in piece order. CACHED ([m+1, d] in one
+// tile): a block computes both for each tile of its span, so k and v come from HBM once (the dk epilogue's read of
+// k hits the cache); else one tile per piece and row block y, the first cdiv(m, 64) blocks dv, the rest dk.
+// grid x = piece of the window, y = row block (one when CACHED), z = group
 template <typename scalar_t, bool CACHED>
 __global__ void __launch_bounds__(THREADS) source_kernel(Pieces tiles, Pieces qw,
                                                          const accumulation_t<scalar_t>* partial, const scalar_t* k,
@@ -650,7 +653,7 @@ __global__ void __launch_bounds__(THREADS) source_kernel(Pieces tiles, Pieces qw
   FUSED_MTL_ATTN_SMEM(scalar_t);
   __shared__ T cache[CACHED ? BR * BC : 1];
   constexpr int LD = Smem<scalar_t>::LD_STAGE;
-  const int64_t g = blockIdx.z, v_blocks = cdiv(m, BR);
+  const int64_t g = blockIdx.z;
   const Piece pc = tiles.piece(blockIdx.x);
   const Summed<T> summed(partial, qw, static_cast<int>(pc.seg - tiles.j0), G, g, m + 1, d);
   if constexpr (CACHED) sum_into(cache, summed, m + 1, d, [](int64_t, int64_t, T) {});
@@ -662,28 +665,21 @@ __global__ void __launch_bounds__(THREADS) source_kernel(Pieces tiles, Pieces qw
     }
   };
   const scalar_t* kg = k + g * d * nk;
-  if (blockIdx.y < v_blocks) {
-    const int64_t r0 = static_cast<int64_t>(blockIdx.y) * BR;
-    const int rows = static_cast<int>(std::min<int64_t>(m - r0, BR));
-    for (int64_t lo = pc.lo; lo == pc.lo || (CACHED && lo < pc.hi); lo += BC) {  // uncached: one tile per piece
-      const int cols = static_cast<int>(std::min<int64_t>(pc.hi - lo, BC));
-      Acc<scalar_t, wmma::row_major, wmma::row_major> acc;
-      block_gemm<scalar_t>(
-          acc, d, [&](int r, int64_t c) { return c < d && r < rows ? ds(r0 + r, c) : T(0); },
-          [&](int64_t c, int t) { return c < d && t < cols ? softplus(static_cast<T>(kg[c * nk + lo + t])) : T(0); },
-          smem);
-      scalar_t* dst = dv + (g * m + r0) * nk + lo;
-      each_staged(stage(acc, smem), LD, rows, cols,
-                  [&](int r, int t, T x) { dst[r * nk + t] = static_cast<scalar_t>(x); });
-      __syncthreads();  // before the next tile overwrites the stage
-    }
-    return;
-  }
-  const int64_t c0 = static_cast<int64_t>(blockIdx.y - v_blocks) * BR;
-  const int rows = static_cast<int>(std::min<int64_t>(d - c0, BR));
   const scalar_t* vg = v + g * m * nk;
-  const scalar_t* kc = kg + c0 * nk;
-  for (int64_t lo = pc.lo; lo == pc.lo || (CACHED && lo < pc.hi); lo += BC) {
+  auto dv_tile = [&](int64_t r0, int64_t lo) {  // rows r0.. of dv at positions lo..
+    const int rows = static_cast<int>(std::min<int64_t>(m - r0, BR));
+    const int cols = static_cast<int>(std::min<int64_t>(pc.hi - lo, BC));
+    Acc<scalar_t, wmma::row_major, wmma::row_major> acc;
+    block_gemm<scalar_t>(
+        acc, d, [&](int r, int64_t c) { return c < d && r < rows ? ds(r0 + r, c) : T(0); },
+        [&](int64_t c, int t) { return c < d && t < cols ? softplus(static_cast<T>(kg[c * nk + lo + t])) : T(0); },
+        smem);
+    scalar_t* dst = dv + (g * m + r0) * nk + lo;
+    each_staged(stage(acc, smem), LD, rows, cols, [&](int r, int t, T x) { dst[r * nk + t] = static_cast<scalar_t>(x); });
+    __syncthreads();  // before the next product overwrites the stage
+  };
+  auto dk_tile = [&](int64_t c0, int64_t lo) {  // channels c0.. of dk at positions lo..
+    const int rows = static_cast<int>(std::min<int64_t>(d - c0, BR));
     const int cols = static_cast<int>(std::min<int64_t>(pc.hi - lo, BC));
     Acc<scalar_t, wmma::col_major, wmma::row_major> acc;
     block_gemm<scalar_t>(
@@ -692,11 +688,22 @@ __global__ void __launch_bounds__(THREADS) source_kernel(Pieces tiles, Pieces qw
           return t < cols && i <= m ? (i < m ? static_cast<T>(vg[i * nk + lo + t]) : T(1)) : T(0);
         },
         smem);
+    const scalar_t* kc = kg + c0 * nk + lo;
     scalar_t* dst = dk + (g * d + c0) * nk + lo;
     each_staged(stage(acc, smem), LD, rows, cols, [&](int c, int t, T x) {
-      dst[c * nk + t] = static_cast<scalar_t>(x * softplus_grad(static_cast<T>(kc[c * nk + lo + t])));
+      dst[c * nk + t] = static_cast<scalar_t>(x * softplus_grad(static_cast<T>(kc[c * nk + t])));
     });
     __syncthreads();
+  };
+  if constexpr (CACHED) {
+    for (int64_t lo = pc.lo; lo < pc.hi; lo += BC) {
+      if (m > 0) dv_tile(0, lo);
+      if (d > 0) dk_tile(0, lo);
+    }
+  } else {
+    const int64_t v_blocks = cdiv(m, BR), y = blockIdx.y;
+    if (y < v_blocks) dv_tile(y * BR, pc.lo);
+    else dk_tile((y - v_blocks) * BR, pc.lo);
   }
 }
 
@@ -754,19 +761,20 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tenso
   const bool cached = caches_sums(q.scalar_type(), d, m);
   // one launch for the query side (fused_query_kernel): its pieces hold whole 64-position tiles, enough of them for
   // about TARGET_BLOCKS blocks, at most MAX_SPLITS
-  const bool fused = cached && J == 1 && (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16);
+  const bool fused = cached && J == 1;
   const int64_t p_tiles = cdiv(nq, BC);
   const int64_t fused_span = std::max<int64_t>(cdiv(p_tiles, std::min(cdiv(TARGET_BLOCKS, G), MAX_SPLITS)), 1);
   const std::vector<Pieces> qws =
       windows(query_offsets, fused ? BC * fused_span : piece_size(nq, G * J * tiles));
-  // source positions per source_kernel block: with the sums cached, enough tiles for about TARGET_BLOCKS blocks
-  const int64_t row_blocks = cdiv(m, BR) + cdiv(d, BR);
-  const int64_t span = cached ? std::max<int64_t>(cdiv(cdiv(nk, BC) * G * row_blocks, TARGET_BLOCKS), 1) : 1;
+  // source_kernel: with the sums cached, one block per span of tiles does dv and dk, enough tiles per block for
+  // about TARGET_BLOCKS blocks; else a block per tile and row block
+  const int64_t row_blocks = cached ? (m + d > 0 ? 1 : 0) : cdiv(m, BR) + cdiv(d, BR);
+  const int64_t span = cached ? std::max<int64_t>(cdiv(cdiv(nk, BC) * G, TARGET_BLOCKS), 1) : 1;
   const std::vector<Pieces> sws = windows(offsets, BC * span);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_mtl_attn_backward_cuda", [&] {
     using T = accumulation_t<scalar_t>;
     Tensor partial = at::empty({total_pieces(qws), G, m + 1, d}, ctx.options());
-    if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+    if constexpr (kCachesSums<scalar_t>) {
       if (fused) {
         if (qws[0].count() > 0) {
           launch(fused_query_kernel<scalar_t>, dim3(qws[0].count(), 1, G), dim3(THREADS), stream, qws[0],
