@@ -94,6 +94,17 @@ def test_channels_past_one_tile():
                    "float32 cross_task, several tiles")
 
 
+@pytest.mark.parametrize("offsets", [[0, 40, 41, 90, 150], [0, 7, 30, 30, 51, 70, 71]], ids=["J=4", "J=6"])
+def test_gathered_sources_one_pass_or_three_launches(offsets):
+    # 4 segments: fused_query_kernel keeps four [dS; dz] tiles in shared memory over pieces of several position tiles
+    # (nq = 2100); 6 do not fit 99 KiB and take scalars + query + source
+    inputs = _cross_scale_inputs(2, 30, 33, 2100, offsets, seed=len(offsets))
+    want = _outputs_and_grads(lambda q, k, v: reference.cross_scale_attention(q, k, v, offsets),
+                              [t.double() for t in inputs])
+    _check_against(_outputs_and_grads(_scale(offsets), inputs), want, (1e-5, 1e-4, 1e-4, 1e-4),
+                   f"cross_scale J={len(offsets) - 1}")
+
+
 def _check_low_precision(fn, ref, inputs, what):
     truth = _outputs_and_grads(ref, [t.double() for t in inputs])
     eager = _outputs_and_grads(ref, inputs)
@@ -104,14 +115,15 @@ def _check_low_precision(fn, ref, inputs, what):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("op", ["cross_task", "cross_scale"])
+@pytest.mark.parametrize("op", ["cross_task", "cross_scale", "cross_scale_6"])
 def test_low_precision_within_twice_eager(dtype, op):
-    # cross_task: the one-pass query side (fused_query_kernel); cross_scale (3 segments): the three launches
+    # cross_task and cross_scale (3 segments): the one-pass query side (fused_query_kernel); 6 segments: the three
+    # launches (their [dS; dz] tiles exceed the shared memory)
     if op == "cross_task":
         _check_low_precision(_task, reference.cross_task_attention, _cross_task_inputs(2, 2, 24, 20, 100, 2.0, dtype),
                              f"{op} {dtype}")
     else:
-        offsets = [0, 60, 61, 130]
+        offsets = [0, 60, 61, 130] if op == "cross_scale" else [0, 60, 61, 70, 90, 90, 130]
         _check_low_precision(_scale(offsets), lambda q, k, v: reference.cross_scale_attention(q, k, v, offsets),
                              _cross_scale_inputs(2, 24, 20, 100, offsets, dtype), f"{op} {dtype}")
 
@@ -125,9 +137,11 @@ def test_emulated_ops_check_their_inputs():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_bitwise_equal_across_runs(dtype):
     # the emulated threads interleave differently on every run: a result that depended on it (a race across a
-    # barrier, an unordered sum) would differ. Stacked pairs: the one-pass query side
-    offsets = [0, 700, 700, 1500]
+    # barrier, an unordered sum) would differ. 3 segments and stacked pairs: the one-pass query side; 6 segments: the
+    # three launches
+    offsets, six = [0, 700, 700, 1500], [0, 100, 300, 300, 301, 500, 620]
     for fn, inputs in ((_scale(offsets), _cross_scale_inputs(2, 20, 17, 300, offsets, dtype, seed=3)),
+                       (_scale(six), _cross_scale_inputs(1, 20, 17, 200, six, dtype, seed=3)),
                        (_task, _cross_task_inputs(1, 2, 20, 17, 700, 2.0, dtype, seed=3))):
         first, second = (_outputs_and_grads(fn, inputs) for _ in range(2))
         for name, a, b in zip(("out", "dq", "dk", "dv"), first, second):
@@ -146,7 +160,7 @@ def test_spans_of_tiles_per_block(op):
         offsets = [0, 9000, 9001, 20000]
         inputs = _cross_scale_inputs(1, 5, 6, 17000, offsets, seed=5)
         fn, ref = _scale(offsets), lambda q, k, v: reference.cross_scale_attention(q, k, v, offsets)
-    if op == "cross_task_bf16":  # as fp32 "cross_task": fused_query_kernel's pieces of several tiles, dS kept across them
+    if op == "cross_task_bf16":  # as fp32 "cross_task": fused_query_kernel's pieces of several tiles
         inputs = [t.bfloat16() for t in inputs]
         _check_low_precision(fn, ref, inputs, op)
         return
@@ -161,12 +175,12 @@ def _launches(fn):
 
 
 @pytest.mark.parametrize("op", ["cross_task", "cross_task_bf16", "cross_task_fp64", "cross_task_wide", "cross_scale",
-                                "cross_scale_40"])
+                                "cross_scale_5", "cross_scale_40"])
 def test_two_launches_forward_three_backward(op):
     # all pairs, all sources of a call (ragged) in one launch each: forward = reduce + apply; backward =
-    # fused_query + source for stacked pairs whose [m+1, d] fits one tile (fp16/bf16/fp32), else scalars + query (dS
-    # partials and dq) + source (fp64, wider channels, gathered sources); beyond WINDOW (32) segments, two launches
-    # more per window
+    # fused_query + source where [m+1, d] fits one tile (fp16/bf16/fp32) and the J [dS; dz] tiles fit 99 KiB of
+    # shared memory (J <= 4), else scalars + query (dS partials and dq) + source (fp64, wider channels, 5 or more
+    # sources); beyond WINDOW (32) segments, two launches more per window
     if op.startswith("cross_task"):
         dtype = {"cross_task_bf16": torch.bfloat16, "cross_task_fp64": torch.float64}.get(op, torch.float32)
         d = 65 if op == "cross_task_wide" else 5
@@ -176,11 +190,12 @@ def test_two_launches_forward_three_backward(op):
         backward = lambda: _ops().cross_task_backward(torch.ones_like(out), q, k, v, context)  # noqa: E731
         windows, one_pass = 1, op in ("cross_task", "cross_task_bf16")
     else:
-        offsets = [0, 300, 301, 700] if op == "cross_scale" else [i * 3 for i in range(41)]
+        offsets = {"cross_scale": [0, 300, 301, 700], "cross_scale_5": [0, 9, 20, 20, 31, 50],
+                   "cross_scale_40": [i * 3 for i in range(41)]}[op]
         q, k, v = _cross_scale_inputs(2, 5, 4, 50, offsets)
         forward = lambda: _ops().cross_scale(q, k, v, offsets)  # noqa: E731
         out, context = forward()
         backward = lambda: _ops().cross_scale_backward(torch.ones_like(out), q, k, v, context, offsets)  # noqa: E731
-        windows, one_pass = (1 if op == "cross_scale" else 2), False
+        windows, one_pass = (2 if op == "cross_scale_40" else 1), op == "cross_scale"
     assert _launches(forward) == 2 * windows
     assert _launches(backward) == (2 if one_pass else 1 + 2 * windows)

@@ -17,14 +17,15 @@
 // 0..62 are 63 rows of S q, row 63 is z . softplus(q), the denominator. It stores S q / max(den, eps); the blocks of
 // the first position tile also store the sums as the context. Where [m+1, d] fits one tile (the finest scales), a
 // block sums the partials once into shared memory and walks a span of position tiles (source_kernel likewise).
-// Backward, 2 launches for one segment (stacked pairs) with [m+1, d] in one tile, fp64 aside: fused_query_kernel
-// does all of the query side in one pass, then source_kernel. Else 3: scalars_kernel recomputes [S; z] softplus(q)
-// the same way and stores 1/den and b = -(g . S q)/den^2, the only per-position intermediates (2 values per position
-// and segment); query_kernel runs two kinds of blocks in one launch: partials of [dS; dz] = [g/den; b] softplus(q)^T
-// over pieces of the query positions, and dq = softplus'(q) sum_j [S_j; z_j]^T [g_j/den_j; b_j] in one accumulator;
-// source_kernel sums dS's partials in piece order and computes dv = dS softplus(k) and
-// dk = softplus'(k) [dS; dz]^T [v; 1] for a tile of source positions (both in one block where [m+1, d] fits a tile).
-// HBM passes at the finest scales: forward q, k, v, out once each; backward (fused) q, g, k, v, dq, dk, dv once.
+// Backward, 2 launches where [m+1, d] fits one tile (fp64 aside) and the shared memory holds the J [dS; dz] tiles
+// (J <= 4 on every sm_80+ GPU): fused_query_kernel does all of the query side in one pass, then source_kernel.
+// Else 3: scalars_kernel recomputes [S; z] softplus(q) the same way and stores 1/den and b = -(g . S q)/den^2, the
+// only per-position intermediates (2 values per position and segment); query_kernel runs two kinds of blocks in one
+// launch: partials of [dS; dz] = [g/den; b] softplus(q)^T over pieces of the query positions, and
+// dq = softplus'(q) sum_j [S_j; z_j]^T [g_j/den_j; b_j] in one accumulator; source_kernel sums dS's partials in
+// piece order and computes dv = dS softplus(k) and dk = softplus'(k) [dS; dz]^T [v; 1] for a tile of source
+// positions (both in one block where [m+1, d] fits a tile).
+// HBM passes at the finest scales: forward q, k, v, out once each; backward (one pass) q, g, k, v, dq, dk, dv once.
 // No atomics: results are bitwise reproducible. Every index is 64-bit. No table is copied to the device (so no host
 // synchronisation, and CUDA graphs can capture the calls): segments travel by value, WINDOW per launch.
 //
@@ -43,6 +44,7 @@
 #ifdef FUSED_MTL_ATTN_EMULATE_CUDA
 #include "emulation.h"
 #else
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -67,22 +69,34 @@ struct DeviceGuard {
 };
 Stream current_stream() { return 0; }
 
-// kernel<<<grid, block, 0, stream>>>(args...), emulated
+// kernel<<<grid, block, smem, stream>>>(args...), emulated
 template <typename... Params, typename... Args>
-void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Stream, Args&&... args) {
-  emulation::launch(grid, block, [&] { kernel(args...); });
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Stream, Args&&... args) {
+  emulation::launch(grid, block, smem, [&] { kernel(args...); });
 }
+
+// the most dynamic shared memory a block may have: emulated, the smallest opt-in limit of sm_80+ (sm_86, sm_89 and
+// sm_120 have 99 KiB), so that the tests take the paths that every supported GPU takes
+size_t shared_memory_limit() { return 99 * 1024; }
+#define FUSED_MTL_ATTN_DYNAMIC_SMEM(name) unsigned char* name = ::fused_mtl_attn::emulation::dynamic_shared()
 #else
 constexpr bool kEmulated = false;
 using Stream = cudaStream_t;
 using DeviceGuard = c10::cuda::CUDAGuard;
 Stream current_stream() { return c10::cuda::getCurrentCUDAStream(); }
 
+// smem: dynamic shared memory; beyond 48 KiB a kernel must opt in (a host-side attribute, no stream work)
 template <typename... Params, typename... Args>
-void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Stream stream, Args&&... args) {
-  kernel<<<grid, block, 0, stream>>>(std::forward<Args>(args)...);
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Stream stream, Args&&... args) {
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+  kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+size_t shared_memory_limit() { return at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin; }
+#define FUSED_MTL_ATTN_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
 #endif
 
 constexpr int THREADS = 128;     // 4 warps
@@ -207,6 +221,7 @@ struct Mma16 {  // fp16, bf16: one m16n16k16 product
     wmma::mma_sync(acc, fa, fb, acc);
   }
   __device__ void store(float* c, int ldc) const { wmma::store_matrix_sync(c, acc, ldc, wmma::mem_row_major); }
+  __device__ void load(const float* c, int ldc) { wmma::load_matrix_sync(acc, c, ldc, wmma::mem_row_major); }
 };
 
 template <typename AL, typename BL>
@@ -237,6 +252,7 @@ struct Mma16<float, AL, BL> {  // fp32: tf32x3, x = hi + lo with both in TF32, h
     }
   }
   __device__ void store(float* c, int ldc) const { wmma::store_matrix_sync(c, acc, ldc, wmma::mem_row_major); }
+  __device__ void load(const float* c, int ldc) { wmma::load_matrix_sync(acc, c, ldc, wmma::mem_row_major); }
 };
 
 template <typename AL, typename BL>
@@ -324,18 +340,30 @@ __device__ void block_gemm(Acc<scalar_t, AL, BL>& acc, int64_t K, const ALoad& A
   }
 }
 
+// the block's accumulators to and from a 64 x 64 tile in shared memory, row-major with leading dimension
+// Smem::LD_STAGE: each warp its own 16 x 16 tiles, so a warp reads back what it wrote without a barrier
+template <typename scalar_t, typename AL, typename BL>
+__device__ void keep_tiles(const Acc<scalar_t, AL, BL>& acc, accumulation_t<scalar_t>* tile) {
+  constexpr int LD = Smem<scalar_t>::LD_STAGE;
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 2; ++j) acc[i][j].store(tile + (warp_row() + 16 * i) * LD + warp_col() + 16 * j, LD);
+  }
+}
+template <typename scalar_t, typename AL, typename BL>
+__device__ void restore_tiles(Acc<scalar_t, AL, BL>& acc, const accumulation_t<scalar_t>* tile) {
+  constexpr int LD = Smem<scalar_t>::LD_STAGE;
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 2; ++j) acc[i][j].load(tile + (warp_row() + 16 * i) * LD + warp_col() + 16 * j, LD);
+  }
+}
+
 // the finished tile in shared memory, row-major with leading dimension Smem::LD_STAGE; ends with a barrier, and the
 // caller must barrier before the next block_gemm
 template <typename scalar_t, typename AL, typename BL>
 __device__ accumulation_t<scalar_t>* stage(const Acc<scalar_t, AL, BL>& acc, unsigned char* smem) {
   using T = accumulation_t<scalar_t>;
   T* st = reinterpret_cast<T*>(smem);
-  const int wr = warp_row(), wc = warp_col();
-  for (int i = 0; i < 2; ++i) {
-    for (int j = 0; j < 2; ++j) {
-      acc[i][j].store(st + (wr + 16 * i) * Smem<scalar_t>::LD_STAGE + wc + 16 * j, Smem<scalar_t>::LD_STAGE);
-    }
-  }
+  keep_tiles(acc, st);
   __syncthreads();
   return st;
 }
@@ -579,64 +607,83 @@ __global__ void __launch_bounds__(THREADS) query_kernel(Pieces w, int64_t n_redu
   });
 }
 
-// The query side of the backward in one pass, for one segment (stacked pairs) where [m+1, d] fits one tile (the
-// finest scale), fp16/bf16/fp32. Per 64-position tile of the block's piece: [S; z] softplus(q) with the
-// denominator in the last row, 1/den and b, dq = softplus'(q) [S; z]^T [g/den; b], and [dS; dz] +=
-// [g/den; b] softplus(q)^T, kept in the block's accumulators over its piece and stored as the piece's partial. q and
-// g come from HBM once; a tile's later reads of them hit the cache. fp64 keeps the three launches: its operand
-// tiles leave no room for the [S; z] cache in 48 KiB (as for the CACHED kernels).
-// grid x = piece of the query positions, z = group
+// The query side of the backward in one pass, for all segments of a call where [m+1, d] fits one tile (the finest
+// scales) and the dynamic shared memory holds J [dS; dz] tiles, fp16/bf16/fp32. Per 64-position tile of the block's
+// piece and per segment j: [S_j; z_j] softplus(q) with the denominator in the last row, 1/den_j and b_j,
+// dq += [S_j; z_j]^T [g_j/den_j; b_j] (one accumulator over the segments, softplus'(q) in its epilogue) and
+// [dS_j; dz_j] += [g_j/den_j; b_j] softplus(q)^T, kept in shared memory over the piece and stored as segment j's
+// partial. q and g come from HBM once; a tile's later reads of them hit the cache. fp64 takes the three launches
+// (its tiles would need twice the shared memory, and nothing in the network runs in fp64 on a GPU).
+// grid x = piece of segment 0's query positions (every segment has the same pieces), z = group
+template <typename scalar_t>
+struct FusedQuerySmem {  // dynamic shared memory: operand tiles / stage, J [dS; dz] tiles, 1/den and b, dot halves
+  using T = accumulation_t<scalar_t>;
+  static constexpr size_t TILE = BR * Smem<scalar_t>::LD_STAGE;  // elements of one [dS; dz] tile
+  static size_t bytes(int64_t J) { return Smem<scalar_t>::BYTES + (J * (TILE + 2 * BC) + THREADS) * sizeof(T); }
+};
+static_assert(Smem<float>::BYTES % 128 == 0 && Smem<c10::Half>::BYTES % 128 == 0, "the [dS; dz] tiles start aligned");
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(THREADS) fused_query_kernel(Pieces w, const scalar_t* grad, const scalar_t* q,
                                                               const accumulation_t<scalar_t>* ctx, int64_t G,
-                                                              int64_t d, int64_t m, int64_t nq,
+                                                              int64_t J, int64_t d, int64_t m, int64_t nq,
                                                               accumulation_t<scalar_t>* partial, scalar_t* dq) {
   using T = accumulation_t<scalar_t>;
-  FUSED_MTL_ATTN_SMEM(scalar_t);
-  __shared__ T cache[BR * BC];
-  __shared__ T rden[BC], bv[BC], dots[THREADS];
+  using FS = FusedQuerySmem<scalar_t>;
+  FUSED_MTL_ATTN_DYNAMIC_SMEM(smem);
+  T* ds_tiles = reinterpret_cast<T*>(smem + Smem<scalar_t>::BYTES);  // segment j's at j * FS::TILE
+  T* rden = ds_tiles + J * FS::TILE;                                   // [J][BC]
+  T* bv = rden + J * BC;                                               // [J][BC]
+  T* dots = bv + J * BC;                                               // [THREADS]
   constexpr int LD = Smem<scalar_t>::LD_STAGE;
   const int tid = threadIdx.x, p = tid % BC;
   const int64_t g = blockIdx.z;
   const Piece pc = w.piece(blockIdx.x);
-  const T* s = ctx + g * (m + 1) * d;
-  for (int64_t e = tid; e < (m + 1) * d; e += THREADS) cache[e / d * BC + e % d] = s[e];
-  __syncthreads();
   const scalar_t* qg = q + g * d * nq;
-  const scalar_t* gg = grad + g * m * nq;
-  Acc<scalar_t, wmma::row_major, wmma::col_major> ds;  // [dS; dz] over the piece
   for (int64_t p0 = pc.lo; p0 < pc.hi; p0 += BC) {
     const int cols = static_cast<int>(std::min<int64_t>(pc.hi - p0, BC));
-    const T* st = context_times_queries([&](int64_t row, int64_t c) { return cache[row * BC + c]; }, qg, d, m, nq, 0,
-                                        p0, smem);
-    T dot = T(0);  // g . S q as in scalars_kernel (m < 64: one pass)
-    if (p < cols) {
-      for (int r = tid / BC; r < m; r += THREADS / BC) dot += static_cast<T>(gg[r * nq + p0 + p]) * st[r * LD + p];
+    Acc<scalar_t, wmma::col_major, wmma::row_major> acc;  // dq, summed over the segments
+    for (int64_t j = 0; j < J; ++j) {
+      const T* s = ctx + (g * J + j) * (m + 1) * d;
+      const scalar_t* gg = grad + (g * J + j) * m * nq;
+      T* rd = rden + j * BC;
+      T* bj = bv + j * BC;
+      const T* st = context_times_queries([&](int64_t row, int64_t c) { return s[row * d + c]; }, qg, d, m, nq, 0,
+                                          p0, smem);
+      T dot = T(0);  // g . S q as in scalars_kernel (m < 64: one pass)
+      if (p < cols) {
+        for (int r = tid / BC; r < m; r += THREADS / BC) dot += static_cast<T>(gg[r * nq + p0 + p]) * st[r * LD + p];
+      }
+      dots[tid] = dot;
+      __syncthreads();
+      if (tid < BC) position_scalars(st[S_ROWS * LD + tid], dots[tid] + dots[tid + BC], rd[tid], bj[tid]);
+      __syncthreads();
+      auto weights = [&](int64_t i, int64_t t) {  // row i of [g_j / den_j; b_j] at position t of the tile
+        if (t >= cols || i > m) return T(0);
+        return i < m ? static_cast<T>(gg[i * nq + p0 + t]) * rd[t] : bj[t];
+      };
+      block_gemm<scalar_t>(
+          acc, m + 1, [&](int c, int64_t i) { return i <= m && c < d ? s[i * d + c] : T(0); },
+          [&](int64_t i, int t) { return weights(i, t); }, smem, j > 0);
+      Acc<scalar_t, wmma::row_major, wmma::col_major> ds;
+      if (p0 > pc.lo) restore_tiles(ds, ds_tiles + j * FS::TILE);
+      block_gemm<scalar_t>(
+          ds, cols, [&](int i, int64_t t) { return weights(i, t); },
+          [&](int64_t t, int c) { return t < cols && c < d ? softplus(static_cast<T>(qg[c * nq + p0 + t])) : T(0); },
+          smem, p0 > pc.lo);
+      keep_tiles(ds, ds_tiles + j * FS::TILE);
     }
-    dots[tid] = dot;
-    __syncthreads();
-    if (tid < BC) position_scalars(st[S_ROWS * LD + tid], dots[tid] + dots[tid + BC], rden[tid], bv[tid]);
-    __syncthreads();
-    auto weights = [&](int64_t i, int64_t t) {  // row i of [g / den; b] at position t of the tile
-      if (t >= cols || i > m) return T(0);
-      return i < m ? static_cast<T>(gg[i * nq + p0 + t]) * rden[t] : bv[t];
-    };
-    Acc<scalar_t, wmma::col_major, wmma::row_major> acc;
-    block_gemm<scalar_t>(
-        acc, m + 1, [&](int c, int64_t i) { return i <= m && c < d ? cache[i * BC + c] : T(0); },
-        [&](int64_t i, int t) { return weights(i, t); }, smem);
     each_staged(stage(acc, smem), LD, static_cast<int>(d), cols, [&](int c, int t, T x) {
       dq[(g * d + c) * nq + p0 + t] = static_cast<scalar_t>(x * softplus_grad(static_cast<T>(qg[c * nq + p0 + t])));
     });
     __syncthreads();
-    block_gemm<scalar_t>(
-        ds, cols, [&](int i, int64_t t) { return weights(i, t); },
-        [&](int64_t t, int c) { return t < cols && c < d ? softplus(static_cast<T>(qg[c * nq + p0 + t])) : T(0); },
-        smem, p0 > pc.lo);
   }
-  T* dst = partial + ((w.base + blockIdx.x) * G + g) * (m + 1) * d;
-  each_staged(stage(ds, smem), LD, static_cast<int>(m + 1), static_cast<int>(d),
-              [&](int r, int c, T x) { dst[r * d + c] = x; });
+  // the partials of the segments' pieces (the last tile's stage() barrier follows every keep_tiles)
+  for (int64_t j = 0; j < J; ++j) {
+    T* dst = partial + ((w.base + w.first[j] + blockIdx.x) * G + g) * (m + 1) * d;
+    each_staged(ds_tiles + j * FS::TILE, LD, static_cast<int>(m + 1), static_cast<int>(d),
+                [&](int r, int c, T x) { dst[r * d + c] = x; });
+  }
 }
 
 // dv = dS softplus(k) and dk = softplus'(k) [dS; dz]^T [v; 1] for the 64-position tiles of one piece of a segment's
@@ -675,7 +722,8 @@ __global__ void __launch_bounds__(THREADS) source_kernel(Pieces tiles, Pieces qw
         [&](int64_t c, int t) { return c < d && t < cols ? softplus(static_cast<T>(kg[c * nk + lo + t])) : T(0); },
         smem);
     scalar_t* dst = dv + (g * m + r0) * nk + lo;
-    each_staged(stage(acc, smem), LD, rows, cols, [&](int r, int t, T x) { dst[r * nk + t] = static_cast<scalar_t>(x); });
+    each_staged(stage(acc, smem), LD, rows, cols,
+                [&](int r, int t, T x) { dst[r * nk + t] = static_cast<scalar_t>(x); });
     __syncthreads();  // before the next product overwrites the stage
   };
   auto dk_tile = [&](int64_t c0, int64_t lo) {  // channels c0.. of dk at positions lo..
@@ -729,14 +777,14 @@ std::tuple<Tensor, Tensor> forward_cuda(const Tensor& q, const Tensor& k, const 
     using T = accumulation_t<scalar_t>;
     for (const Pieces& w : ws) {
       if (w.count() > 0 && tiles > 0) {
-        launch(reduce_kernel<scalar_t>, dim3(w.count(), tiles, G), dim3(THREADS), stream, w,
+        launch(reduce_kernel<scalar_t>, dim3(w.count(), tiles, G), dim3(THREADS), 0, stream, w,
                k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), G, d, m, nk,
                partial.mutable_data_ptr<T>());
       }
       // also without positions: its first span stores the context
       auto kernel = apply_kernel<scalar_t, false>;
       if constexpr (kCachesSums<scalar_t>) kernel = cached ? apply_kernel<scalar_t, true> : kernel;
-      launch(kernel, dim3(cdiv(std::max<int64_t>(cdiv(nq, BC), 1), span), row_blocks, G * w.n), dim3(THREADS),
+      launch(kernel, dim3(cdiv(std::max<int64_t>(cdiv(nq, BC), 1), span), row_blocks, G * w.n), dim3(THREADS), 0,
              stream, w, partial.const_data_ptr<T>(), q.const_data_ptr<scalar_t>(), G, J, d, m, nq, span,
              ctx.mutable_data_ptr<T>(), out.mutable_data_ptr<scalar_t>());
     }
@@ -759,39 +807,40 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tenso
   for (int64_t j = 0; j <= J; ++j) query_offsets[j] = j * nq;
   const int64_t tiles = cdiv(m + 1, BR) * cdiv(d, BC);
   const bool cached = caches_sums(q.scalar_type(), d, m);
-  // one launch for the query side (fused_query_kernel): its pieces hold whole 64-position tiles, enough of them for
-  // about TARGET_BLOCKS blocks, at most MAX_SPLITS
-  const bool fused = cached && J == 1;
-  const int64_t p_tiles = cdiv(nq, BC);
-  const int64_t fused_span = std::max<int64_t>(cdiv(p_tiles, std::min(cdiv(TARGET_BLOCKS, G), MAX_SPLITS)), 1);
-  const std::vector<Pieces> qws =
-      windows(query_offsets, fused ? BC * fused_span : piece_size(nq, G * J * tiles));
-  // source_kernel: with the sums cached, one block per span of tiles does dv and dk, enough tiles per block for
-  // about TARGET_BLOCKS blocks; else a block per tile and row block
+  // source positions per source_kernel block: with the sums cached, one block per span of tiles does dv and dk,
+  // enough tiles per block for about TARGET_BLOCKS blocks; else a block per tile and row block
   const int64_t row_blocks = cached ? (m + d > 0 ? 1 : 0) : cdiv(m, BR) + cdiv(d, BR);
   const int64_t span = cached ? std::max<int64_t>(cdiv(cdiv(nk, BC) * G, TARGET_BLOCKS), 1) : 1;
   const std::vector<Pieces> sws = windows(offsets, BC * span);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_mtl_attn_backward_cuda", [&] {
     using T = accumulation_t<scalar_t>;
-    Tensor partial = at::empty({total_pieces(qws), G, m + 1, d}, ctx.options());
     if constexpr (kCachesSums<scalar_t>) {
-      if (fused) {
-        if (qws[0].count() > 0) {
-          launch(fused_query_kernel<scalar_t>, dim3(qws[0].count(), 1, G), dim3(THREADS), stream, qws[0],
-                 grad.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(), G, d, m, nq,
-                 partial.mutable_data_ptr<T>(), dq.mutable_data_ptr<scalar_t>());
+      // the query side in one launch (fused_query_kernel) where the J [dS; dz] tiles fit the shared memory; its
+      // pieces hold whole 64-position tiles, enough of them for about TARGET_BLOCKS blocks, at most MAX_SPLITS
+      const size_t smem = FusedQuerySmem<scalar_t>::bytes(J);
+      if (cached && J <= WINDOW && smem <= shared_memory_limit()) {
+        const int64_t p_tiles = cdiv(nq, BC);
+        const int64_t fused_span = std::max<int64_t>(cdiv(p_tiles, std::min(cdiv(TARGET_BLOCKS, G), MAX_SPLITS)), 1);
+        const Pieces qw = windows(query_offsets, BC * fused_span)[0];
+        Tensor partial = at::empty({qw.count(), G, m + 1, d}, ctx.options());
+        if (qw.first[1] > 0) {
+          launch(fused_query_kernel<scalar_t>, dim3(qw.first[1], 1, G), dim3(THREADS), smem, stream, qw,
+                 grad.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(), G, J, d, m,
+                 nq, partial.mutable_data_ptr<T>(), dq.mutable_data_ptr<scalar_t>());
         }
         if (sws[0].count() > 0 && row_blocks > 0) {
-          launch(source_kernel<scalar_t, true>, dim3(sws[0].count(), row_blocks, G), dim3(THREADS), stream, sws[0],
-                 qws[0], partial.const_data_ptr<T>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), G,
-                 d, m, nk, dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>());
+          launch(source_kernel<scalar_t, true>, dim3(sws[0].count(), row_blocks, G), dim3(THREADS), 0, stream,
+                 sws[0], qw, partial.const_data_ptr<T>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+                 G, d, m, nk, dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>());
         }
         return;
       }
     }
+    const std::vector<Pieces> qws = windows(query_offsets, piece_size(nq, G * J * tiles));
+    Tensor partial = at::empty({total_pieces(qws), G, m + 1, d}, ctx.options());
     Tensor rden = at::empty({G, J, nq}, ctx.options()), b = at::empty({G, J, nq}, ctx.options());
     if (nq > 0) {
-      launch(scalars_kernel<scalar_t>, dim3(cdiv(nq, BC), 1, G * J), dim3(THREADS), stream,
+      launch(scalars_kernel<scalar_t>, dim3(cdiv(nq, BC), 1, G * J), dim3(THREADS), 0, stream,
              grad.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(), J, d, m, nq,
              rden.mutable_data_ptr<T>(), b.mutable_data_ptr<T>());
     }
@@ -799,7 +848,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tenso
       const int64_t n_reduce = qws[wi].count() * tiles * G;
       const int64_t n_dq = wi == 0 ? cdiv(nq, BC) * cdiv(d, BR) * G : 0;
       if (n_reduce + n_dq > 0) {
-        launch(query_kernel<scalar_t>, dim3(n_reduce + n_dq), dim3(THREADS), stream, qws[wi], n_reduce,
+        launch(query_kernel<scalar_t>, dim3(n_reduce + n_dq), dim3(THREADS), 0, stream, qws[wi], n_reduce,
                grad.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(),
                rden.const_data_ptr<T>(), b.const_data_ptr<T>(), G, J, d, m, nq, partial.mutable_data_ptr<T>(),
                dq.mutable_data_ptr<scalar_t>());
@@ -807,7 +856,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tenso
       if (sws[wi].count() > 0 && row_blocks > 0) {
         auto kernel = source_kernel<scalar_t, false>;
         if constexpr (kCachesSums<scalar_t>) kernel = cached ? source_kernel<scalar_t, true> : kernel;
-        launch(kernel, dim3(sws[wi].count(), row_blocks, G), dim3(THREADS), stream, sws[wi], qws[wi],
+        launch(kernel, dim3(sws[wi].count(), row_blocks, G), dim3(THREADS), 0, stream, sws[wi], qws[wi],
                partial.const_data_ptr<T>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), G, d, m, nk,
                dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>());
       }

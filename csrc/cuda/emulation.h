@@ -5,7 +5,7 @@
 // A launch runs its blocks one after another; a block runs as blockDim OS threads, so __syncthreads is a real
 // barrier and a thread that returns early leaves it (as on a GPU, where exited threads no longer count).
 // __shared__ variables become function statics: one copy, shared by the threads of the one block that runs at a
-// time. Streams, guards and launch checks are no-ops.
+// time; dynamic shared memory is one buffer per launch. Streams, guards and launch checks are no-ops.
 //
 // The tensor cores' warp-level API (nvcuda::wmma) is emulated too: a fragment holds its whole tile, row-major, and
 // lane 0 of each warp does the loads, products and stores for the warp while the other lanes skip them. The
@@ -95,14 +95,21 @@ inline thread_local Barrier* block_barrier = nullptr;
 
 inline void syncthreads() { block_barrier->arrive_and_wait(); }
 
+// the launch's dynamic shared memory (extern __shared__): one buffer, since one block runs at a time; filled with
+// 0xff bytes (NaN in every floating type) at each launch, so that a kernel reading what it never wrote fails a test
+inline std::vector<double> dynamic_shared_buffer;
+inline unsigned char* dynamic_shared() { return reinterpret_cast<unsigned char*>(dynamic_shared_buffer.data()); }
+
 // runs body() for every thread of every block of the grid, block after block, on one team of blockDim threads
 // (started once per launch: a thread per block and thread would cost more than the kernels)
 inline std::atomic<int64_t> launches{0};  // kernel launches so far, for the tests' count of launches per op call
 
-inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
+inline void launch(dim3 grid, dim3 block, size_t dynamic_bytes, const std::function<void()>& body) {
   ++launches;
   gridDim = grid;
   blockDim = block;
+  dynamic_shared_buffer.assign((dynamic_bytes + sizeof(double) - 1) / sizeof(double), 0.0);
+  std::memset(dynamic_shared_buffer.data(), 0xff, dynamic_shared_buffer.size() * sizeof(double));
   const int threads = static_cast<int>(block.x * block.y * block.z);
   const int64_t blocks = int64_t(grid.x) * grid.y * grid.z;
   Barrier barrier(threads), end_of_block(threads);
@@ -198,6 +205,14 @@ void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const P* p, unsigned ld) 
     for (int c = 0; c < F::cols; ++c) {
       f.x[r * F::cols + c] = std::is_same<L, col_major>::value ? p[c * ld + r] : p[r * ld + c];
     }
+  }
+}
+
+template <int M, int N, int K, typename T>
+void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const T* p, unsigned ld, layout_t layout) {
+  if (lane() != 0) return;
+  for (int r = 0; r < M; ++r) {
+    for (int c = 0; c < N; ++c) f.x[r * N + c] = p[layout == mem_row_major ? r * ld + c : c * ld + r];
   }
 }
 
