@@ -18,7 +18,9 @@
 #   network_tests     90     the GPU tests of test_fused_network.py (float64 parity per GPU backend, float32, bf16)
 #                                                                                      network_tests.log, .xml
 #   ops               90     bench_ops.py at the paper's per-scale shapes, batch 8    ops.json, ops.log
-#   triton_tune       60     tune_triton.py: the Triton kernels' candidate launch configs at the 1/4 scale,
+#   cuda_tune         45     tune_kernels.py --backend cuda: the CUDA kernels' grid shapes (blocks per launch,
+#                            pieces per segment, one-pass query side) at the 1/4 scale  cuda_tune.json, .log
+#   triton_tune       60     tune_kernels.py: the Triton kernels' candidate launch configs at the 1/4 scale,
 #                            bf16 and fp32 (which config to ship)                      triton_tune.json, .log
 #   train            150     bench_train.py NYUD 480x640 2 tasks, PASCAL 512x512 5 tasks, batch 8, fp32 and bf16
 #                            autocast, reference vs fused: time, saved and peak memory train.json, train.log
@@ -105,8 +107,9 @@ if [ "$DRY" = 1 ]; then
     TRAIN="--device cpu --batch 1 --size 64 64 --widths 12 24 48 96 --repeats 1"
     TRAIN_STEPS="--configs nyud2,pascal5 --amp both"
     OPS="--device cpu --quick --positions-scale 0.25 --min-run-time 0.02"
-    TUNE="TRITON_INTERPRET=1 $PY -m benchmarks.tune_triton --device cpu --batch 1 --positions-scale 0.02 --pairs 2 \
+    TUNE="TRITON_INTERPRET=1 $PY -m benchmarks.tune_kernels --device cpu --batch 1 --positions-scale 0.02 --pairs 2 \
           --dtypes float32 --configs 32/32/8 --min-run-time 0.01"
+    CUDA_TUNE="$PY -m benchmarks.tune_kernels --help"  # needs a GPU: here only its command line
 else
     COLLECT=""
     if [ -z "${CUDA_HOME:-}" ]; then  # the toolkit itself: the nvcc on PATH may be a wrapper script
@@ -136,7 +139,8 @@ else
     TRAIN="--device cuda --batch 8 --repeats ${TRAIN_REPEATS:-5}"
     TRAIN_STEPS="--configs nyud2,pascal5 --amp both"
     OPS="--device cuda --batch 8 ${OPS_ARGS:-}"
-    TUNE="$PY -m benchmarks.tune_triton --device cuda --batch 8"
+    TUNE="$PY -m benchmarks.tune_kernels --device cuda --batch 8"
+    CUDA_TUNE="$TUNE --backend cuda --json '$OUT/cuda_tune.json'"
 fi
 
 $PY -c "$AUTO_CHOICE" 2>&1 | tee -a "$OUT/env.log"  # after the build, so that the compiled backends load
@@ -145,6 +149,7 @@ run_step kernel_tests 150 "$OUT/kernel_tests.log" \
 run_step network_tests 90 "$OUT/network_tests.log" \
     "$PY -m pytest -q $COLLECT -m gpu tests/test_fused_network.py --junitxml='$OUT/network_tests.xml'"
 run_step ops 90 "$OUT/ops.log" "$PY -m benchmarks.bench_ops $OPS --json '$OUT/ops.json'"
+run_step cuda_tune 45 "$OUT/cuda_tune.log" "$CUDA_TUNE"
 run_step triton_tune 60 "$OUT/triton_tune.log" "$TUNE --json '$OUT/triton_tune.json'"
 run_step train 150 "$OUT/train.log" "$PY -m benchmarks.bench_train $TRAIN $TRAIN_STEPS --json '$OUT/train.json'"
 run_step train_compiled 300 "$OUT/train_compiled.log" \

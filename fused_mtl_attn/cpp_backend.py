@@ -177,6 +177,31 @@ def use_cpu_isa(name: str) -> Iterator[None]:
             _C.set_cpu_isa(previous)
 
 
+@contextlib.contextmanager
+def cuda_launch_tuning(target_blocks: int | None = None, max_splits: int | None = None,
+                       one_pass_query: bool | None = None, emulated: bool = False) -> Iterator[None]:
+    """Launch the CUDA kernels with these shapes inside the block (benchmarks/tune_kernels.py times candidates so):
+    pieces of a reduction are cut until a launch has about `target_blocks` blocks, at most `max_splits` per segment;
+    `one_pass_query=False` keeps the backward's query side in two launches where one would do. None leaves a value
+    as it is. `emulated=True` tunes the host-emulated kernels of `torch.ops.fused_mtl_attn_emulated` (tests)."""
+    _require_extension()
+    namespace = torch.ops.fused_mtl_attn_emulated if emulated else torch.ops.fused_mtl_attn
+    if not hasattr(namespace, "launch_tuning"):
+        raise RuntimeError("the CUDA kernels are not built into fused_mtl_attn._C (a CPU-only build)")
+    for name, value in (("target_blocks", target_blocks), ("max_splits", max_splits)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
+    if one_pass_query is not None and not isinstance(one_pass_query, bool):
+        raise ValueError(f"one_pass_query must be a bool or None, got {one_pass_query!r}")
+    previous = namespace.launch_tuning(-1 if target_blocks is None else target_blocks,
+                                       -1 if max_splits is None else max_splits,
+                                       -1 if one_pass_query is None else int(one_pass_query))
+    try:
+        yield
+    finally:
+        namespace.launch_tuning(*previous)
+
+
 def _cpu_availability() -> list:
     if _LOAD_ERROR:
         return [_LOAD_ERROR]

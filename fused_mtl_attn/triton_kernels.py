@@ -522,7 +522,7 @@ _FORCED: list = []  # the config of an enclosing `forced_config`, if any
 
 @contextlib.contextmanager
 def forced_config(cfg: Config):
-    """Launch every kernel with `cfg` inside this block (benchmarks/tune_triton.py times candidates so)."""
+    """Launch every kernel with `cfg` inside this block (benchmarks/tune_kernels.py times candidates so)."""
     _FORCED.append(Config(*cfg))
     try:
         yield

@@ -171,7 +171,7 @@ def test_plots(ops_rows, train_rows, tmp_path):
 
 
 def test_tune_triton_rows_and_forced_config(monkeypatch, tmp_path):
-    from benchmarks import tune_triton
+    from benchmarks import tune_kernels
     from fused_mtl_attn import triton_kernels as tk
 
     # every launch inside a forced config uses its blocks (else the tuning rows would all time one config)
@@ -180,7 +180,7 @@ def test_tune_triton_rows_and_forced_config(monkeypatch, tmp_path):
     monkeypatch.setattr(tk, "_launch", lambda kernel, grid, *a, **meta: (seen.append(meta["BLOCK_N"]),
                                                                           real(kernel, grid, *a, **meta)))
     path = tmp_path / "tune.json"
-    rows = tune_triton.main(["--device", "cpu", "--batch", "1", "--positions-scale", "0.02", "--pairs", "2",
+    rows = tune_kernels.main(["--device", "cpu", "--batch", "1", "--positions-scale", "0.02", "--pairs", "2",
                              "--dtypes", "float32", "--configs", "16/16/4,32/32/8", "--min-run-time", "0.01",
                              "--json", str(path)])
     assert [(r["case"], r["config"]) for r in rows] == [
@@ -194,10 +194,20 @@ def test_tune_triton_rows_and_forced_config(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("bad", [["--configs", "32/30/8"], ["--configs", "32/32"], ["--dtypes", "int32"],
-                                 ["--batch", "0"], ["--pairs", "two"]])
-def test_tune_triton_rejects_bad_arguments(bad, capsys):
-    from benchmarks import tune_triton
+                                 ["--batch", "0"], ["--pairs", "two"], ["--backend", "cpu"],
+                                 ["--backend", "cuda"]])  # with --device cpu
+def test_tune_kernels_rejects_bad_arguments(bad, capsys):
+    from benchmarks import tune_kernels
 
     with pytest.raises(SystemExit):
-        tune_triton.main(["--device", "cpu", *bad])
+        tune_kernels.main(["--device", "cpu", *bad])
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["512/16", "0/16/1", "512/0/1", "512/16/2", "a/16/1"])
+def test_tune_kernels_rejects_bad_cuda_configs(text):
+    from benchmarks import tune_kernels
+
+    with pytest.raises(ValueError, match="TARGET_BLOCKS/MAX_SPLITS/ONE_PASS"):
+        tune_kernels.parse_config(text, "cuda")
+    assert tune_kernels.parse_config("1024/32/0", "cuda") == (1024, 32, 0)

@@ -199,3 +199,43 @@ def test_two_launches_forward_three_backward(op):
         windows, one_pass = (2 if op == "cross_scale_40" else 1), op == "cross_scale"
     assert _launches(forward) == 2 * windows
     assert _launches(backward) == (2 if one_pass else 1 + 2 * windows)
+
+
+def test_launch_tuning_changes_the_grid_not_the_result():
+    # benchmarks/tune_kernels.py times the kernels under other grid shapes: more blocks and pieces per segment, and
+    # the query side in three launches where one pass applies; each must compute the same function
+    from fused_mtl_attn.cpp_backend import cuda_launch_tuning
+
+    offsets = [0, 3000, 3001, 5000]
+    inputs = _cross_scale_inputs(1, 6, 5, 4000, offsets, seed=11)
+    fn = _scale(offsets)
+    want = _outputs_and_grads(lambda q, k, v: reference.cross_scale_attention(q, k, v, offsets),
+                              [t.double() for t in inputs])
+    default = _outputs_and_grads(fn, inputs)
+    q, k, v = inputs
+    out, context = _ops().cross_scale(q, k, v, offsets)
+    backward = lambda: _ops().cross_scale_backward(torch.ones_like(out), q, k, v, context, offsets)  # noqa: E731
+    assert _launches(backward) == 2
+    for tuning, launches in (({"target_blocks": 4096, "max_splits": 64}, 2), ({"one_pass_query": False}, 3),
+                             ({"target_blocks": 1, "max_splits": 1, "one_pass_query": False}, 3)):
+        with cuda_launch_tuning(emulated=True, **tuning):
+            got = _outputs_and_grads(fn, inputs)
+            assert _launches(backward) == launches, tuning
+        _check_against(got, want, (1e-5, 1e-4, 1e-4, 1e-4), f"tuned {tuning}")
+        if "max_splits" in tuning:  # other pieces, another order of the sums (the three launches cut the same
+            # pieces here as the one pass, and sum in the same order: equal results, told apart by the launches)
+            assert any(not torch.equal(a, b) for a, b in zip(got[1:], default[1:])), f"{tuning} changed nothing"
+    assert _ops().launch_tuning(-1, -1, -1) == [512, 16, 1]  # restored after each block
+
+
+@pytest.mark.parametrize("bad", [{"target_blocks": 0}, {"max_splits": -3}, {"target_blocks": True},
+                                 {"max_splits": 2.5}, {"one_pass_query": 1}])
+def test_launch_tuning_rejects_bad_values(bad):
+    from fused_mtl_attn.cpp_backend import cuda_launch_tuning
+
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        with cuda_launch_tuning(emulated=True, **bad):
+            pass
+    with pytest.raises(RuntimeError, match="one_pass_query must be 0 or 1"):
+        _ops().launch_tuning(-1, -1, 2)
+    assert _ops().launch_tuning(-1, -1, -1) == [512, 16, 1]

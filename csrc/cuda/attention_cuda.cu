@@ -12,7 +12,7 @@
 // read the tile back from shared memory instead of from registers.
 //
 // Forward, 2 launches: reduce_kernel sums [v; 1] softplus(k)^T over one piece of a segment's positions into a
-// partial [m+1, d] (a segment has at most MAX_SPLITS pieces); apply_kernel sums the segment's partials in piece
+// partial [m+1, d] (a segment has at most max_splits pieces, 16 by default); apply_kernel sums the segment's partials in piece
 // order while loading them as its operand and computes [S; z] softplus(q) for a tile of 64 positions: tile rows
 // 0..62 are 63 rows of S q, row 63 is z . softplus(q), the denominator. It stores S q / max(den, eps); the blocks of
 // the first position tile also store the sums as the context. Where [m+1, d] fits one tile (the finest scales), a
@@ -103,9 +103,30 @@ constexpr int THREADS = 128;     // 4 warps
 constexpr int BR = 64, BC = 64;  // a block's output tile
 constexpr int KT = 32;           // K per shared-memory stage
 constexpr int S_ROWS = BR - 1;   // rows of S in an apply/scalars tile; its last row is z (the denominator)
-constexpr int64_t MAX_SPLITS = 16;     // pieces per segment: every consumer block sums them again
-constexpr int64_t MIN_PIECE = 256;     // positions
-constexpr int64_t TARGET_BLOCKS = 512; // pieces are cut until a reduction has about this many blocks
+constexpr int64_t MIN_PIECE = 256;  // positions
+
+// Launch shapes that only a GPU's timings can settle, settable per process (launch_tuning, for
+// benchmarks/tune_kernels.py): pieces are cut until a launch has about target_blocks blocks, at most max_splits per
+// segment (every consumer block sums them again); one_pass_query takes fused_query_kernel where it applies.
+struct Tuning {
+  int64_t target_blocks = 512, max_splits = 16;
+  bool one_pass_query = true;
+};
+Tuning tuning;
+
+// sets the values given (negative: unchanged), returns the previous ones [target_blocks, max_splits, one_pass_query]
+std::vector<int64_t> launch_tuning(int64_t target_blocks, int64_t max_splits, int64_t one_pass_query) {
+  TORCH_CHECK(target_blocks < 0 || target_blocks >= 1, "target_blocks must be >= 1, got ", target_blocks);
+  TORCH_CHECK(max_splits < 0 || max_splits >= 1, "max_splits must be >= 1, got ", max_splits);
+  TORCH_CHECK(one_pass_query <= 1, "one_pass_query must be 0 or 1, got ", one_pass_query);
+  std::vector<int64_t> before{tuning.target_blocks, tuning.max_splits, tuning.one_pass_query};
+  if (target_blocks >= 0) tuning.target_blocks = target_blocks;
+  if (max_splits >= 0) tuning.max_splits = max_splits;
+  if (one_pass_query >= 0) tuning.one_pass_query = one_pass_query == 1;
+  return before;
+}
+constexpr const char* kTuningSchema =
+    "launch_tuning(int target_blocks=-1, int max_splits=-1, int one_pass_query=-1) -> int[]";
 
 __host__ __device__ inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -164,9 +185,10 @@ int64_t longest(const std::vector<int64_t>& offsets) {
 }
 
 // positions per piece of a reduction whose pieces each take `blocks` blocks: pieces are cut until the launch has
-// about TARGET_BLOCKS blocks, at most MAX_SPLITS per segment and at least MIN_PIECE positions each
+// about target_blocks blocks, at most max_splits per segment and at least MIN_PIECE positions each
 int64_t piece_size(int64_t longest_segment, int64_t blocks) {
-  const int64_t splits = std::clamp<int64_t>(cdiv(TARGET_BLOCKS, std::max<int64_t>(blocks, 1)), 1, MAX_SPLITS);
+  const int64_t splits =
+      std::clamp<int64_t>(cdiv(tuning.target_blocks, std::max<int64_t>(blocks, 1)), 1, tuning.max_splits);
   return std::max(MIN_PIECE, cdiv(cdiv(longest_segment, splits), KT) * KT);
 }
 
@@ -769,10 +791,11 @@ std::tuple<Tensor, Tensor> forward_cuda(const Tensor& q, const Tensor& k, const 
   const int64_t tiles = cdiv(m + 1, BR) * cdiv(d, BC);
   const std::vector<Pieces> ws = windows(offsets, piece_size(longest(offsets), G * J * tiles));
   Tensor partial = at::empty({total_pieces(ws), G, m + 1, d}, ctx.options());
-  // position tiles per apply block: with the sums cached, enough for about TARGET_BLOCKS blocks; else one
+  // position tiles per apply block: with the sums cached, enough for about target_blocks blocks; else one
   const bool cached = caches_sums(q.scalar_type(), d, m);
   const int64_t row_blocks = std::max<int64_t>(cdiv(m, S_ROWS), 1);
-  const int64_t span = cached ? std::max<int64_t>(cdiv(cdiv(nq, BC), cdiv(TARGET_BLOCKS, G * J * row_blocks)), 1) : 1;
+  const int64_t span =
+      cached ? std::max<int64_t>(cdiv(cdiv(nq, BC), cdiv(tuning.target_blocks, G * J * row_blocks)), 1) : 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_mtl_attn_forward_cuda", [&] {
     using T = accumulation_t<scalar_t>;
     for (const Pieces& w : ws) {
@@ -808,19 +831,20 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tenso
   const int64_t tiles = cdiv(m + 1, BR) * cdiv(d, BC);
   const bool cached = caches_sums(q.scalar_type(), d, m);
   // source positions per source_kernel block: with the sums cached, one block per span of tiles does dv and dk,
-  // enough tiles per block for about TARGET_BLOCKS blocks; else a block per tile and row block
+  // enough tiles per block for about target_blocks blocks; else a block per tile and row block
   const int64_t row_blocks = cached ? (m + d > 0 ? 1 : 0) : cdiv(m, BR) + cdiv(d, BR);
-  const int64_t span = cached ? std::max<int64_t>(cdiv(cdiv(nk, BC) * G, TARGET_BLOCKS), 1) : 1;
+  const int64_t span = cached ? std::max<int64_t>(cdiv(cdiv(nk, BC) * G, tuning.target_blocks), 1) : 1;
   const std::vector<Pieces> sws = windows(offsets, BC * span);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_mtl_attn_backward_cuda", [&] {
     using T = accumulation_t<scalar_t>;
     if constexpr (kCachesSums<scalar_t>) {
       // the query side in one launch (fused_query_kernel) where the J [dS; dz] tiles fit the shared memory; its
-      // pieces hold whole 64-position tiles, enough of them for about TARGET_BLOCKS blocks, at most MAX_SPLITS
+      // pieces hold whole 64-position tiles, enough of them for about target_blocks blocks, at most max_splits
       const size_t smem = FusedQuerySmem<scalar_t>::bytes(J);
-      if (cached && J <= WINDOW && smem <= shared_memory_limit()) {
+      if (tuning.one_pass_query && cached && J <= WINDOW && smem <= shared_memory_limit()) {
         const int64_t p_tiles = cdiv(nq, BC);
-        const int64_t fused_span = std::max<int64_t>(cdiv(p_tiles, std::min(cdiv(TARGET_BLOCKS, G), MAX_SPLITS)), 1);
+        const int64_t pieces = std::min(cdiv(tuning.target_blocks, G), tuning.max_splits);
+        const int64_t fused_span = std::max<int64_t>(cdiv(p_tiles, pieces), 1);
         const Pieces qw = windows(query_offsets, BC * fused_span)[0];
         Tensor partial = at::empty({qw.count(), G, m + 1, d}, ctx.options());
         if (qw.first[1] > 0) {
@@ -872,10 +896,12 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tenso
 TORCH_LIBRARY(fused_mtl_attn_emulated, m) {
   define_attention_ops(m);
   m.def("launches() -> int", +[]() -> int64_t { return emulation::launches.load(); });  // kernel launches so far
+  m.def(kTuningSchema, &launch_tuning);
 }
 FUSED_MTL_ATTN_REGISTER_IN(fused_mtl_attn_emulated, CPU, forward_cuda, backward_cuda)
 #else
 FUSED_MTL_ATTN_REGISTER(CUDA, forward_cuda, backward_cuda)
+TORCH_LIBRARY_FRAGMENT(fused_mtl_attn, m) { m.def(kTuningSchema, &launch_tuning); }
 #endif
 
 }  // namespace fused_mtl_attn
