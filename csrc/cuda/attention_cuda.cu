@@ -12,11 +12,12 @@
 // read the tile back from shared memory instead of from registers.
 //
 // Forward, 2 launches: reduce_kernel sums [v; 1] softplus(k)^T over one piece of a segment's positions into a
-// partial [m+1, d] (a segment has at most max_splits pieces, 16 by default); apply_kernel sums the segment's partials in piece
-// order while loading them as its operand and computes [S; z] softplus(q) for a tile of 64 positions: tile rows
-// 0..62 are 63 rows of S q, row 63 is z . softplus(q), the denominator. It stores S q / max(den, eps); the blocks of
-// the first position tile also store the sums as the context. Where [m+1, d] fits one tile (the finest scales), a
-// block sums the partials once into shared memory and walks a span of position tiles (source_kernel likewise).
+// partial [m+1, d] (a segment has at most max_splits pieces, 16 by default); apply_kernel sums the segment's
+// partials in piece order while loading them as its operand and computes [S; z] softplus(q) for a tile of 64
+// positions: tile rows 0..62 are 63 rows of S q, row 63 is z . softplus(q), the denominator. It stores
+// S q / max(den, eps); the blocks of the first position tile also store the sums as the context. Where [m+1, d] fits
+// one tile (the finest scales), a block sums the partials once into shared memory and walks a span of position
+// tiles (source_kernel likewise).
 // Backward, 2 launches where [m+1, d] fits one tile (fp64 aside) and the shared memory holds the J [dS; dz] tiles
 // (J <= 4 on every sm_80+ GPU): fused_query_kernel does all of the query side in one pass, then source_kernel.
 // Else 3: scalars_kernel recomputes [S; z] softplus(q) the same way and stores 1/den and b = -(g . S q)/den^2, the
@@ -490,8 +491,9 @@ __device__ accumulation_t<scalar_t>* context_times_queries(const Ctx& ctx, const
 }
 
 // out[g, j, i, p] = (S_j softplus(q_p))_i / max(z_j . softplus(q_p), eps), with S_j, z_j the sums of segment j's
-// partials; the blocks of the first position span also store them as the context. grid x = span of `span` position
-// tiles (more than one only when CACHED), y = block of 63 rows of S, z = g * w.n + (j - w.j0). CACHED is a template
+// partials; the blocks of the first position span also store them as the context. grid x = (span of `span`
+// position tiles (more than one only when CACHED)) * w.n + (j - w.j0): the segments of one span run side by side,
+// so gathered sources share each query tile's trip from HBM; y = block of 63 rows of S, z = group. CACHED is a template
 // argument: one kernel holding both ways of reading the sums spills on sm_80. The explicit "1 block per SM" lets
 // ptxas take 158 registers for the uncached fp32 variant on sm_80, which it otherwise caps at 128 with 24 B spilled.
 template <typename scalar_t, bool CACHED>
@@ -503,11 +505,12 @@ __global__ void __launch_bounds__(THREADS, 1) apply_kernel(Pieces w, const accum
   FUSED_MTL_ATTN_SMEM(scalar_t);
   __shared__ T cache[CACHED ? BR * BC : 1];
   constexpr int LD = Smem<scalar_t>::LD_STAGE;
-  const int i = blockIdx.z % w.n;
-  const int64_t g = blockIdx.z / w.n, gj = g * J + w.j0 + i, r0 = static_cast<int64_t>(blockIdx.y) * S_ROWS;
+  const int i = static_cast<int>(blockIdx.x % w.n);
+  const int64_t span_index = blockIdx.x / w.n;
+  const int64_t g = blockIdx.z, gj = g * J + w.j0 + i, r0 = static_cast<int64_t>(blockIdx.y) * S_ROWS;
   const Summed<T> summed(partial, w, i, G, g, m + 1, d);
   T* c_out = ctx + gj * (m + 1) * d;
-  const bool stores = blockIdx.x == 0;  // one block stores each row of the context: z by row block 0
+  const bool stores = span_index == 0;  // one block stores each row of the context: z by row block 0
   auto keep = [&](int64_t row, int64_t c, T s) {
     if (stores && (row < m || blockIdx.y == 0)) c_out[row * d + c] = s;
   };
@@ -522,7 +525,7 @@ __global__ void __launch_bounds__(THREADS, 1) apply_kernel(Pieces w, const accum
     }
   };
   const int rows = static_cast<int>(std::min<int64_t>(m - r0, S_ROWS));
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * span, last = std::min(first + span, cdiv(nq, BC));
+  const int64_t first = span_index * span, last = std::min(first + span, cdiv(nq, BC));
   // at least one tile: without positions, the first span still stores the context; uncached, exactly one
   for (int64_t tile = first; tile == first || (CACHED && tile < last); ++tile) {
     const int64_t p0 = tile * BC;
@@ -547,7 +550,8 @@ __device__ __forceinline__ void position_scalars(T den, T dot, T& rden, T& b) {
 
 // rden[g, j, p] = 1 / max(den, eps) and b[g, j, p] = -(g . S q) / max(den, eps)^2 (zero where the clamp is active),
 // [S; z] softplus(q) recomputed as in apply_kernel, 63 rows of S per pass. Thread t sums g . S q for position t % 64
-// over rows t / 64 + 2 i; the two halves are added in order at the end. grid x = position tile, z = g * J + j
+// over rows t / 64 + 2 i; the two halves are added in order at the end. grid x = position tile * J + j (the
+// segments of a tile side by side, sharing its trip from HBM), z = group
 template <typename scalar_t>
 __global__ void __launch_bounds__(THREADS) scalars_kernel(const scalar_t* grad, const scalar_t* q,
                                                           const accumulation_t<scalar_t>* ctx, int64_t J, int64_t d,
@@ -558,7 +562,7 @@ __global__ void __launch_bounds__(THREADS) scalars_kernel(const scalar_t* grad, 
   __shared__ T dots[THREADS];
   constexpr int LD = Smem<scalar_t>::LD_STAGE;
   const int tid = threadIdx.x, p = tid % BC;
-  const int64_t gj = blockIdx.z, g = gj / J, p0 = static_cast<int64_t>(blockIdx.x) * BC;
+  const int64_t g = blockIdx.z, gj = g * J + blockIdx.x % J, p0 = static_cast<int64_t>(blockIdx.x / J) * BC;
   const T* s = ctx + gj * (m + 1) * d;
   const bool live = p0 + p < nq;
   T dot = T(0), den = T(0);
@@ -807,7 +811,7 @@ std::tuple<Tensor, Tensor> forward_cuda(const Tensor& q, const Tensor& k, const 
       // also without positions: its first span stores the context
       auto kernel = apply_kernel<scalar_t, false>;
       if constexpr (kCachesSums<scalar_t>) kernel = cached ? apply_kernel<scalar_t, true> : kernel;
-      launch(kernel, dim3(cdiv(std::max<int64_t>(cdiv(nq, BC), 1), span), row_blocks, G * w.n), dim3(THREADS), 0,
+      launch(kernel, dim3(cdiv(std::max<int64_t>(cdiv(nq, BC), 1), span) * w.n, row_blocks, G), dim3(THREADS), 0,
              stream, w, partial.const_data_ptr<T>(), q.const_data_ptr<scalar_t>(), G, J, d, m, nq, span,
              ctx.mutable_data_ptr<T>(), out.mutable_data_ptr<scalar_t>());
     }
@@ -864,7 +868,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tenso
     Tensor partial = at::empty({total_pieces(qws), G, m + 1, d}, ctx.options());
     Tensor rden = at::empty({G, J, nq}, ctx.options()), b = at::empty({G, J, nq}, ctx.options());
     if (nq > 0) {
-      launch(scalars_kernel<scalar_t>, dim3(cdiv(nq, BC), 1, G * J), dim3(THREADS), 0, stream,
+      launch(scalars_kernel<scalar_t>, dim3(cdiv(nq, BC) * J, 1, G), dim3(THREADS), 0, stream,
              grad.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(), J, d, m, nq,
              rden.mutable_data_ptr<T>(), b.mutable_data_ptr<T>());
     }
