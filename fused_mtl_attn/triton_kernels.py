@@ -32,6 +32,9 @@ fp32 accumulation; fp32 inputs run tf32x3 (three TF32 products, ~fp32 accuracy: 
 Channel blocks are powers of two >= 16 (tl.dot's minimum), masked to the real d and m; channels wider than one
 block loop over blocks, re-reading tiles from cache (the coarse scales, where the op is not memory-bound).
 Indexing is 64-bit (`_tile`): B*C*N may pass 2^31.
+Grids put the group fastest in axis 0 where programs of several groups read the same query (`_apply_kernel`,
+`_reduce_kernel` BACKWARD on gathered sources): they run side by side, so a query tile comes from HBM once and
+from L2 for the other sources.
 """
 from __future__ import annotations
 
@@ -164,7 +167,7 @@ def _reduce_kernel(
     w_ptr, ws_b, ws_p, ws_c, ws_n,  # weights [B, G, m, N]: v (forward) or g (backward)
     rden_ptr, bvec_ptr,  # backward only: [B, G, N] contiguous, 1/den and b per position
     s_ptr, z_ptr,  # partials [B, G, n_split, m, d] and [B, G, n_split, d], contiguous, accumulation dtype
-    d, m, n_pos, n_groups, p_base, n_split, o0, o1, o2, o3, o4, o5, o6, o7, o8,
+    d, m, n_pos, n_groups, p_base, n_launch, n_split, o0, o1, o2, o3, o4, o5, o6, o7, o8,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BACKWARD: tl.constexpr,
     RAGGED: tl.constexpr,
 ):
@@ -172,11 +175,14 @@ def _reduce_kernel(
     in_ty = x_ptr.dtype.element_ty
     n_mb = tl.maximum(tl.cdiv(m, BLOCK_M), 1)  # one m block even for m = 0, which still owes z
     n_db = tl.cdiv(d, BLOCK_D)
+    # axis 0 = (split, m block, d block, group of the launch), the group fastest: the backward's gathered sources
+    # read the same query tile side by side (one trip from HBM, the others from L2)
     pid = tl.program_id(0)
+    g = pid % n_launch
+    pid = pid // n_launch
     split = pid // (n_mb * n_db)
     mb = (pid // n_db) % n_mb
     db = pid % n_db
-    g = tl.program_id(1)
     p = (p_base + g).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     rm = mb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -222,10 +228,13 @@ def _apply_kernel(
     acc_ty = s_ptr.dtype.element_ty
     in_ty = x_ptr.dtype.element_ty
     n_rb = tl.maximum(tl.cdiv(m, BLOCK_R), 1)
+    # axis 0 = (position span, row block, group), the group fastest: gathered sources read the same query tile side
+    # by side (one trip from HBM, the others from L2)
     pid = tl.program_id(0)
+    p = (pid % n_groups).to(tl.int64)
+    pid = pid // n_groups
     rb = pid % n_rb
     pp = pid // n_rb
-    p = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     group = b * n_groups + p
     rr = rb * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -608,8 +617,8 @@ def forward(q, k, v, offsets: Optional[Sequence[int]] = None):
     s_part = torch.empty(B, G, n_split, m, d, device=q.device, dtype=acc)
     z_part = torch.empty(B, G, n_split, d, device=q.device, dtype=acc)
     for p_base, n_groups, bounds, ragged in launches:
-        _launch(_reduce_kernel, (n_split * tiles, n_groups, B), k, *_strides(k), v, *_strides(v),
-                s_part, s_part, s_part, z_part, d, m, n_k, G, p_base, n_split, *bounds,
+        _launch(_reduce_kernel, (n_split * tiles * n_groups, 1, B), k, *_strides(k), v, *_strides(v),
+                s_part, s_part, s_part, z_part, d, m, n_k, G, p_base, n_groups, n_split, *bounds,
                 BLOCK_M=cfg.block_c, BLOCK_D=cfg.block_c, BLOCK_N=cfg.block_n, BACKWARD=False, RAGGED=ragged,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     S = torch.empty(B, G, m, d, device=q.device, dtype=acc)
@@ -617,7 +626,7 @@ def forward(q, k, v, offsets: Optional[Sequence[int]] = None):
     out = torch.empty(B, G, m, n_q, device=q.device, dtype=q.dtype)
     row_blocks = max(1, _blocks(m, cfg))
     n_prog = _num_splits(n_q, row_blocks * B * G, cfg.block_n)
-    _launch(_apply_kernel, (row_blocks * n_prog, G, B), s_part, z_part, n_split, S, z, q, *_strides(q),
+    _launch(_apply_kernel, (row_blocks * n_prog * G, 1, B), s_part, z_part, n_split, S, z, q, *_strides(q),
             out, *_strides(out), m, d, n_q, G, n_prog,
             BLOCK_R=cfg.block_c, BLOCK_C=cfg.block_c, BLOCK_N=cfg.block_n, SINGLE=max(d, m) <= cfg.block_c,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -654,8 +663,8 @@ def backward(grad, q, k, v, S, z, offsets: Optional[Sequence[int]] = None):
         n_split = _num_splits(n_q, tiles * B * G, cfg.block_n)
         ds_part = torch.empty(B, G, n_split, m, d, device=q.device, dtype=acc)
         dz_part = torch.empty(B, G, n_split, d, device=q.device, dtype=acc)
-        _launch(_reduce_kernel, (n_split * tiles, G, B), q, *_strides(q), grad, *_strides(grad),
-                rden, bvec, ds_part, dz_part, d, m, n_q, G, 0, n_split, *_UNUSED_BOUNDS,
+        _launch(_reduce_kernel, (n_split * tiles * G, 1, B), q, *_strides(q), grad, *_strides(grad),
+                rden, bvec, ds_part, dz_part, d, m, n_q, G, 0, G, n_split, *_UNUSED_BOUNDS,
                 BLOCK_M=cfg.block_c, BLOCK_D=cfg.block_c, BLOCK_N=cfg.block_n, BACKWARD=True, RAGGED=False,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
