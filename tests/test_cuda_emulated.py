@@ -13,6 +13,7 @@ from fused_mtl_attn import reference
 
 from .test_cpp_ops import CROSS_SCALE, CROSS_TASK, _check_against, _cross_scale_inputs, _cross_task_inputs, \
     _error, _outputs_and_grads
+from .test_cuda_sync import check_window_independence
 
 pytestmark = pytest.mark.skipif(not fused_mtl_attn.available_backends()["cpu"][0], reason="extension not built")
 
@@ -103,6 +104,11 @@ def test_gathered_sources_one_pass_or_three_launches(offsets):
                               [t.double() for t in inputs])
     _check_against(_outputs_and_grads(_scale(offsets), inputs), want, (1e-5, 1e-4, 1e-4, 1e-4),
                    f"cross_scale J={len(offsets) - 1}")
+
+
+def test_segment_result_does_not_depend_on_its_window():
+    # the check of tests/test_cuda_sync.py (there 70 segments; here 38, two launch windows), on the emulated kernels
+    check_window_independence(_scale, "cpu", n_segments=38)
 
 
 def _check_low_precision(fn, ref, inputs, what):
