@@ -38,6 +38,8 @@
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
+#include <mutex>
+#include <set>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -86,17 +88,27 @@ using Stream = cudaStream_t;
 using DeviceGuard = c10::cuda::CUDAGuard;
 Stream current_stream() { return c10::cuda::getCurrentCUDAStream(); }
 
-// smem: dynamic shared memory; beyond 48 KiB a kernel must opt in (a host-side attribute, no stream work)
+size_t shared_memory_limit() { return at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin; }
+
+// Beyond 48 KiB of dynamic shared memory a kernel must opt in: once per kernel and device, to all the device allows,
+// so that later calls (and CUDA graph captures after a first call) make no runtime calls besides the launch
+void opt_in_shared_memory(const void* kernel) {
+  static std::mutex mutex;
+  static std::set<std::pair<const void*, int>> done;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (done.insert({kernel, c10::cuda::current_device()}).second) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(shared_memory_limit())));
+  }
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...); smem: dynamic shared memory
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Stream stream, Args&&... args) {
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
+  if (smem > 48 * 1024) opt_in_shared_memory(reinterpret_cast<const void*>(kernel));
   kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
-
-size_t shared_memory_limit() { return at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin; }
 #define FUSED_MTL_ATTN_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
 #endif
 
