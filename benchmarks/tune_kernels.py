@@ -28,7 +28,6 @@ CANDIDATES = {
     "triton": "32/32/8,64/16/8,64/32/8,64/64/8,64/16/4,64/32/8/2,32/64/8",
     "cuda": "512/16/1,1024/16/1,2048/32/1,4096/64/1,512/16/0,2048/32/0",
 }
-CUDA_DEFAULT = (512, 16, 1)
 
 
 def parse_config(text: str, backend: str = "triton"):
@@ -61,8 +60,10 @@ def _forced(backend: str, cfg):
 
 
 def _chosen(backend: str, channels: int):
+    """What the backend launches by default: the CUDA kernels' current tuning (asked of the extension, the one place
+    that holds it), or Triton's block choice for these channels."""
     if backend == "cuda":
-        return CUDA_DEFAULT
+        return tuple(torch.ops.fused_mtl_attn.launch_tuning(-1, -1, -1))
     from fused_mtl_attn import triton_kernels as tk
 
     return tk.pick_config(channels, channels)

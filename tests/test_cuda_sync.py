@@ -140,9 +140,8 @@ def check_window_independence(op, device, n_segments=2 * WINDOW + 6):
     J = len(lengths)
     g = torch.Generator().manual_seed(5)
     q = (torch.randn(1, 6, 50, generator=g) * 2).to(device).requires_grad_()
-    k, v = [(torch.randn(1, c, offsets[-1], generator=g) * 2).to(device) for c in (6, 5)]
+    k, v = [(torch.randn(1, c, offsets[-1], generator=g) * 2).to(device).requires_grad_() for c in (6, 5)]
     grad_out = torch.randn(1, J, 5, 50, generator=g).to(device)
-    k, v = k.requires_grad_(), v.requires_grad_()
     out, _, dk, dv = _forward_backward(op(offsets), [q, k, v], grad_out)
     # the same segments in reverse order: segment j becomes segment J - 1 - j
     kr, vr = [torch.cat([t.detach()[..., lo:hi] for lo, hi in reversed(list(zip(offsets[:-1], offsets[1:])))], -1)

@@ -853,49 +853,46 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tenso
   const std::vector<Pieces> sws = windows(offsets, BC * span);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_mtl_attn_backward_cuda", [&] {
     using T = accumulation_t<scalar_t>;
-    if constexpr (kCachesSums<scalar_t>) {
-      // the query side in one launch (fused_query_kernel) where the J [dS; dz] tiles fit the shared memory; its
-      // pieces hold whole 64-position tiles, enough of them for about target_blocks blocks, at most max_splits
-      const size_t smem = FusedQuerySmem<scalar_t>::bytes(J);
-      if (tuning.one_pass_query && cached && J <= WINDOW && smem <= shared_memory_limit()) {
-        const int64_t p_tiles = cdiv(nq, BC);
-        const int64_t pieces = std::min(cdiv(tuning.target_blocks, G), tuning.max_splits);
-        const int64_t fused_span = std::max<int64_t>(cdiv(p_tiles, pieces), 1);
-        const Pieces qw = windows(query_offsets, BC * fused_span)[0];
-        Tensor partial = at::empty({qw.count(), G, m + 1, d}, ctx.options());
-        if (qw.first[1] > 0) {
-          launch(fused_query_kernel<scalar_t>, dim3(qw.first[1], 1, G), dim3(THREADS), smem, stream, qw,
+    // the query side in one launch (fused_query_kernel) where the J [dS; dz] tiles fit the shared memory; its
+    // pieces hold whole 64-position tiles, enough of them for about target_blocks blocks, at most max_splits
+    const size_t smem = FusedQuerySmem<scalar_t>::bytes(J);
+    const bool one_pass =
+        kCachesSums<scalar_t> && tuning.one_pass_query && cached && J <= WINDOW && smem <= shared_memory_limit();
+    const int64_t pieces = std::min(cdiv(tuning.target_blocks, G), tuning.max_splits);
+    const int64_t size =
+        one_pass ? BC * std::max<int64_t>(cdiv(cdiv(nq, BC), pieces), 1) : piece_size(nq, G * J * tiles);
+    const std::vector<Pieces> qws = windows(query_offsets, size);
+    Tensor partial = at::empty({total_pieces(qws), G, m + 1, d}, ctx.options());
+    if (one_pass) {
+      if constexpr (kCachesSums<scalar_t>) {
+        if (qws[0].first[1] > 0) {
+          launch(fused_query_kernel<scalar_t>, dim3(qws[0].first[1], 1, G), dim3(THREADS), smem, stream, qws[0],
                  grad.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(), G, J, d, m,
                  nq, partial.mutable_data_ptr<T>(), dq.mutable_data_ptr<scalar_t>());
         }
-        if (sws[0].count() > 0 && row_blocks > 0) {
-          launch(source_kernel<scalar_t, true>, dim3(sws[0].count(), row_blocks, G), dim3(THREADS), 0, stream,
-                 sws[0], qw, partial.const_data_ptr<T>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-                 G, d, m, nk, dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>());
+      }
+    } else {
+      Tensor rden = at::empty({G, J, nq}, ctx.options()), b = at::empty({G, J, nq}, ctx.options());
+      if (nq > 0) {
+        launch(scalars_kernel<scalar_t>, dim3(cdiv(nq, BC) * J, 1, G), dim3(THREADS), 0, stream,
+               grad.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(), J, d, m, nq,
+               rden.mutable_data_ptr<T>(), b.mutable_data_ptr<T>());
+      }
+      for (size_t wi = 0; wi < qws.size(); ++wi) {
+        const int64_t n_reduce = qws[wi].count() * tiles * G;
+        const int64_t n_dq = wi == 0 ? cdiv(nq, BC) * cdiv(d, BR) * G : 0;
+        if (n_reduce + n_dq > 0) {
+          launch(query_kernel<scalar_t>, dim3(n_reduce + n_dq), dim3(THREADS), 0, stream, qws[wi], n_reduce,
+                 grad.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(),
+                 rden.const_data_ptr<T>(), b.const_data_ptr<T>(), G, J, d, m, nq, partial.mutable_data_ptr<T>(),
+                 dq.mutable_data_ptr<scalar_t>());
         }
-        return;
       }
     }
-    const std::vector<Pieces> qws = windows(query_offsets, piece_size(nq, G * J * tiles));
-    Tensor partial = at::empty({total_pieces(qws), G, m + 1, d}, ctx.options());
-    Tensor rden = at::empty({G, J, nq}, ctx.options()), b = at::empty({G, J, nq}, ctx.options());
-    if (nq > 0) {
-      launch(scalars_kernel<scalar_t>, dim3(cdiv(nq, BC) * J, 1, G), dim3(THREADS), 0, stream,
-             grad.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(), J, d, m, nq,
-             rden.mutable_data_ptr<T>(), b.mutable_data_ptr<T>());
-    }
-    for (size_t wi = 0; wi < qws.size(); ++wi) {
-      const int64_t n_reduce = qws[wi].count() * tiles * G;
-      const int64_t n_dq = wi == 0 ? cdiv(nq, BC) * cdiv(d, BR) * G : 0;
-      if (n_reduce + n_dq > 0) {
-        launch(query_kernel<scalar_t>, dim3(n_reduce + n_dq), dim3(THREADS), 0, stream, qws[wi], n_reduce,
-               grad.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(),
-               rden.const_data_ptr<T>(), b.const_data_ptr<T>(), G, J, d, m, nq, partial.mutable_data_ptr<T>(),
-               dq.mutable_data_ptr<scalar_t>());
-      }
+    auto kernel = source_kernel<scalar_t, false>;
+    if constexpr (kCachesSums<scalar_t>) kernel = cached ? source_kernel<scalar_t, true> : kernel;
+    for (size_t wi = 0; wi < sws.size(); ++wi) {
       if (sws[wi].count() > 0 && row_blocks > 0) {
-        auto kernel = source_kernel<scalar_t, false>;
-        if constexpr (kCachesSums<scalar_t>) kernel = cached ? source_kernel<scalar_t, true> : kernel;
         launch(kernel, dim3(sws[wi].count(), row_blocks, G), dim3(THREADS), 0, stream, sws[wi], qws[wi],
                partial.const_data_ptr<T>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), G, d, m, nk,
                dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>());
