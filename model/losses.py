@@ -7,7 +7,8 @@ gradient) when a batch has no valid pixel, e.g. human parts on images without pe
 
 A prediction smaller than its label is resized to the label's size (bilinear, align_corners=False). With
 `fused=True` the same losses run on the fused path's pieces: cross-entropy resizes inside one kernel
-(fused_mtl_attn.upsampled_cross_entropy), the other losses resize with the fused path's resize (matrix products).
+(fused_mtl_attn.upsampled_cross_entropy), the other losses resize with the fused path's resize (matrix products),
+and the normals' normalisation is a sum of squares (fused_ops.normalize_channels).
 """
 import torch
 import torch.nn as nn
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from fused_mtl_attn import reference, upsampled_cross_entropy
 
-from .fused_ops import upsample
+from .fused_ops import normalize_channels, upsample
 
 IGNORE = 255
 
@@ -32,10 +33,10 @@ def depth_l1(pred, label):
     return (pred - label).abs().mul(valid).sum() / valid.sum().clamp(min=1)
 
 
-def normals_l1(pred, label):
+def normals_l1(pred, label, normalize=lambda p: F.normalize(p, p=2, dim=1)):
     """Mean |normalise(pred) - label| over the components of pixels whose label is not all-zero."""
     valid = (label != 0).any(dim=1, keepdim=True).expand_as(label)
-    pred = F.normalize(pred, p=2, dim=1)
+    pred = normalize(pred)
     return (pred - label).abs().mul(valid).sum() / valid.sum().clamp(min=1)
 
 
@@ -72,6 +73,8 @@ class TaskLoss(nn.Module):
         pred = upsample(pred, label.shape[-2:]) if self.fused else _to_label_size(pred, label)
         if self.task == "edge":
             return balanced_bce(pred, label, self.edge_pos_weight)
+        if self.task == "normals" and self.fused:
+            return normals_l1(pred, label, normalize_channels)
         return LOSSES[self.task](pred, label)
 
 

@@ -61,11 +61,13 @@ struct Scratch {
 };
 
 // ---------------------------------------------------------------- softplus on vectors
-// exp(x) for x <= 0 (Cody-Waite reduction, Cephes' degree-5 polynomial; relative error ~2e-7)
-inline V<float> exp_nonpositive(V<float> x) {
+// exp(x) for x <= 0 (Cody-Waite reduction, Cephes' degree-5 polynomial; relative error ~2e-7); exactly 0 below -87,
+// where exp(x) leaves the normal floats: a subnormal result, or one multiplied down into the subnormals later, costs
+// a microcode assist per instruction on x86 (~100 cycles; the loss's padding classes hit it at every pixel)
+inline V<float> exp_nonpositive(V<float> x_in) {
   using VF = V<float>;
   using VI = Vec<float>::itype;
-  x = x < -87.0f ? vsplat(-87.0f) : x;
+  const VF x = x_in < -87.0f ? vsplat(-87.0f) : x_in;
   const VF n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
   VF r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
@@ -79,7 +81,7 @@ inline V<float> exp_nonpositive(V<float> x) {
   const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
   VF scale;
   std::memcpy(&scale, &bits, sizeof(scale));  // 2^n from the exponent bits
-  return p * scale;
+  return x_in < -87.0f ? VF{} : p * scale;
 }
 
 // log1p(e) for e in [0, 1]: 2 atanh(s) with s = e / (2 + e) <= 1/3 (no cancellation for tiny e), atanh(s) / s as a
