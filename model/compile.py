@@ -55,8 +55,6 @@ def compile_model(net: nn.Module, mode: str = "full", backend: str | None = None
         raise ValueError("the fused path's recomputation needs a backend that traces backward (inductor, "
                          "aot_eager); Dynamo's 'eager' backend would update BatchNorm statistics twice. Use another "
                          "backend, or set_fused(True, recompute=False)")
-    if mode != "off" and scamtl.fused:
-        scamtl.conform_weights(next(scamtl.parameters()).device)
     if mode == "full":
         return torch.compile(net, **options)
     if mode == "regional":

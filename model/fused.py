@@ -4,8 +4,7 @@ overrides methods, so `SCAMTL.set_fused` swaps it in and out in place (`select_p
 and state-dict key stays as it is. Each override reads its module's named layers and, where the order matters
 (CTAM's block input, the aggregation's input pieces), the reference class's own definition of it.
 
-- Encoder: optionally recomputed in backward (activation checkpointing); on CPU the network runs channels-last,
-  its convolution weights stored channels-last too.
+- Encoder: optionally recomputed in backward (activation checkpointing); on CPU the network runs channels-last.
 - CTAM: the projections of all ordered pairs run as a few batched matrix products, one `cross_task_attention`
   call attends every pair, and the shared BasicBlock runs for all targets at once.
 - FPMA: the reference computation, kept in the input's memory layout.
@@ -25,8 +24,7 @@ import torch.nn.functional as F
 from fused_mtl_attn import cross_scale_attention, cross_task_attention
 
 from .fused_ops import (batch_norm_per_sample_group, batch_norm_repeated, batch_norm_segments, batch_norm_stacked,
-                        blocked_aggregation, conform_conv_weights, conv1x1_stacked, is_channels_last,
-                        recompute_in_backward, upsample)
+                        blocked_aggregation, conv1x1_stacked, is_channels_last, recompute_in_backward, upsample)
 from .modules import GlobalContextAttention, from_key
 from .network import AGGREGATION_INPUTS, SCAMTL, CrossTaskAttention, FeaturePropagation, TaskHead
 
@@ -51,22 +49,10 @@ class FusedSCAMTL(SCAMTL):
 
     resize = staticmethod(upsample)  # the same bilinear map as F.interpolate, faster on CPU
 
-    def layout(self, device: torch.device) -> torch.memory_format:
-        """The memory layout the network runs in on `device` (see set_fused's `channels_last`)."""
-        channels_last = device.type == "cpu" if self.channels_last is None else self.channels_last
-        return torch.channels_last if channels_last else torch.contiguous_format
-
-    def conform_weights(self, device: torch.device) -> None:
-        """Store the convolution weights in the layout of `device`'s inputs, once (fused_ops.conform_conv_weights)."""
-        layout = self.layout(device)
-        if layout != getattr(self, "conv_weights_layout", None):
-            conform_conv_weights(self, layout)
-
     def encode(self, x: torch.Tensor) -> list:
-        if self.layout(x.device) == torch.channels_last:  # the convolutions follow their input's layout
+        channels_last = x.device.type == "cpu" if self.channels_last is None else self.channels_last
+        if channels_last:  # the convolutions follow their input's layout
             x = x.contiguous(memory_format=torch.channels_last)
-        if not torch.compiler.is_compiling():  # a compiled graph takes the weights as compile_model left them
-            self.conform_weights(x.device)
         if not (self.recompute and torch.is_grad_enabled()):
             return super().encode(x)
         # the stem and first stage hold the backbone's largest activations (64-256 channels at strides 2-4)
@@ -208,5 +194,3 @@ def select_path(net: SCAMTL, fused: bool, backend: str, recompute: bool) -> None
             module.__class__ = FUSED[reference] if fused else reference
             if fused:
                 module.backend, module.recompute = backend, recompute
-    if not fused:  # the reference's weights as it made them (the fused path may have stored them channels-last)
-        conform_conv_weights(net, torch.contiguous_format)

@@ -111,20 +111,6 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def conform_conv_weights(module: nn.Module, memory_format: torch.memory_format) -> None:
-    """Store every convolution weight of `module` in `memory_format`, the layout its inputs arrive in: otherwise
-    oneDNN copies the weight into the input's layout at every call, forward and backward (about 50 ms per NYUD step
-    on CPU, more with five tasks). In place (the parameters stay the same objects, so optimizers and their state keep
-    working); the values do not change. `module.conv_weights_layout` records the layout."""
-    module.conv_weights_layout = memory_format
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d) and not m.weight.is_contiguous(memory_format=memory_format):
-            with torch.no_grad():
-                m.weight.data = m.weight.data.contiguous(memory_format=memory_format)
-                if m.weight.grad is not None:
-                    m.weight.grad = m.weight.grad.contiguous(memory_format=memory_format)
-
-
 def conv1x1_stacked(x: torch.Tensor, convs: Sequence[nn.Conv2d], groups: int) -> torch.Tensor:
     """Grouped 1x1 convolution of x [B, G*Cin, N] as one batched matrix product (much faster than a grouped
     convolution on CPU, forward and backward): group g goes through its share of `convs`, listed group by group."""

@@ -244,7 +244,6 @@ class SCAMTL(nn.Module):
         # state dicts saved while some layers were nn.Sequential positions still load
         self.register_load_state_dict_pre_hook(upgrade_state_dict)
         self.fused = False
-        self.conv_weights_layout = torch.contiguous_format  # the fused path may store them channels-last
         self.set_fused(fused)
 
     def set_fused(self, flag: bool = True, backend: str = "auto", recompute: bool = True,

@@ -188,36 +188,6 @@ def test_checkpoint_moves_between_paths():
     assert ref.set_fused(True) is ref and ref.fused
 
 
-def test_conv_weights_follow_the_layout_the_path_runs_in():
-    """On CPU the fused path stores its convolution weights channels-last at its first call (oneDNN would otherwise
-    copy them at every call), with the same values and the same parameter objects (an optimizer keeps its state);
-    set_fused(False) gives the reference its contiguous weights back, and channels_last=False keeps them NCHW."""
-    torch.manual_seed(0)
-    net = build_model(CONFIGS["nyud2"], widths=SMALL).eval()
-    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
-    before = [(m.weight, m.weight.detach().clone()) for m in convs]
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        want = net(x)
-        net.set_fused(True)
-        assert all(m.weight.is_contiguous() for m in convs)  # nothing changes before the first call
-        got = net(x)
-        assert all(m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous()
-                   for m in convs)
-        assert all(m.weight is p and torch.equal(m.weight, v) for m, (p, v) in zip(convs, before))
-        for t in CONFIGS["nyud2"]:
-            _assert_close(f"output {t}", got[t], want[t], want[t].abs().max(), RTOL[torch.float32])
-        net.set_fused(True, channels_last=False)
-        net(x)
-        assert all(m.weight.is_contiguous() for m in convs)
-        net.set_fused(True)
-        net(x)
-        net.set_fused(False)
-        assert all(m.weight.is_contiguous() for m in convs)
-        again = net(x)
-        assert all(torch.equal(again[t], want[t]) for t in CONFIGS["nyud2"])  # the reference, bit for bit
-
-
 @pytest.mark.parametrize("src, dst", [((4, 5), (32, 40)), ((7, 9), (13, 30)), ((16, 20), (16, 20)), ((3, 3), (2, 5)),
                                       ((9, 4), (30, 13)), ((10, 3), (5, 7)), ((2, 3), (16, 24))])
 def test_matmul_upsample_is_pytorch_bilinear(src, dst):
