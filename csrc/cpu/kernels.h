@@ -141,6 +141,17 @@ inline void softplus_vectors(const scalar_t* src, int64_t count, float* dst, flo
   }
 }
 
+// Loads of a tile read `rows` short runs of positions a whole row apart: more concurrent streams than the hardware
+// prefetchers follow, so each load waited on memory (on a Sapphire Rapids, 40 % of the forward sat on the first
+// load of each run). A tile's loader asks for the same rows' next `len` positions (the next tile in a thread's
+// position order) while it works on this one; prefetches past the row's end stop at n. The stores of a tile's
+// results likewise ask for the next run's lines with intent to write (kWrite).
+template <bool kWrite = false, typename scalar_t>
+inline void prefetch_next_run(const scalar_t* row, int64_t n, int64_t lo, int64_t len) {
+  constexpr int64_t kLine = 64 / sizeof(scalar_t);
+  for (int64_t t = lo + len; t < std::min(n, lo + 2 * len); t += kLine) __builtin_prefetch(row + t, kWrite ? 1 : 0);
+}
+
 // dst[r*ld + t] = softplus(src[r*n + lo + t]) and sig[r*ld + t] = its derivative (if sig is given), the
 // threshold-20 rule, for r < rows and t < len; up to the next multiple of W, softplus(0)
 template <typename scalar_t>
@@ -148,6 +159,7 @@ void load_softplus(const scalar_t* src, int64_t rows, int64_t n, int64_t lo, int
                    int64_t ld) {
   constexpr int W = Vec<float>::W, U = 4;
   for (int64_t r = 0; r < rows; ++r) {
+    prefetch_next_run(src + r * n, n, lo, len);
     const scalar_t* s = src + r * n + lo;
     float* o = dst + r * ld;
     float* g = sig ? sig + r * ld : nullptr;
@@ -287,6 +299,7 @@ template <typename scalar_t, typename T>
 void load_rows(const scalar_t* src, int64_t rows, int64_t n, int64_t lo, int64_t len, T* buf, int64_t ld) {
   const int64_t tp = round_up(len, Vec<T>::W);
   for (int64_t r = 0; r < rows; ++r) {
+    prefetch_next_run(src + r * n, n, lo, len);
     const scalar_t* s = src + r * n + lo;
     T* b = buf + r * ld;
     for (int64_t t = 0; t < len; ++t) b[t] = static_cast<T>(s[t]);
@@ -420,9 +433,11 @@ void forward_kernel(const Geometry& g, const std::vector<int64_t>& offsets, cons
         gemm<false>(Packed<T>{ctx_p.get() + (grp * J + j) * ctx_size, d}, m + 1, d, q_s.get(), ld, tp, o.get(), ld);
         for (int64_t t = 0; t < len; ++t) rden.get()[t] = T(1) / clamp_den(o.get()[m * ld + t]);
         scalar_t* dst = out + ((grp * J + j) * m) * g.nq + lo;
-        for (int64_t i = 0; i < m; ++i)
+        for (int64_t i = 0; i < m; ++i) {
+          prefetch_next_run<true>(dst + i * g.nq - lo, g.nq, lo, len);
           for (int64_t t = 0; t < len; ++t)
             dst[i * g.nq + t] = static_cast<scalar_t>(o.get()[i * ld + t] * rden.get()[t]);
+        }
       }
     }
   });
@@ -507,6 +522,7 @@ void query_pass(const Geometry& g, const scalar_t* grad, const scalar_t* q, cons
         }
         for (int64_t c = 0; c < d; ++c) {
           scalar_t* dst = dq + (grp * d + c) * g.nq + lo;
+          prefetch_next_run<true>(dst - lo, g.nq, lo, len);
           for (int64_t t = 0; t < len; ++t)
             dst[t] = static_cast<scalar_t>(s.dq_acc.get()[c * ld + t] * s.sig.get()[c * ld + t]);
         }
@@ -551,11 +567,13 @@ void source_pass(const Geometry& g, const std::vector<int64_t>& offsets, const s
       gemm<false>(Packed<T>{ds_p + packed, d}, m, d, k_s.get(), ld, tp, dv_t.get(), ld);  // dS k
       for (int64_t c = 0; c < d; ++c) {
         scalar_t* dst = dk + (grp * d + c) * g.nk + lo;
+        prefetch_next_run<true>(dst - lo, g.nk, lo, len);
         for (int64_t t = 0; t < len; ++t)
           dst[t] = static_cast<scalar_t>((dk_t.get()[c * ld + t] + dz[c]) * sig.get()[c * ld + t]);
       }
       for (int64_t i = 0; i < m; ++i) {
         scalar_t* dst = dv + (grp * m + i) * g.nk + lo;
+        prefetch_next_run<true>(dst - lo, g.nk, lo, len);
         for (int64_t t = 0; t < len; ++t) dst[t] = static_cast<scalar_t>(dv_t.get()[i * ld + t]);
       }
     }
