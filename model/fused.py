@@ -86,10 +86,11 @@ class FusedCrossTaskAttention(CrossTaskAttention):
         by_target = [(t, a) for t in self.tasks for a in self.sources(t)]
         gca = {pair: self.attention[from_key(*pair)] for pair in by_target}
         q = _projections_stacked(x3, [gca[pair].query for pair in by_target], m)
-        # reordered by slices, not index_select: no index tensor copied to the device on every call (a host sync on
-        # a GPU), and a backward without index_add's atomics
-        q = q.view(b, n_pairs, mc // m, n)
-        q = torch.cat([q[:, i:i + 1] for i in (by_target.index(pair) for pair in by_source)], dim=1)
+        # reordered by unbind and stack, not index_select: no index tensor copied to the device on every call (a
+        # host sync on a GPU), a backward without index_add's atomics; and not by slices, whose backward fills and
+        # adds a zero tensor of q's full size per pair (400 MB of passes per PASCAL step)
+        per_pair = q.view(b, n_pairs, mc // m, n).unbind(1)
+        q = torch.stack([per_pair[by_target.index(pair)] for pair in by_source], dim=1)
         k = _projections_stacked(x3, [gca[pair].key for pair in by_source], m)
         v = _projections_stacked(x3, [gca[pair].value for pair in by_source], m)
         return q, k.view(q.shape), v.view(q.shape)
@@ -112,11 +113,12 @@ class FusedCrossTaskAttention(CrossTaskAttention):
         else:
             attended = attended.view(b, -1, c, h, w)
         # the shared block's input, targets stacked along the batch axis: [M*B, 2(M-1)C, H, W]
-        inputs = [self.block_input(features[t], {a: attended[:, by_source.index((t, a))] for a in self.sources(t)})
+        per_pair = attended.unbind(1)  # (one backward for all pairs, as above)
+        inputs = [self.block_input(features[t], {a: per_pair[by_source.index((t, a))] for a in self.sources(t)})
                   for t in tasks]
         # one block call for all targets, each BatchNorm taking one reference call's statistics per target
         out = self.block(torch.cat(inputs, dim=0), norm=lambda bn, y: batch_norm_per_sample_group(y, bn, m))
-        return {t: features[t] + out[i * b:(i + 1) * b] for i, t in enumerate(tasks)}
+        return {t: features[t] + part for t, part in zip(tasks, out.chunk(m))}  # (chunk: one backward, as above)
 
 
 class FusedFeaturePropagation(FeaturePropagation):
@@ -160,13 +162,11 @@ class FusedTaskHead(TaskHead):
     def aggregation_weights(self) -> list:
         """The aggregation conv's weight split by input piece and regrouped per scale k as [W(Y_k), W(S_k<-j)...]
         (as `sources(k)`): the repeated Y_k pieces' weights summed, since up(x) repeated is the same map."""
-        weight = self.aggregate.conv.weight[..., 0, 0]
+        # split, not sliced: one backward for all pieces (each slice's would fill and add a zero weight-sized tensor)
+        pieces = self.aggregate.conv.weight.flatten(1).split([self.widths[k] for k, _ in AGGREGATION_INPUTS], dim=1)
         per_scale = [{} for _ in range(4)]  # source j (None for Y_k) -> weight columns
-        start = 0
-        for k, j in AGGREGATION_INPUTS:
-            columns = weight[:, start:start + self.widths[k]]
+        for (k, j), columns in zip(AGGREGATION_INPUTS, pieces):
             per_scale[k][j] = per_scale[k][j] + columns if j in per_scale[k] else columns
-            start += self.widths[k]
         return [torch.cat([ws[None]] + [ws[j] for j in self.sources(k)], dim=1) for k, ws in enumerate(per_scale)]
 
     def forward(self, features: list) -> torch.Tensor:

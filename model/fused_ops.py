@@ -71,7 +71,9 @@ def batch_norm_repeated(x: torch.Tensor, norm: nn.BatchNorm2d, calls: int) -> to
 
 def batch_norm_segments(x: torch.Tensor, norm: nn.BatchNorm2d, offsets: Sequence[int]) -> torch.Tensor:
     """`norm` called once per position segment of x [B, C, 1, Ntot] (sources of different sizes), in order."""
-    return torch.cat([norm(x[..., lo:hi]) for lo, hi in zip(offsets[:-1], offsets[1:])], dim=-1)
+    # split, not slices: its backward is one concatenation, not a zero tensor of x's size filled and added per piece
+    sizes = [hi - lo for lo, hi in zip(offsets[:-1], offsets[1:])]
+    return torch.cat([norm(piece) for piece in x.split(sizes, dim=-1)], dim=-1)
 
 
 @contextlib.contextmanager
@@ -114,7 +116,7 @@ def is_channels_last(x: torch.Tensor) -> bool:
 def conv1x1_stacked(x: torch.Tensor, convs: Sequence[nn.Conv2d], groups: int) -> torch.Tensor:
     """Grouped 1x1 convolution of x [B, G*Cin, N] as one batched matrix product (much faster than a grouped
     convolution on CPU, forward and backward): group g goes through its share of `convs`, listed group by group."""
-    weight = torch.cat([c.weight[..., 0, 0] for c in convs]).view(groups, -1, x.shape[1] // groups)
+    weight = torch.cat([c.weight.flatten(1) for c in convs]).view(groups, -1, x.shape[1] // groups)
     b, _, n = x.shape
     return torch.matmul(weight, x.view(b, groups, -1, n)).view(b, -1, n)
 
@@ -297,7 +299,7 @@ def blocked_aggregation(xs: list, weights: list, bias: torch.Tensor, norm: nn.Ba
     running = (None, None) if batch_stats else (norm.running_mean, norm.running_var)
     sizes = tuple(tuple(x.shape[-2:]) for x in xs)
     out, mean, var = _Aggregation.apply(norm.eps, sizes, _keep_blocks(xs[0].device), *running, *xs, *weights, bias,
-                                        norm.weight, norm.bias, conv_out.weight[..., 0, 0], conv_out.bias)
+                                        norm.weight, norm.bias, conv_out.weight.flatten(1), conv_out.bias)
     if batch_stats and norm.track_running_stats:
         n = out.shape[0] * out.shape[2] * out.shape[3]
         with torch.no_grad():
