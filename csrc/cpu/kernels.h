@@ -145,7 +145,8 @@ inline void softplus_vectors(const scalar_t* src, int64_t count, float* dst, flo
 // prefetchers follow, so each load waited on memory (on a Sapphire Rapids, 40 % of the forward sat on the first
 // load of each run). A tile's loader asks for the same rows' next `len` positions (the next tile in a thread's
 // position order) while it works on this one; prefetches past the row's end stop at n. The stores of a tile's
-// results likewise ask for the next run's lines with intent to write (kWrite).
+// results likewise ask for the next run's output lines (kWrite: the write hint, which is prefetcht0 in these builds,
+// as PRFCHW is not among the flags; it measured 15-25 % off the CTAM forward and backward at 120x160 all the same).
 template <bool kWrite = false, typename scalar_t>
 inline void prefetch_next_run(const scalar_t* row, int64_t n, int64_t lo, int64_t len) {
   constexpr int64_t kLine = 64 / sizeof(scalar_t);
