@@ -88,7 +88,7 @@ class FusedCrossTaskAttention(CrossTaskAttention):
         q = _projections_stacked(x3, [gca[pair].query for pair in by_target], m)
         # reordered by unbind and stack, not index_select: no index tensor copied to the device on every call (a
         # host sync on a GPU), a backward without index_add's atomics; and not by slices, whose backward fills and
-        # adds a zero tensor of q's full size per pair (400 MB of passes per PASCAL step)
+        # adds a zero tensor of q's full size per pair
         per_pair = q.view(b, n_pairs, mc // m, n).unbind(1)
         q = torch.stack([per_pair[by_target.index(pair)] for pair in by_source], dim=1)
         k = _projections_stacked(x3, [gca[pair].key for pair in by_source], m)

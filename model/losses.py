@@ -33,8 +33,9 @@ def depth_l1(pred, label):
     return (pred - label).abs().mul(valid).sum() / valid.sum().clamp(min=1)
 
 
-def normals_l1(pred, label, normalize=lambda p: F.normalize(p, p=2, dim=1)):
-    """Mean |normalise(pred) - label| over the components of pixels whose label is not all-zero."""
+def normals_l1(pred, label, normalize=F.normalize):
+    """Mean |normalise(pred) - label| over the components of pixels whose label is not all-zero (`normalize`: L2 over
+    the channels, F.normalize's defaults)."""
     valid = (label != 0).any(dim=1, keepdim=True).expand_as(label)
     pred = normalize(pred)
     return (pred - label).abs().mul(valid).sum() / valid.sum().clamp(min=1)

@@ -142,7 +142,7 @@ inline void softplus_vectors(const scalar_t* src, int64_t count, float* dst, flo
 }
 
 // Loads of a tile read `rows` short runs of positions a whole row apart: more concurrent streams than the hardware
-// prefetchers follow, so each load waited on memory (on a Sapphire Rapids, 40 % of the forward sat on the first
+// prefetchers follow, so each load waited on memory (on an AVX-512 Xeon, 40 % of the forward sat on the first
 // load of each run). A tile's loader asks for the same rows' next `len` positions (the next tile in a thread's
 // position order) while it works on this one; prefetches past the row's end stop at n. The stores of a tile's
 // results likewise ask for the next run's output lines (kWrite: the write hint, which is prefetcht0 in these builds,
