@@ -99,4 +99,9 @@ TORCH_LIBRARY(fused_mtl_attn, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("batch_norm_relu_backward(Tensor grad, Tensor h, Tensor mean, Tensor var, Tensor weight, Tensor bias, "
         "float eps, bool batch_stats) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Swin's window attention (window_attention.h): qkv [BW, L, 3*dim] -> (out [BW, L, dim], lse [BW, heads, L]);
+  // backward -> (dL/dqkv, dL/dbias). CPU kernels only
+  m.def("window_attention(Tensor qkv, Tensor bias, Tensor? mask, int heads, float scale) -> (Tensor, Tensor)");
+  m.def("window_attention_backward(Tensor grad, Tensor qkv, Tensor bias, Tensor? mask, Tensor lse, int heads, "
+        "float scale) -> (Tensor, Tensor)");
 }

@@ -1,11 +1,12 @@
 """fused_mtl_attn: fused kernels for the cross-task (CTAM) and cross-scale (CSAM) attention of SCA-MTL.
 
 Public surface: `cross_task_attention`, `cross_scale_attention`, `available_backends`, `cpu_isa`, the fused loss
-`upsampled_cross_entropy`, and the eager oracle in `fused_mtl_attn.reference`.
+`upsampled_cross_entropy`, Swin's `window_attention`, and the eager oracle in `fused_mtl_attn.reference`.
 """
 from . import reference
 from .backends import available_backends, cross_scale_attention, cross_task_attention
 from .losses import upsampled_cross_entropy
+from .swin import window_attention
 
 
 def cpu_isa() -> str:
@@ -18,5 +19,5 @@ def cpu_isa() -> str:
 
 
 __all__ = ["available_backends", "cpu_isa", "cross_task_attention", "cross_scale_attention", "reference",
-           "upsampled_cross_entropy"]
+           "upsampled_cross_entropy", "window_attention"]
 __version__ = "0.1.0"

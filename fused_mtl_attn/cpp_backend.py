@@ -109,6 +109,30 @@ if _C is not None:
         return (h.new_empty(h.shape),) + tuple(weight.new_empty(weight.shape) for _ in range(3))
 
 
+    # Swin's window attention (fused_mtl_attn.swin): autograd keeps qkv, bias, mask and each row's log-sum-exp
+    @torch.library.register_fake("fused_mtl_attn::window_attention")
+    def _window_attention_fake(qkv, bias, mask, heads, scale):
+        bw, length, three_dim = qkv.shape
+        return qkv.new_empty((bw, length, three_dim // 3)), qkv.new_empty((bw, heads, length))
+
+    @torch.library.register_fake("fused_mtl_attn::window_attention_backward")
+    def _window_attention_backward_fake(grad, qkv, bias, mask, lse, heads, scale):
+        return qkv.new_empty(qkv.shape), bias.new_empty(bias.shape)
+
+    def _window_setup_context(ctx, inputs, output):
+        qkv, bias, mask, ctx.heads, ctx.scale = inputs
+        ctx.save_for_backward(qkv, bias, mask, output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    def _window_attention_backward(ctx, grad_out, grad_lse):
+        qkv, bias, mask, lse = ctx.saved_tensors
+        dqkv, dbias = ops.window_attention_backward(grad_out, qkv, bias, mask, lse, ctx.heads, ctx.scale)
+        return dqkv, dbias, None, None, None
+
+    torch.library.register_autograd("fused_mtl_attn::window_attention", _window_attention_backward,
+                                    setup_context=_window_setup_context)
+
+
 def cross_task_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q, k [B, P, d, N] logits, v [B, P, m, N] -> [B, P, m, N] (inputs checked by backends.py)."""
     return torch.ops.fused_mtl_attn.cross_task(q, k, v)[0]
@@ -123,6 +147,12 @@ def upsampled_cross_entropy_sum(logits: torch.Tensor, label: torch.Tensor, ignor
     """Sum over labelled pixels of the cross-entropy of logits [B, C, h, w] resized to label [B, H, W] (CPU, float32
     or float64; inputs checked by fused_mtl_attn.losses)."""
     return torch.ops.fused_mtl_attn.upsampled_cross_entropy(logits, label, ignore_index)[0]
+
+
+def window_attention(qkv: torch.Tensor, bias: torch.Tensor, mask, heads: int, scale: float) -> torch.Tensor:
+    """Swin's window attention, qkv [BW, L, 3*dim] -> [BW, L, dim] (CPU, float32 or float64; inputs checked by
+    fused_mtl_attn.swin)."""
+    return torch.ops.fused_mtl_attn.window_attention(qkv, bias, mask, heads, float(scale))[0]
 
 
 def _require_extension() -> None:

@@ -1,5 +1,5 @@
-"""The eager reference of the global-context attention core (and of the fused loss): the one oracle every backend is
-tested against.
+"""The eager reference of the global-context attention core (and of the fused loss and the Swin window attention):
+the one oracle every backend is tested against.
 
 Math (docs/attention-op.md): q = softplus(qp), k = softplus(kp), S = v k^T, z = sum_j k_j,
 out_p = S q_p / max(z . q_p, eps). Autograd of these few torch calls gives the backward derived there
@@ -58,3 +58,21 @@ def upsampled_cross_entropy(logits: torch.Tensor, label: torch.Tensor, ignore_in
         logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
     n_labelled = (label != ignore_index).sum()
     return F.cross_entropy(logits, label, ignore_index=ignore_index, reduction="sum") / n_labelled.clamp(min=1)
+
+
+def window_attention(qkv: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None, heads: int,
+                     scale: float) -> torch.Tensor:
+    """Multi-head self-attention inside windows, Swin's core: qkv [BW, L, 3*dim] (a Linear's output, q, k, v along
+    the last axis, each split into `heads` heads of dim/heads channels), bias [heads, L, L] added to every window's
+    logits, mask [nW, L, L] (or None) added to window w's logits as mask[w % nW] -> [BW, L, dim], the heads'
+    outputs side by side: softmax(scale q k^T + bias + mask) v per window and head."""
+    bw, length, three_dim = qkv.shape
+    dim = three_dim // 3
+    qkv = qkv.reshape(bw, length, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0] * scale, qkv[1], qkv[2]
+    attn = q @ k.transpose(-2, -1) + bias
+    if mask is not None:
+        n_windows = mask.shape[0]
+        attn = attn.view(bw // n_windows, n_windows, heads, length, length) + mask[None, :, None]
+        attn = attn.view(bw, heads, length, length)
+    return (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(bw, length, dim)

@@ -103,3 +103,29 @@ def check_cross_entropy(logits, label, ignore_index) -> None:
     if min(logits.shape[1:]) < 1 or min(label.shape[1:]) < 1:
         raise ValueError(f"logits and label must hold at least one class and one pixel, got logits "
                          f"{tuple(logits.shape)} and label {tuple(label.shape)}")
+
+
+def check_window_attention(qkv, bias, mask, heads, scale) -> None:
+    """qkv: [BW, L, 3*dim]; bias: [heads, L, L]; mask: [nW, L, L] with nW dividing BW, or None; heads: an int >= 1
+    dividing dim; scale: a real number. Dtypes may differ (autocast gives a bfloat16 qkv and a float32 bias)."""
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"heads must be an int >= 1, got {heads!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+    _check_tensor("qkv", qkv, 3, "[BW, L, 3*dim]")
+    _check_tensor("bias", bias, 3, "[heads, L, L]")
+    bw, length, three_dim = qkv.shape
+    if three_dim == 0 or three_dim % (3 * heads):
+        raise ValueError(f"qkv's last axis must be 3 x dim with dim a positive multiple of heads = {heads}, got "
+                         f"{three_dim}")
+    if tuple(bias.shape) != (heads, length, length):
+        raise ValueError(f"bias must be [heads, L, L] = [{heads}, {length}, {length}], got {tuple(bias.shape)}")
+    if bias.device != qkv.device:
+        raise ValueError(f"bias is on {bias.device} but qkv is on {qkv.device}")
+    if mask is not None:
+        _check_tensor("mask", mask, 3, "[nW, L, L]")
+        if mask.shape[1:] != (length, length) or mask.shape[0] < 1 or bw % mask.shape[0]:
+            raise ValueError(f"mask must be [nW, {length}, {length}] with nW dividing qkv's {bw} windows, got "
+                             f"{tuple(mask.shape)}")
+        if mask.device != qkv.device:
+            raise ValueError(f"mask is on {mask.device} but qkv is on {qkv.device}")

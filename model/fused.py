@@ -4,10 +4,13 @@ overrides methods, so `SCAMTL.set_fused` swaps it in and out in place (`select_p
 and state-dict key stays as it is. Each override reads its module's named layers and, where the order matters
 (CTAM's block input, the aggregation's input pieces), the reference class's own definition of it.
 
-- Encoder: optionally recomputed in backward (activation checkpointing); on CPU the network runs channels-last.
+- Encoder: optionally recomputed in backward (activation checkpointing: the stem, and the Swin layers where their
+  window attention runs eagerly); on CPU the network runs channels-last.
 - CTAM: the projections of all ordered pairs run as a few batched matrix products, one `cross_task_attention`
   call attends every pair, and the shared BasicBlock runs for all targets at once.
 - FPMA: the reference computation, kept in the input's memory layout.
+- Swin blocks (the encoder's self-attention and FPMA's): each block's window attention in one fused op that reads
+  q, k, v from the qkv Linear's output and stores no per-head [L, L] map (fused_mtl_attn.window_attention).
 - CSAM: the query projection runs once per target scale, the sources are gathered along positions and attended by
   one `cross_scale_attention` call.
 - Aggregation: the 1x1 conv commutes with bilinear upsampling, so it runs per scale at the scale's own resolution
@@ -21,11 +24,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fused_mtl_attn import cross_scale_attention, cross_task_attention
+from fused_mtl_attn import cross_scale_attention, cross_task_attention, window_attention
+from fused_mtl_attn.backends import cpu_kernels_run
 
 from .fused_ops import (batch_norm_per_sample_group, batch_norm_repeated, batch_norm_segments, batch_norm_stacked,
                         blocked_aggregation, conv1x1_stacked, is_channels_last, recompute_in_backward, upsample)
-from .modules import GlobalContextAttention, from_key
+from .modules import GlobalContextAttention, WindowAttention, from_key
 from .network import AGGREGATION_INPUTS, SCAMTL, CrossTaskAttention, FeaturePropagation, TaskHead
 
 
@@ -56,9 +60,12 @@ class FusedSCAMTL(SCAMTL):
         if not (self.recompute and torch.is_grad_enabled()):
             return super().encode(x)
         # the stem and first stage hold the backbone's largest activations (64-256 channels at strides 2-4)
-        # for a small share of its compute; the Swin layers likewise: recompute those, keep the rest
+        # for a small share of its compute: recompute those, keep the rest
         feats = hrnet_features(self.backbone, x,
                                lambda stem, x: recompute_in_backward(stem, x, modules=(self.backbone,)))
+        if cpu_kernels_run(x):  # the fused window attention stores no [L, L] maps: little left to save
+            return self.attend_scales(feats, lambda att, f: att(f))
+        # the eager window attention stores every head's [L, L] logits and probabilities: recompute the Swin layers
         return self.attend_scales(feats, lambda att, f: recompute_in_backward(att, f, modules=()))
 
 
@@ -135,6 +142,15 @@ class FusedFeaturePropagation(FeaturePropagation):
         return scores.softmax(dim=-1).permute(0, 3, 4, 1, 2)
 
 
+class FusedWindowAttention(WindowAttention):
+    """Window attention in one `window_attention` call (the reference's head split, logits, bias, mask, softmax and
+    product fused)."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        out = window_attention(self.qkv(x), self.position_bias(), mask, heads=self.heads, scale=self.scale)
+        return self.proj(out)
+
+
 class FusedGlobalContextAttention(GlobalContextAttention):
     """GCA that attends several sources in one `cross_scale_attention` call (CSAM)."""
 
@@ -181,7 +197,8 @@ class FusedTaskHead(TaskHead):
 
 
 FUSED = {SCAMTL: FusedSCAMTL, CrossTaskAttention: FusedCrossTaskAttention, FeaturePropagation: FusedFeaturePropagation,
-         GlobalContextAttention: FusedGlobalContextAttention, TaskHead: FusedTaskHead}
+         GlobalContextAttention: FusedGlobalContextAttention, TaskHead: FusedTaskHead,
+         WindowAttention: FusedWindowAttention}
 REFERENCE = {fused: reference for reference, fused in FUSED.items()}
 
 

@@ -99,19 +99,15 @@ class WindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
 
+    def position_bias(self) -> torch.Tensor:
+        """[heads, L, L]: the learned bias of each head for each pair of positions in a window."""
+        length = self.relative_position_index.shape[0]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(length, length, self.heads).permute(2, 0, 1)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """x: [num_windows * B, L, C]; mask: [num_windows, L, L] of 0 / -100, or None."""
-        bw, length, dim = x.shape
-        qkv = self.qkv(x).reshape(bw, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
-        attn = q @ k.transpose(-2, -1)
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        attn = attn + bias.view(length, length, self.heads).permute(2, 0, 1)
-        if mask is not None:
-            n_windows = mask.shape[0]
-            attn = attn.view(bw // n_windows, n_windows, self.heads, length, length) + mask[None, :, None]
-            attn = attn.view(bw, self.heads, length, length)
-        out = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(bw, length, dim)
+        out = reference.window_attention(self.qkv(x), self.position_bias(), mask, self.heads, self.scale)
         return self.proj(out)
 
 

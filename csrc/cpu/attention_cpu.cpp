@@ -130,6 +130,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_backward_cpu(const Tensor& gr
   return current().kernels->bn_relu_backward(grad, h, mean, var, weight, bias, eps, batch_stats);
 }
 
+std::tuple<Tensor, Tensor> window_forward_cpu(const Tensor& qkv, const Tensor& bias,
+                                              const std::optional<Tensor>& mask, int64_t heads, double scale) {
+  TORCH_CHECK(qkv.device().is_cpu(), "qkv must be a CPU tensor for the cpu kernels, got ", qkv.device());
+  return current().kernels->window_forward(qkv, bias, mask, heads, scale);
+}
+
+std::tuple<Tensor, Tensor> window_backward_cpu(const Tensor& grad, const Tensor& qkv, const Tensor& bias,
+                                               const std::optional<Tensor>& mask, const Tensor& lse, int64_t heads,
+                                               double scale) {
+  TORCH_CHECK(qkv.device().is_cpu(), "qkv must be a CPU tensor for the cpu kernels, got ", qkv.device());
+  return current().kernels->window_backward(grad, qkv, bias, mask, lse, heads, scale);
+}
+
 }  // namespace
 
 namespace cpu {
@@ -165,6 +178,8 @@ TORCH_LIBRARY_IMPL(fused_mtl_attn, CPU, m) {
   m.impl("upsampled_cross_entropy_backward", &cross_entropy_backward<cross_entropy_backward_cpu>);
   m.impl("batch_norm_relu", &bn_relu_forward<bn_relu_forward_cpu>);
   m.impl("batch_norm_relu_backward", &bn_relu_backward<bn_relu_backward_cpu>);
+  m.impl("window_attention", &window_forward<window_forward_cpu>);
+  m.impl("window_attention_backward", &window_backward<window_backward_cpu>);
 }
 
 }  // namespace fused_mtl_attn

@@ -6,6 +6,7 @@
 #include "../attention.h"
 #include "../batch_norm_relu.h"
 #include "../cross_entropy.h"
+#include "../window_attention.h"
 
 #include <string>
 #include <vector>
@@ -19,6 +20,8 @@ struct CpuKernels {
   CrossEntropyBackwardCore cross_entropy_backward;
   BnReluForwardCore bn_relu_forward;
   BnReluBackwardCore bn_relu_backward;
+  WindowForwardCore window_forward;
+  WindowBackwardCore window_backward;
 };
 
 #if defined(__x86_64__) || defined(_M_X64)
