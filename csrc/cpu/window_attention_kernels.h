@@ -1,13 +1,15 @@
 // CPU kernels of Swin's window attention (../window_attention.h), included by kernels.h inside its instruction set's
 // namespace, after cross_entropy_kernels.h (whose exp and horizontal reductions they use).
 //
-// One (window, head) at a time in a tile that stays in L1: k and v transposed to [d, Lp] (the window's L positions
-// padded to whole vectors), q scaled as the reference scales it. A row of logits is then d vector FMAs over the keys,
-// its softmax a vector exp, and each output channel a dot product over the keys: no [L, L] map leaves the tile.
-// Forward keeps each row's log-sum-exp; backward recomputes the probabilities from it (as flash attention does) and
-// accumulates dk and dv transposed, in vectors over the keys. The bias gradient sums dL/dlogits over windows: each
-// group of windows (their number fixed by the shape, not the thread count) sums its own, the groups are added in
-// order afterwards, so the result does not depend on the threads.
+// One (window, head) at a time in tiles that stay in L1, the window's L query positions in vector lanes (padded to
+// Lp): the logits tile s[j][i] of key j is then d vector FMAs of q^T (scaled as the reference scales it) with
+// broadcast k_j; the softmax over keys and every product that sums over keys (out = p v, dL/dp = g v^T,
+// dq = dL/ds k) are vertical, with no horizontal reduction. The bias and mask are transposed to [.., j, i] once
+// per call. Forward keeps each row's log-sum-exp; backward recomputes the probabilities from it (as flash attention
+// does), and for dk = dL/ds^T q and dv = p^T g, which sum over queries, transposes the two tiles so that keys lie
+// in the lanes. The bias gradient sums dL/ds over windows: each group of windows (their number fixed by the shape,
+// not by the thread count) sums its own, and the groups are added in order afterwards, so the result does not
+// depend on the threads.
 namespace {
 
 template <typename T>
@@ -16,53 +18,64 @@ struct WindowGeometry {
   WindowGeometry(const Tensor& qkv, int64_t heads_, const std::optional<Tensor>& mask)
       : windows(qkv.size(0)), length(qkv.size(1)), lp(round_up(qkv.size(1), Vec<T>::W)), dim(qkv.size(2) / 3),
         heads(heads_), d(qkv.size(2) / 3 / heads_), mask_windows(mask ? mask->size(0) : 0) {}
+  int64_t row(int64_t w, int64_t i) const { return (w * length + i) * 3 * dim; }  // qkv's row of window w, query i
 };
 
-// q (scaled), k and v of window w, head h, from qkv [BW, L, 3*dim]; kt, vt [d, Lp] with zero padding
+// x [n, L, L] -> [n, L, Lp] transposed in its last two axes, lanes past L zero
+template <typename T>
+std::vector<T> transposed_padded(const T* x, int64_t n, const WindowGeometry<T>& g) {
+  std::vector<T> t(n * g.length * g.lp, T(0));
+  for (int64_t a = 0; a < n; ++a)
+    for (int64_t i = 0; i < g.length; ++i)
+      for (int64_t j = 0; j < g.length; ++j) t[(a * g.length + j) * g.lp + i] = x[(a * g.length + i) * g.length + j];
+  return t;
+}
+
+// the tiles of one (window, head), queries in the lanes
 template <typename T>
 struct WindowTile {
-  std::vector<T> q, kt, vt, s;
-  explicit WindowTile(const WindowGeometry<T>& g)
-      : q(g.length * g.d), kt(g.d * g.lp, T(0)), vt(g.d * g.lp, T(0)), s(g.lp) {}
+  const WindowGeometry<T>& g;
+  std::vector<T> qt, s;  // qt [d, Lp]: scaled q transposed; s [L, Lp]: logits, then probabilities, of key j
+  explicit WindowTile(const WindowGeometry<T>& geometry)
+      : g(geometry), qt(geometry.d * geometry.lp, T(0)), s(geometry.length * geometry.lp) {}
 
-  void load(const WindowGeometry<T>& g, const T* qkv, int64_t w, int64_t h, T scale) {
-    const T* base = qkv + w * g.length * 3 * g.dim + h * g.d;
-    for (int64_t i = 0; i < g.length; ++i) {
-      const T* row = base + i * 3 * g.dim;
-      for (int64_t c = 0; c < g.d; ++c) {
-        q[i * g.d + c] = row[c] * scale;
-        kt[c * g.lp + i] = row[g.dim + c];
-        vt[c * g.lp + i] = row[2 * g.dim + c];
+  // s[j] = scale q . k_j + bias[h, :, j] (+ mask[w % nW, :, j]) over the queries; returns the window's qkv
+  const T* logits(const T* qkv, const T* bias_t, const T* mask_t, int64_t w, int64_t h, T scale) {
+    constexpr int W = Vec<T>::W;
+    const T* base = qkv + g.row(w, 0) + h * g.d;
+    for (int64_t i = 0; i < g.length; ++i)
+      for (int64_t c = 0; c < g.d; ++c) qt[c * g.lp + i] = base[i * 3 * g.dim + c] * scale;
+    const T* bt = bias_t + h * g.length * g.lp;
+    const T* mt = mask_t ? mask_t + (w % g.mask_windows) * g.length * g.lp : nullptr;
+    for (int64_t j = 0; j < g.length; ++j) {
+      const T* kj = base + j * 3 * g.dim + g.dim;
+      for (int64_t i = 0; i < g.lp; i += W) {
+        V<T> acc = vsplat(T(0));
+        for (int64_t c = 0; c < g.d; ++c) acc += kj[c] * vload(qt.data() + c * g.lp + i);
+        acc += vload(bt + j * g.lp + i);
+        if (mt) acc += vload(mt + j * g.lp + i);
+        vstore(s.data() + j * g.lp + i, acc);
       }
     }
-  }
-
-  // s = logits of query row i: scale q_i . k_j + bias[h, i, j] (+ mask[w % nW, i, j]); padding lanes far below
-  // every logit, so that exp gives them 0
-  void logits(const WindowGeometry<T>& g, const T* bias, const T* mask, int64_t w, int64_t h, int64_t i) {
-    constexpr int W = Vec<T>::W;
-    const T* qi = q.data() + i * g.d;
-    for (int64_t j = 0; j < g.lp; j += W) {
-      V<T> acc = vsplat(T(0));
-      for (int64_t c = 0; c < g.d; ++c) acc += qi[c] * vload(kt.data() + c * g.lp + j);
-      vstore(s.data() + j, acc);
-    }
-    const T* b = bias + (h * g.length + i) * g.length;
-    for (int64_t j = 0; j < g.length; ++j) s[j] += b[j];
-    if (mask) {
-      const T* m = mask + ((w % g.mask_windows) * g.length + i) * g.length;
-      for (int64_t j = 0; j < g.length; ++j) s[j] += m[j];
-    }
-    for (int64_t j = g.length; j < g.lp; ++j) s[j] = kPadLogit<T>;
+    return base;
   }
 };
 
+// acc[c][lanes] = sum_j x[j][lanes] * y[j * ys + c] for c < d: a product summed over keys, queries in the lanes
 template <typename T>
-inline T dot_lanes(const T* a, const T* b, int64_t lp) {
+inline void keys_product(const T* x, const T* y, int64_t ys, const WindowGeometry<T>& g, T* acc) {
   constexpr int W = Vec<T>::W;
-  V<T> acc = vsplat(T(0));
-  for (int64_t j = 0; j < lp; j += W) acc += vload(a + j) * vload(b + j);
-  return horizontal_sum<T>(acc);
+  for (int64_t c = 0; c < g.d; ++c)
+    vector_blocks<T>(g.lp, [&](auto NV, int64_t i0) {  // NV independent sums in flight
+      constexpr int nv = decltype(NV)::value;
+      V<T> a[nv];
+      for (int u = 0; u < nv; ++u) a[u] = vsplat(T(0));
+      for (int64_t j = 0; j < g.length; ++j) {
+        const V<T> yj = vsplat(y[j * ys + c]);
+        for (int u = 0; u < nv; ++u) a[u] += yj * vload(x + j * g.lp + i0 + u * W);
+      }
+      for (int u = 0; u < nv; ++u) vstore(acc + c * g.lp + i0 + u * W, a[u]);
+    });
 }
 
 template <typename T>
@@ -72,36 +85,40 @@ std::tuple<Tensor, Tensor> window_forward_typed(const Tensor& qkv, const Tensor&
   const WindowGeometry<T> g(qkv, heads, mask);
   Tensor out = at::empty({g.windows, g.length, g.dim}, qkv.options());
   Tensor lse = at::empty({g.windows, heads, g.length}, qkv.options());
+  const std::vector<T> bias_t = transposed_padded(bias.const_data_ptr<T>(), heads, g);
+  const std::vector<T> mask_t = mask ? transposed_padded(mask->const_data_ptr<T>(), g.mask_windows, g)
+                                     : std::vector<T>();
   const T* qp = qkv.const_data_ptr<T>();
-  const T* bp = bias.const_data_ptr<T>();
-  const T* mp = mask ? mask->const_data_ptr<T>() : nullptr;
   T* op = out.mutable_data_ptr<T>();
   T* lp = lse.mutable_data_ptr<T>();
   const T sc = static_cast<T>(scale);
   at::parallel_for(0, g.windows * heads, 1, [&](int64_t begin, int64_t end) {
     WindowTile<T> tile(g);
+    std::vector<T> mx(g.lp), sum(g.lp), acc(g.d * g.lp);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t w = task / heads, h = task % heads;
-      tile.load(g, qp, w, h, sc);
-      for (int64_t i = 0; i < g.length; ++i) {
-        tile.logits(g, bp, mp, w, h, i);
-        T* s = tile.s.data();
-        V<T> m = vload(s);
-        for (int64_t j = W; j < g.lp; j += W) {
-          const V<T> x = vload(s + j);
+      const T* base = tile.logits(qp, bias_t.data(), mask ? mask_t.data() : nullptr, w, h, sc);
+      T* s = tile.s.data();
+      for (int64_t i = 0; i < g.lp; i += W) {
+        V<T> m = vload(s + i);
+        for (int64_t j = 1; j < g.length; ++j) {
+          const V<T> x = vload(s + j * g.lp + i);
           m = x > m ? x : m;
         }
-        const T mx = horizontal_max<T>(m);
-        V<T> sum = vsplat(T(0));
-        for (int64_t j = 0; j < g.lp; j += W) {
-          const V<T> p = exp_shifted(vload(s + j) - mx);
-          vstore(s + j, p);
-          sum += p;
+        V<T> total = vsplat(T(0));
+        for (int64_t j = 0; j < g.length; ++j) {
+          const V<T> p = exp_shifted(vload(s + j * g.lp + i) - m);
+          vstore(s + j * g.lp + i, p);
+          total += p;
         }
-        const T total = horizontal_sum<T>(sum);
-        lp[(w * heads + h) * g.length + i] = mx + std::log(total);
+        vstore(mx.data() + i, m);
+        vstore(sum.data() + i, total);
+      }
+      keys_product(s, base + 2 * g.dim, 3 * g.dim, g, acc.data());  // sum_j p_j v_j, unnormalised
+      for (int64_t i = 0; i < g.length; ++i) {
+        lp[(w * heads + h) * g.length + i] = mx[i] + std::log(sum[i]);
         T* o = op + (w * g.length + i) * g.dim + h * g.d;
-        for (int64_t c = 0; c < g.d; ++c) o[c] = dot_lanes(s, tile.vt.data() + c * g.lp, g.lp) / total;
+        for (int64_t c = 0; c < g.d; ++c) o[c] = acc[c * g.lp + i] / sum[i];
       }
     }
   });
@@ -116,75 +133,95 @@ std::tuple<Tensor, Tensor> window_backward_typed(const Tensor& grad, const Tenso
   const WindowGeometry<T> g(qkv, heads, mask);
   Tensor dqkv = at::empty_like(qkv);
   Tensor dbias = at::empty_like(bias);
+  const std::vector<T> bias_t = transposed_padded(bias.const_data_ptr<T>(), heads, g);
+  const std::vector<T> mask_t = mask ? transposed_padded(mask->const_data_ptr<T>(), g.mask_windows, g)
+                                     : std::vector<T>();
   const int64_t groups = std::min<int64_t>(g.windows, 32), per_group = (g.windows + groups - 1) / groups;
-  std::vector<T> partial(groups * heads * g.length * g.lp, T(0));  // dL/dbias of each group of windows
+  // dL/dbias of each group of windows, transposed: [group, head, key j, query lanes]
+  std::vector<T> partial(groups * heads * g.length * g.lp, T(0));
+  const int64_t kp = round_up(g.length, W);  // keys padded to whole vectors, for the transposed tiles
   const T* gp = grad.const_data_ptr<T>();
   const T* qp = qkv.const_data_ptr<T>();
-  const T* bp = bias.const_data_ptr<T>();
-  const T* mp = mask ? mask->const_data_ptr<T>() : nullptr;
-  const T* lp = lse.const_data_ptr<T>();
+  const T* lsep = lse.const_data_ptr<T>();
   T* dp = dqkv.mutable_data_ptr<T>();
   const T sc = static_cast<T>(scale);
   at::parallel_for(0, groups * heads, 1, [&](int64_t begin, int64_t end) {
     WindowTile<T> tile(g);
-    std::vector<T> go(g.length * g.d), dkt(g.d * g.lp), dvt(g.d * g.lp), dpr(g.lp);
+    std::vector<T> gt(g.d * g.lp, T(0)), ds(g.length * g.lp), row_lse(g.lp, T(0)), acc(g.d * g.lp);
+    std::vector<T> p_q(g.length * kp, T(0)), ds_q(g.length * kp, T(0));  // p, dL/ds with keys in the lanes
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / heads, h = task % heads;
       T* db = partial.data() + task * g.length * g.lp;
       for (int64_t w = group * per_group; w < std::min(g.windows, (group + 1) * per_group); ++w) {
-        tile.load(g, qp, w, h, sc);
-        for (int64_t i = 0; i < g.length; ++i)
-          for (int64_t c = 0; c < g.d; ++c) go[i * g.d + c] = gp[(w * g.length + i) * g.dim + h * g.d + c];
-        std::fill(dkt.begin(), dkt.end(), T(0));
-        std::fill(dvt.begin(), dvt.end(), T(0));
-        T* dq_base = dp + w * g.length * 3 * g.dim + h * g.d;
+        const T* base = tile.logits(qp, bias_t.data(), mask ? mask_t.data() : nullptr, w, h, sc);
+        T* p = tile.s.data();
         for (int64_t i = 0; i < g.length; ++i) {
-          tile.logits(g, bp, mp, w, h, i);
-          T* p = tile.s.data();
-          const V<T> row_lse = vsplat(lp[(w * heads + h) * g.length + i]);
-          const T* gi = go.data() + i * g.d;
-          V<T> total = vsplat(T(0));
-          for (int64_t j = 0; j < g.lp; j += W) {  // p = softmax row; dpr = dL/dp = g_i . v_j
-            const V<T> pj = exp_shifted(vload(p + j) - row_lse);
-            vstore(p + j, pj);
-            V<T> acc = vsplat(T(0));
-            for (int64_t c = 0; c < g.d; ++c) acc += gi[c] * vload(tile.vt.data() + c * g.lp + j);
-            vstore(dpr.data() + j, acc);
-            total += pj * acc;
+          row_lse[i] = lsep[(w * heads + h) * g.length + i];
+          for (int64_t c = 0; c < g.d; ++c) gt[c * g.lp + i] = gp[(w * g.length + i) * g.dim + h * g.d + c];
+        }
+        // padding lanes: q = g = 0 and lse = 0, so their p is finite and their dL/ds is 0
+        for (int64_t i = 0; i < g.lp; i += W) {
+          const V<T> l = vload(row_lse.data() + i);
+          V<T> dot = vsplat(T(0));  // sum_j p_j dL/dp_j = g_i . out_i
+          for (int64_t j = 0; j < g.length; ++j) {
+            const T* vj = base + j * 3 * g.dim + 2 * g.dim;
+            const V<T> pj = exp_shifted(vload(p + j * g.lp + i) - l);
+            V<T> dpj = vsplat(T(0));  // dL/dp_j = g_i . v_j
+            for (int64_t c = 0; c < g.d; ++c) dpj += vj[c] * vload(gt.data() + c * g.lp + i);
+            vstore(p + j * g.lp + i, pj);
+            vstore(ds.data() + j * g.lp + i, dpj);
+            dot += pj * dpj;
           }
-          const V<T> dot = vsplat(horizontal_sum<T>(total));  // sum_j p_j dL/dp_j = g_i . out_i
-          const T* qi = tile.q.data() + i * g.d;
-          for (int64_t j = 0; j < g.lp; j += W) {  // dpr = dL/dlogits = p (dL/dp - g_i . out_i)
-            const V<T> pj = vload(p + j);
-            const V<T> ds = pj * (vload(dpr.data() + j) - dot);
-            vstore(dpr.data() + j, ds);
-            vstore(db + i * g.lp + j, vload(db + i * g.lp + j) + ds);
-            for (int64_t c = 0; c < g.d; ++c) {
-              vstore(dkt.data() + c * g.lp + j, vload(dkt.data() + c * g.lp + j) + qi[c] * ds);
-              vstore(dvt.data() + c * g.lp + j, vload(dvt.data() + c * g.lp + j) + gi[c] * pj);
+          for (int64_t j = 0; j < g.length; ++j) {
+            const V<T> dsj = vload(p + j * g.lp + i) * (vload(ds.data() + j * g.lp + i) - dot);
+            vstore(ds.data() + j * g.lp + i, dsj);
+            vstore(db + j * g.lp + i, vload(db + j * g.lp + i) + dsj);
+          }
+        }
+        keys_product(ds.data(), base + g.dim, 3 * g.dim, g, acc.data());  // dq = scale sum_j dL/ds_j k_j
+        T* dq_base = dp + g.row(w, 0) + h * g.d;
+        for (int64_t i = 0; i < g.length; ++i)
+          for (int64_t c = 0; c < g.d; ++c) dq_base[i * 3 * g.dim + c] = sc * acc[c * g.lp + i];
+        for (int64_t j = 0; j < g.length; ++j)
+          for (int64_t i = 0; i < g.length; ++i) {
+            p_q[i * kp + j] = p[j * g.lp + i];
+            ds_q[i * kp + j] = ds[j * g.lp + i];
+          }
+        // dk_j = sum_i dL/ds_ij q_i (q scaled), dv_j = sum_i p_ij g_i: keys in the lanes, summed over queries
+        for (int64_t c = 0; c < g.d; ++c)
+          vector_blocks<T>(kp, [&](auto NV, int64_t j0) {
+            constexpr int nv = decltype(NV)::value;
+            V<T> dk[nv], dv[nv];
+            for (int u = 0; u < nv; ++u) dk[u] = dv[u] = vsplat(T(0));
+            for (int64_t i = 0; i < g.length; ++i) {
+              const V<T> qi = vsplat(tile.qt[c * g.lp + i]), gi = vsplat(gt[c * g.lp + i]);
+              for (int u = 0; u < nv; ++u) {
+                dk[u] += qi * vload(ds_q.data() + i * kp + j0 + u * W);
+                dv[u] += gi * vload(p_q.data() + i * kp + j0 + u * W);
+              }
             }
-          }
-          T* dq = dq_base + i * 3 * g.dim;
-          for (int64_t c = 0; c < g.d; ++c) dq[c] = sc * dot_lanes(dpr.data(), tile.kt.data() + c * g.lp, g.lp);
-        }
-        for (int64_t j = 0; j < g.length; ++j) {
-          T* row = dq_base + j * 3 * g.dim;
-          for (int64_t c = 0; c < g.d; ++c) {
-            row[g.dim + c] = dkt[c * g.lp + j];
-            row[2 * g.dim + c] = dvt[c * g.lp + j];
-          }
-        }
+            T dk_lanes[nv * W], dv_lanes[nv * W];
+            for (int u = 0; u < nv; ++u) {
+              vstore(dk_lanes + u * W, dk[u]);
+              vstore(dv_lanes + u * W, dv[u]);
+            }
+            for (int64_t l = 0; l < nv * W && j0 + l < g.length; ++l) {
+              dq_base[(j0 + l) * 3 * g.dim + g.dim + c] = dk_lanes[l];
+              dq_base[(j0 + l) * 3 * g.dim + 2 * g.dim + c] = dv_lanes[l];
+            }
+          });
       }
     }
   });
   T* dbp = dbias.mutable_data_ptr<T>();
   at::parallel_for(0, heads * g.length, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {  // (head, query position): the groups summed in order
-      T* o = dbp + row * g.length;
-      std::fill(o, o + g.length, T(0));
-      for (int64_t group = 0; group < groups; ++group) {
-        const T* part = partial.data() + (group * heads * g.length + row) * g.lp;
-        for (int64_t j = 0; j < g.length; ++j) o[j] += part[j];
+    for (int64_t row = begin; row < end; ++row) {  // (head, key j): the groups summed in order, transposed back
+      const int64_t h = row / g.length, j = row % g.length;
+      for (int64_t i = 0; i < g.length; ++i) {
+        T total = T(0);
+        for (int64_t group = 0; group < groups; ++group)
+          total += partial[((group * heads + h) * g.length + j) * g.lp + i];
+        dbp[(h * g.length + i) * g.length + j] = total;
       }
     }
   });
