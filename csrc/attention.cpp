@@ -104,4 +104,9 @@ TORCH_LIBRARY(fused_mtl_attn, m) {
   m.def("window_attention(Tensor qkv, Tensor bias, Tensor? mask, int heads, float scale) -> (Tensor, Tensor)");
   m.def("window_attention_backward(Tensor grad, Tensor qkv, Tensor bias, Tensor? mask, Tensor lse, int heads, "
         "float scale) -> (Tensor, Tensor)");
+  // training-mode BatchNorm of x [B, C, ...] with channels innermost (batch_norm_channels_last.h): (y with x's
+  // strides, batch mean, biased batch variance); backward -> (dL/dx, dL/dweight, dL/dbias). CPU kernels only
+  m.def("batch_norm_channels_last(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("batch_norm_channels_last_backward(Tensor grad, Tensor x, Tensor mean, Tensor var, Tensor weight, "
+        "float eps) -> (Tensor, Tensor, Tensor)");
 }

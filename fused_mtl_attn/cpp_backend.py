@@ -133,6 +133,32 @@ if _C is not None:
                                     setup_context=_window_setup_context)
 
 
+    # training-mode BatchNorm of x [B, C, ...] with channels innermost (model.fused_ops): outputs keep x's strides;
+    # autograd keeps x and the batch statistics, which are outputs for the running-statistics update, not
+    # differentiated
+    @torch.library.register_fake("fused_mtl_attn::batch_norm_channels_last")
+    def _batch_norm_channels_last_fake(x, weight, bias, eps):
+        return x.new_empty_strided(x.shape, x.stride()), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+    @torch.library.register_fake("fused_mtl_attn::batch_norm_channels_last_backward")
+    def _batch_norm_channels_last_backward_fake(grad, x, mean, var, weight, eps):
+        return (x.new_empty_strided(x.shape, x.stride()), weight.new_empty(weight.shape),
+                weight.new_empty(weight.shape))
+
+    def _bn_rows_setup_context(ctx, inputs, output):
+        x, weight, _, ctx.eps = inputs
+        ctx.save_for_backward(x, weight, output[1], output[2])
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    def _batch_norm_channels_last_backward(ctx, grad, grad_mean, grad_var):
+        x, weight, mean, var = ctx.saved_tensors
+        dx, dweight, dbias = ops.batch_norm_channels_last_backward(grad, x, mean, var, weight, ctx.eps)
+        return dx, dweight, dbias, None
+
+    torch.library.register_autograd("fused_mtl_attn::batch_norm_channels_last", _batch_norm_channels_last_backward,
+                                    setup_context=_bn_rows_setup_context)
+
+
 def cross_task_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q, k [B, P, d, N] logits, v [B, P, m, N] -> [B, P, m, N] (inputs checked by backends.py)."""
     return torch.ops.fused_mtl_attn.cross_task(q, k, v)[0]

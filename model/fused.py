@@ -16,7 +16,8 @@ and state-dict key stays as it is. Each override reads its module's named layers
 - Aggregation: the 1x1 conv commutes with bilinear upsampling, so it runs per scale at the scale's own resolution
   with the weights of the repeated Y_k copies summed; BN-ReLU-conv runs by blocks of channels, so no 1080-channel
   full-resolution concatenation exists (fused_ops._Aggregation).
-BatchNorm sees the same statistics as each reference call and updates running statistics call by call.
+BatchNorm sees the same statistics as each reference call and updates running statistics call by call; in training
+on a channels-last CPU map it runs the extension's channels-last kernel (fused_ops._batch_norm_train).
 """
 from __future__ import annotations
 
@@ -142,6 +143,15 @@ class FusedFeaturePropagation(FeaturePropagation):
         return scores.softmax(dim=-1).permute(0, 3, 4, 1, 2)
 
 
+class FusedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose call goes through `batch_norm_stacked` (the same function and running statistics): on a
+    channels-last CPU map in training, the extension's channels-last kernel instead of PyTorch's slower one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        return batch_norm_stacked(x, [self])
+
+
 class FusedWindowAttention(WindowAttention):
     """Window attention in one `window_attention` call (the reference's head split, logits, bias, mask, softmax and
     product fused)."""
@@ -198,7 +208,7 @@ class FusedTaskHead(TaskHead):
 
 FUSED = {SCAMTL: FusedSCAMTL, CrossTaskAttention: FusedCrossTaskAttention, FeaturePropagation: FusedFeaturePropagation,
          GlobalContextAttention: FusedGlobalContextAttention, TaskHead: FusedTaskHead,
-         WindowAttention: FusedWindowAttention}
+         WindowAttention: FusedWindowAttention, nn.BatchNorm2d: FusedBatchNorm2d}
 REFERENCE = {fused: reference for reference, fused in FUSED.items()}
 
 

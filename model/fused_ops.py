@@ -31,10 +31,22 @@ def _uses_batch_stats(norm: nn.BatchNorm2d) -> bool:
     return norm.training or norm.running_mean is None
 
 
+def _channels_innermost(x: torch.Tensor) -> bool:
+    """x [B, C, ...] stores its channels innermost (channels-last, or a [B, C, N] view of such a map): x is then rows
+    [N, C] in memory."""
+    return x.dim() >= 2 and x.movedim(1, -1).is_contiguous()
+
+
 def _batch_norm_train(x: torch.Tensor, weight, bias, eps: float):
-    """Training-mode BatchNorm of x that also returns the batch mean and unbiased variance, taken from the
-    kernel's own running-statistics update (momentum 1 into zeroed buffers gives exactly the batch statistics
-    that the reference's call folds into its buffers) instead of a second pass over x."""
+    """Training-mode BatchNorm of x that also returns the batch mean and unbiased variance. A map with its channels
+    innermost goes to the extension's channels-last kernel on CPU (PyTorch's is several times slower there); else
+    the statistics are taken from PyTorch's own running-statistics update (momentum 1 into zeroed buffers gives
+    exactly the batch statistics that the reference's call folds into its buffers) instead of a second pass."""
+    rows = x.numel() // max(x.shape[1], 1)
+    if (weight is not None and bias is not None and weight.dtype == x.dtype and rows > 1 and cpu_kernels_run(x)
+            and _channels_innermost(x)):
+        out, mean, var = torch.ops.fused_mtl_attn.batch_norm_channels_last(x, weight, bias, eps)
+        return out, mean, var * (rows / (rows - 1))
     mean = torch.zeros(x.shape[1], dtype=weight.dtype, device=x.device)  # the buffers' dtype (mixed under autocast)
     var = torch.zeros_like(mean)
     return F.batch_norm(x, mean, var, weight, bias, True, 1.0, eps), mean, var

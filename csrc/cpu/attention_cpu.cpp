@@ -143,6 +143,18 @@ std::tuple<Tensor, Tensor> window_backward_cpu(const Tensor& grad, const Tensor&
   return current().kernels->window_backward(grad, qkv, bias, mask, lse, heads, scale);
 }
 
+std::tuple<Tensor, Tensor, Tensor> bn_rows_forward_cpu(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                                       double eps) {
+  TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor for the cpu kernels, got ", x.device());
+  return current().kernels->bn_rows_forward(x, weight, bias, eps);
+}
+
+std::tuple<Tensor, Tensor, Tensor> bn_rows_backward_cpu(const Tensor& grad, const Tensor& x, const Tensor& mean,
+                                                        const Tensor& var, const Tensor& weight, double eps) {
+  TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor for the cpu kernels, got ", x.device());
+  return current().kernels->bn_rows_backward(grad, x, mean, var, weight, eps);
+}
+
 }  // namespace
 
 namespace cpu {
@@ -180,6 +192,8 @@ TORCH_LIBRARY_IMPL(fused_mtl_attn, CPU, m) {
   m.impl("batch_norm_relu_backward", &bn_relu_backward<bn_relu_backward_cpu>);
   m.impl("window_attention", &window_forward<window_forward_cpu>);
   m.impl("window_attention_backward", &window_backward<window_backward_cpu>);
+  m.impl("batch_norm_channels_last", &bn_rows_forward<bn_rows_forward_cpu>);
+  m.impl("batch_norm_channels_last_backward", &bn_rows_backward<bn_rows_backward_cpu>);
 }
 
 }  // namespace fused_mtl_attn

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "../attention.h"
+#include "../batch_norm_channels_last.h"
 #include "../batch_norm_relu.h"
 #include "../cross_entropy.h"
 #include "../window_attention.h"
@@ -22,6 +23,8 @@ struct CpuKernels {
   BnReluBackwardCore bn_relu_backward;
   WindowForwardCore window_forward;
   WindowBackwardCore window_backward;
+  BnRowsForwardCore bn_rows_forward;
+  BnRowsBackwardCore bn_rows_backward;
 };
 
 #if defined(__x86_64__) || defined(_M_X64)
