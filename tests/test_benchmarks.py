@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+import fused_mtl_attn
+
 from benchmarks import bench_ops, bench_train, plot
 from model import TASK_SETS, build_model
 from model import compile as model_compile
@@ -211,3 +213,17 @@ def test_tune_kernels_rejects_bad_cuda_configs(text):
     with pytest.raises(ValueError, match="TARGET_BLOCKS/MAX_SPLITS/ONE_PASS"):
         tune_kernels.parse_config(text, "cuda")
     assert tune_kernels.parse_config("1024/32/0", "cuda") == (1024, 32, 0)
+
+
+@pytest.mark.skipif(not fused_mtl_attn.available_backends()["cpu"][0], reason="the C++ extension is not built")
+def test_layers_rows(tmp_path):
+    from benchmarks import bench_layers
+
+    rows = bench_layers.main(["--rounds", "1", "--json", str(tmp_path / "layers.json")])
+    assert {r["kind"] for r in rows} == {"swin", "batch_norm"}
+    assert len(rows) == len(bench_layers.SWIN) + len(bench_layers.BATCH_NORM)
+    for r in rows:
+        assert r["eager_ms"] > 0 and r["fused_ms"] > 0 and r["time_ratio"] == r["fused_ms"] / r["eager_ms"]
+    assert (tmp_path / "layers.json").exists()
+    with pytest.raises(SystemExit):
+        bench_layers.main(["--rounds", "0"])
