@@ -74,6 +74,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    import model.fused_ops
+
+    model.fused_ops.CHANNELS_LAST_BATCH_NORM = True  # off in the network by default (see model/fused_ops.py)
     torch.manual_seed(0)
     env = environment("cpu")
     rows = []

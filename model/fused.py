@@ -17,7 +17,8 @@ and state-dict key stays as it is. Each override reads its module's named layers
   with the weights of the repeated Y_k copies summed; BN-ReLU-conv runs by blocks of channels, so no 1080-channel
   full-resolution concatenation exists (fused_ops._Aggregation).
 BatchNorm sees the same statistics as each reference call and updates running statistics call by call; in training
-on a channels-last CPU map it runs the extension's channels-last kernel (fused_ops._batch_norm_train).
+on a channels-last CPU map it can run the extension's channels-last kernel (fused_ops.CHANNELS_LAST_BATCH_NORM, off
+by default).
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from fused_mtl_attn import cross_scale_attention, cross_task_attention, window_a
 from fused_mtl_attn.backends import cpu_kernels_run
 
 from .fused_ops import (batch_norm_per_sample_group, batch_norm_repeated, batch_norm_segments, batch_norm_stacked,
-                        blocked_aggregation, conv1x1_stacked, is_channels_last, recompute_in_backward, upsample)
+                        blocked_aggregation, channels_last_kernel_runs, conv1x1_stacked, is_channels_last,
+                        recompute_in_backward, upsample)
 from .modules import GlobalContextAttention, WindowAttention, from_key
 from .network import AGGREGATION_INPUTS, SCAMTL, CrossTaskAttention, FeaturePropagation, TaskHead
 
@@ -144,12 +146,14 @@ class FusedFeaturePropagation(FeaturePropagation):
 
 
 class FusedBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose call goes through `batch_norm_stacked` (the same function and running statistics): on a
-    channels-last CPU map in training, the extension's channels-last kernel instead of PyTorch's slower one."""
+    """BatchNorm2d that, in training on a channels-last CPU map, runs the extension's channels-last kernel (through
+    `batch_norm_stacked`: the same function and running statistics) instead of PyTorch's slower one."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
-        return batch_norm_stacked(x, [self])
+        if self.training and self.track_running_stats and channels_last_kernel_runs(x, self.weight, self.bias):
+            return batch_norm_stacked(x, [self])
+        return super().forward(x)
 
 
 class FusedWindowAttention(WindowAttention):

@@ -37,14 +37,29 @@ def _channels_innermost(x: torch.Tensor) -> bool:
     return x.dim() >= 2 and x.movedim(1, -1).is_contiguous()
 
 
+# Off by default: with it the fused network's float32 gradients fail tests/test_fused_network.py's
+# test_float32_accuracy (nyud2 and pascal5, channels-last). Each call is as accurate as PyTorch's BatchNorm (checked
+# call by call in the network, outputs and all gradients), and perturbing the reference's BatchNorm outputs by 1e-7
+# relative moves the same gradient by the same 6e-3 (a flipped ReLU at the tests' tiny sizes), so the kernel looks
+# innocent; but until the test's bound accounts for such flips the network keeps PyTorch's BatchNorm.
+# benchmarks/bench_layers.py measures the kernel with it on.
+CHANNELS_LAST_BATCH_NORM = False
+
+
+def channels_last_kernel_runs(x: torch.Tensor, weight, bias) -> bool:
+    """The extension's channels-last BatchNorm kernel is on and can take this training-mode call: a CPU map in
+    float32/float64 with its channels innermost, affine parameters of its dtype, more than one value per channel."""
+    return (CHANNELS_LAST_BATCH_NORM and weight is not None and bias is not None and weight.dtype == x.dtype and x.dim() >= 2
+            and x.numel() // max(x.shape[1], 1) > 1 and cpu_kernels_run(x) and _channels_innermost(x))
+
+
 def _batch_norm_train(x: torch.Tensor, weight, bias, eps: float):
     """Training-mode BatchNorm of x that also returns the batch mean and unbiased variance. A map with its channels
     innermost goes to the extension's channels-last kernel on CPU (PyTorch's is several times slower there); else
     the statistics are taken from PyTorch's own running-statistics update (momentum 1 into zeroed buffers gives
     exactly the batch statistics that the reference's call folds into its buffers) instead of a second pass."""
-    rows = x.numel() // max(x.shape[1], 1)
-    if (weight is not None and bias is not None and weight.dtype == x.dtype and rows > 1 and cpu_kernels_run(x)
-            and _channels_innermost(x)):
+    if channels_last_kernel_runs(x, weight, bias):
+        rows = x.numel() // x.shape[1]
         out, mean, var = torch.ops.fused_mtl_attn.batch_norm_channels_last(x, weight, bias, eps)
         return out, mean, var * (rows / (rows - 1))
     mean = torch.zeros(x.shape[1], dtype=weight.dtype, device=x.device)  # the buffers' dtype (mixed under autocast)

@@ -2,8 +2,9 @@
 backward, C++ CPU kernels; used by the fused path's BatchNorm layers through model.fused_ops) against PyTorch's
 batch_norm with autograd: outputs, batch statistics and gradients, float64 to rounding and float32 against float64,
 channel counts below and past whole vectors, every instruction set this CPU supports; the output keeps the input's
-strides and is no view; bitwise determinism over thread counts; opcheck; bad arguments; and FusedBatchNorm2d against
-nn.BatchNorm2d (outputs and running statistics, train and eval, both layouts)."""
+strides and is no view; bitwise determinism over thread counts; opcheck; bad arguments; and FusedBatchNorm2d with the
+kernel switched on (model.fused_ops.CHANNELS_LAST_BATCH_NORM, off by default) against nn.BatchNorm2d (outputs and
+running statistics, train and eval, both layouts)."""
 import copy
 
 import pytest
@@ -139,8 +140,11 @@ def test_bad_arguments_are_named(x, weight, match):
 
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])
-def test_fused_batch_norm_module_is_batch_norm_2d(layout, momentum):
+def test_fused_batch_norm_module_is_batch_norm_2d(layout, momentum, monkeypatch):
+    import model.fused_ops
     from model.fused import FusedBatchNorm2d
+
+    monkeypatch.setattr(model.fused_ops, "CHANNELS_LAST_BATCH_NORM", True)
 
     ref = nn.BatchNorm2d(6, momentum=momentum).double()
     with torch.no_grad():
