@@ -55,8 +55,12 @@ def interleaved_ms(fns: dict, rounds: int) -> dict:
 
 
 def forward_backward(module: nn.Module, x: torch.Tensor):
+    """One forward and backward with a dense gradient of the output's layout (`.sum().backward()` would hand
+    backward an expanded zero-stride gradient, a slow path of some kernels that the network never sees)."""
+    grad = torch.randn_like(module(x))
+
     def run():
-        module(x).sum().backward()
+        module(x).backward(grad)
     return run
 
 
