@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from benchmarks.common import environment, write_json
+from model import fused_ops
 from model.fused import FusedBatchNorm2d, FusedWindowAttention
 from model.modules import SwinLayer, WindowAttention
 
@@ -78,9 +79,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
-    import model.fused_ops
+    switched = fused_ops.CHANNELS_LAST_BATCH_NORM
+    fused_ops.CHANNELS_LAST_BATCH_NORM = True  # off in the network by default (see model/fused_ops.py)
+    try:
+        return _measure(args)
+    finally:
+        fused_ops.CHANNELS_LAST_BATCH_NORM = switched
 
-    model.fused_ops.CHANNELS_LAST_BATCH_NORM = True  # off in the network by default (see model/fused_ops.py)
+
+def _measure(args) -> list:
     torch.manual_seed(0)
     env = environment("cpu")
     rows = []

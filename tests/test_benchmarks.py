@@ -219,7 +219,11 @@ def test_tune_kernels_rejects_bad_cuda_configs(text):
 def test_layers_rows(tmp_path):
     from benchmarks import bench_layers
 
+    import model.fused_ops
+
+    switched = model.fused_ops.CHANNELS_LAST_BATCH_NORM
     rows = bench_layers.main(["--rounds", "1", "--json", str(tmp_path / "layers.json")])
+    assert model.fused_ops.CHANNELS_LAST_BATCH_NORM == switched  # the network's default is left as it was
     assert {r["kind"] for r in rows} == {"swin", "batch_norm"}
     assert len(rows) == len(bench_layers.SWIN) + len(bench_layers.BATCH_NORM)
     for r in rows:
