@@ -69,7 +69,8 @@ def cases():
     for name, channels, heads, depth, size in SWIN:
         yield "swin", name, SwinLayer(channels, depth, heads), torch.randn(2, channels, *size)
     for channels, size in BATCH_NORM:
-        yield "batch_norm", f"{channels} x {size[0]}x{size[1]}", nn.BatchNorm2d(channels), torch.randn(2, channels, *size)
+        yield ("batch_norm", f"{channels} x {size[0]}x{size[1]}", nn.BatchNorm2d(channels),
+               torch.randn(2, channels, *size))
 
 
 def main(argv=None):

@@ -1,8 +1,9 @@
 // Training-mode BatchNorm of a map whose channels are innermost in memory (channels-last, the fused path's layout on
 // CPU), read as N = batch x positions rows of C channels; the output keeps the input's strides (a view of another
-// shape would make every in-place op after it, a residual add or an in-place ReLU, copy the whole map in backward). Device-independent part: op signatures and input
-// checks (kernels: cpu/batch_norm_channels_last_kernels.h). PyTorch's own channels-last BatchNorm is 3-13x slower
-// than its NCHW one on CPU for the network's 18-72 channel maps, backward most (benchmarks/RESULTS.md).
+// shape would make every in-place op after it, a residual add or an in-place ReLU, copy the whole map in backward).
+// Device-independent part: op signatures and input checks (kernels: cpu/batch_norm_channels_last_kernels.h).
+// PyTorch's own channels-last BatchNorm is 3-13x slower than its NCHW one on CPU for the network's 18-72 channel
+// maps, backward most (benchmarks/RESULTS.md).
 #pragma once
 
 #include <torch/library.h>

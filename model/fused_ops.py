@@ -49,8 +49,8 @@ CHANNELS_LAST_BATCH_NORM = False
 def channels_last_kernel_runs(x: torch.Tensor, weight, bias) -> bool:
     """The extension's channels-last BatchNorm kernel is on and can take this training-mode call: a CPU map in
     float32/float64 with its channels innermost, affine parameters of its dtype, more than one value per channel."""
-    return (CHANNELS_LAST_BATCH_NORM and weight is not None and bias is not None and weight.dtype == x.dtype and x.dim() >= 2
-            and x.numel() // max(x.shape[1], 1) > 1 and cpu_kernels_run(x) and _channels_innermost(x))
+    return (CHANNELS_LAST_BATCH_NORM and weight is not None and bias is not None and weight.dtype == x.dtype
+            and x.dim() >= 2 and x.numel() // max(x.shape[1], 1) > 1 and cpu_kernels_run(x) and _channels_innermost(x))
 
 
 def _batch_norm_train(x: torch.Tensor, weight, bias, eps: float):

@@ -252,9 +252,9 @@ class SCAMTL(nn.Module):
         attention kernels of the fused path (see fused_mtl_attn.available_backends()). `recompute` lets the
         fused path recompute in backward what is large to store and cheap to compute (the backbone's stem and
         first stage, the Swin layers where their window attention runs eagerly, the CTAM projections) instead of
-        saving it: same results and running statistics, much less memory, a little more compute. `channels_last` runs the fused path's convolutions
-        in the channels-last layout (None: on CPU only, where oneDNN's 3x3 convolutions are 1.3-3.5x faster in
-        it; the GPU default stays NCHW until it is measured there)."""
+        saving it: same results and running statistics, much less memory, a little more compute. `channels_last`
+        runs the fused path's convolutions in the channels-last layout (None: on CPU only, where oneDNN's 3x3
+        convolutions are 1.3-3.5x faster in it; the GPU default stays NCHW until it is measured there)."""
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
         for name, value, allowed in (("flag", flag, (bool,)), ("recompute", recompute, (bool,)),

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 import fused_mtl_attn
 
+from .helpers import assert_same_for_any_thread_count, relative_error
+
 CPU_BUILT = fused_mtl_attn.available_backends()["cpu"][0]
 cpp_backend = pytest.importorskip("fused_mtl_attn.cpp_backend") if CPU_BUILT else None
 CPU_ISAS = cpp_backend.supported_cpu_isas() if CPU_BUILT else []
@@ -56,10 +58,6 @@ def _reference(x, grad, weight, bias):
             bias.grad)
 
 
-def _relative_error(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-300)).item()
-
-
 NAMES = ("out", "mean", "var", "dx", "dweight", "dbias")
 
 
@@ -70,7 +68,7 @@ def test_float64_matches_pytorch_to_rounding(shape, isa):
     with cpp_backend.use_cpu_isa(isa):
         got = _op(*args)
     for name, a, b in zip(NAMES, got, _reference(*args)):
-        assert _relative_error(a, b) < 1e-12, name
+        assert relative_error(a, b) < 1e-12, name
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
@@ -79,7 +77,7 @@ def test_float32_matches_float64_to_float32_rounding(shape, isa):
     with cpp_backend.use_cpu_isa(isa):
         got = _op(*_inputs(shape, torch.float32))
     for name, a, b in zip(NAMES, got, _reference(*_inputs(shape, torch.float64))):
-        assert _relative_error(a, b) < 1e-5, name
+        assert relative_error(a, b) < 1e-5, name
 
 
 def test_outputs_keep_the_input_strides_and_are_not_views():
@@ -104,17 +102,7 @@ def test_an_nchw_gradient_gives_the_same_result():
 
 def test_results_do_not_depend_on_the_thread_count():
     args = _inputs((4, 18, 16, 20), torch.float32)  # 1280 rows: five chunks of 256
-    threads = torch.get_num_threads()
-    try:
-        runs = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            runs.append(_op(*args))
-    finally:
-        torch.set_num_threads(threads)
-    for run in runs[1:]:
-        for a, b in zip(run, runs[0]):
-            assert torch.equal(a, b)
+    assert_same_for_any_thread_count(lambda: _op(*args))
 
 
 def test_opcheck():

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 import fused_mtl_attn
 
+from .helpers import assert_same_for_any_thread_count
+
 CPU_BUILT = fused_mtl_attn.available_backends()["cpu"][0]
 cpp_backend = pytest.importorskip("fused_mtl_attn.cpp_backend") if CPU_BUILT else None
 CPU_ISAS = cpp_backend.supported_cpu_isas() if CPU_BUILT else []
@@ -89,16 +91,7 @@ def test_inactive_channel_has_zero_gradients():
 
 def test_bitwise_identical_for_any_thread_count():
     h, w, b, _, _, g = _inputs((2, 40, 999), torch.float32)
-    threads = torch.get_num_threads()
-    try:
-        runs = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            runs.append(_op(h, w, b, None, None, g))
-    finally:
-        torch.set_num_threads(threads)
-    for run in runs[1:]:
-        assert all(torch.equal(x, y) for x, y in zip(run, runs[0]))
+    assert_same_for_any_thread_count(lambda: _op(h, w, b, None, None, g))
 
 
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch-stats", "running-stats"])

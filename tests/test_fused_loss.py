@@ -9,6 +9,8 @@ import fused_mtl_attn
 from fused_mtl_attn import reference, upsampled_cross_entropy
 from model.losses import MultiTaskLoss
 
+from .helpers import assert_same_for_any_thread_count
+
 CPU_BUILT = fused_mtl_attn.available_backends()["cpu"][0]
 cpp_backend = pytest.importorskip("fused_mtl_attn.cpp_backend") if CPU_BUILT else None
 CPU_ISAS = cpp_backend.supported_cpu_isas() if CPU_BUILT else []
@@ -143,16 +145,7 @@ def test_label_out_of_range_raises(bad):
 @needs_kernels
 def test_bitwise_identical_for_any_thread_count():
     x, label = _inputs(2, 6, 8, 10, 64, 80, dtype=torch.float32)
-    threads = torch.get_num_threads()
-    try:
-        runs = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            runs.append(_loss_and_grad(upsampled_cross_entropy, x, label))
-    finally:
-        torch.set_num_threads(threads)
-    for loss, grad in runs[1:]:
-        assert torch.equal(loss, runs[0][0]) and torch.equal(grad, runs[0][1])
+    assert_same_for_any_thread_count(lambda: _loss_and_grad(upsampled_cross_entropy, x, label))
 
 
 @needs_kernels

@@ -10,6 +10,8 @@ import torch
 import fused_mtl_attn
 from fused_mtl_attn import reference, window_attention
 
+from .helpers import assert_same_for_any_thread_count, relative_error
+
 CPU_BUILT = fused_mtl_attn.available_backends()["cpu"][0]
 cpp_backend = pytest.importorskip("fused_mtl_attn.cpp_backend") if CPU_BUILT else None
 CPU_ISAS = cpp_backend.supported_cpu_isas() if CPU_BUILT else []
@@ -45,32 +47,20 @@ def _fused(qkv, bias, mask, heads, scale):
     return window_attention(qkv, bias, mask, heads=heads, scale=scale)
 
 
-def _relative_error(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-300)).item()
+# float64: the reference to rounding; float32: rounding of sums over at most 70 keys and 70 windows, well below 1e-5
+# of the largest value (the eager reference in float32 is 1e-7 to 1e-6 off on these shapes)
+TOLERANCE = {torch.float64: 1e-13, torch.float32: 1e-5}
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_float64_matches_reference_to_rounding(shape, isa):
-    args = _inputs(shape, torch.float64)
+def test_matches_the_float64_reference(shape, dtype, isa):
     with cpp_backend.use_cpu_isa(isa):
-        got = _with_grads(_fused, *args)
-    want = _with_grads(reference.window_attention, *args)
-    for name, a, b in zip(("out", "dqkv", "dbias"), got, want):
-        assert _relative_error(a, b) < 1e-13, name
-
-
-@pytest.mark.parametrize("isa", CPU_ISAS)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_float32_matches_float64_to_float32_rounding(shape, isa):
-    args32 = _inputs(shape, torch.float32)
-    with cpp_backend.use_cpu_isa(isa):
-        got = _with_grads(_fused, *args32)
+        got = _with_grads(_fused, *_inputs(shape, dtype))
     exact = _with_grads(reference.window_attention, *_inputs(shape, torch.float64))
     for name, a, x in zip(("out", "dqkv", "dbias"), got, exact):
-        # float32 rounding of sums over at most 70 keys and 70 windows: well below 1e-5 of the largest value (the
-        # eager reference in float32 is 1e-7 to 1e-6 off on these shapes)
-        assert _relative_error(a, x) < 1e-5, name
+        assert relative_error(a, x) < TOLERANCE[dtype], name
 
 
 def test_masked_logits_leave_no_subnormal_probabilities():
@@ -83,23 +73,13 @@ def test_masked_logits_leave_no_subnormal_probabilities():
                        scale)
     for a, b in zip(got, want):
         assert torch.isfinite(a).all()
-        assert _relative_error(a, b) < 1e-4  # logits up to ~100: float32 rounds them to 1e-5 relative
+        assert relative_error(a, b) < 1e-4  # logits up to ~100: float32 rounds them to 1e-5 relative
 
 
 def test_bias_gradient_does_not_depend_on_the_thread_count():
     # 70 windows: more than the 32 groups whose partial bias gradients are summed in order
     args = _inputs((70, 49, 3, 4, 7), torch.float32)
-    threads = torch.get_num_threads()
-    try:
-        runs = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            runs.append(_with_grads(_fused, *args))
-    finally:
-        torch.set_num_threads(threads)
-    for run in runs[1:]:
-        for a, b in zip(run, runs[0]):
-            assert torch.equal(a, b)
+    assert_same_for_any_thread_count(lambda: _with_grads(_fused, *args))
 
 
 def test_opcheck():
@@ -122,7 +102,7 @@ def test_strided_inputs_give_the_contiguous_result():
     got = _with_grads(_fused, strided, bias.transpose(1, 2).contiguous().transpose(1, 2), mask, grad, heads, scale)
     want = _with_grads(reference.window_attention, qkv, bias, mask, grad, heads, scale)
     for a, b in zip(got, want):
-        assert _relative_error(a, b) < 1e-13
+        assert relative_error(a, b) < 1e-13
 
 
 def test_falls_back_to_the_reference_where_the_kernel_does_not_run():

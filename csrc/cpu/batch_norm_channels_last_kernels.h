@@ -73,7 +73,8 @@ template <typename T>
 std::tuple<Tensor, Tensor, Tensor> bn_rows_backward_typed(const Tensor& grad, const Tensor& x, const Tensor& mean,
                                                           const Tensor& var, const Tensor& weight, double eps) {
   const int64_t c = x.size(1), n = x.numel() / c;
-  Tensor dx = at::empty_strided(x.sizes(), x.strides(), x.options()), dweight = at::empty({c}, x.options()), dbias = at::empty({c}, x.options());
+  Tensor dx = at::empty_strided(x.sizes(), x.strides(), x.options());
+  Tensor dweight = at::empty({c}, x.options()), dbias = at::empty({c}, x.options());
   const T* __restrict xp = x.const_data_ptr<T>();
   const T* __restrict gp = grad.const_data_ptr<T>();
   const T* __restrict mp = mean.const_data_ptr<T>();

@@ -1,5 +1,5 @@
 // CPU kernels of Swin's window attention (../window_attention.h), included by kernels.h inside its instruction set's
-// namespace, after cross_entropy_kernels.h (whose exp and horizontal reductions they use).
+// namespace, after cross_entropy_kernels.h (whose exp they use).
 //
 // One (window, head) at a time in tiles that stay in L1, the window's L query positions in vector lanes (padded to
 // Lp): the logits tile s[j][i] of key j is then d vector FMAs of q^T (scaled as the reference scales it) with
@@ -30,6 +30,17 @@ std::vector<T> transposed_padded(const T* x, int64_t n, const WindowGeometry<T>&
       for (int64_t j = 0; j < g.length; ++j) t[(a * g.length + j) * g.lp + i] = x[(a * g.length + i) * g.length + j];
   return t;
 }
+
+// the bias [heads, L, L] and mask [nW, L, L] (or none), transposed to [.., j, i] and padded, once per call
+template <typename T>
+struct BiasMaskTransposed {
+  std::vector<T> bias_t, mask_t;
+  BiasMaskTransposed(const Tensor& bias, const std::optional<Tensor>& mask, const WindowGeometry<T>& g)
+      : bias_t(transposed_padded(bias.const_data_ptr<T>(), g.heads, g)),
+        mask_t(mask ? transposed_padded(mask->const_data_ptr<T>(), g.mask_windows, g) : std::vector<T>()) {}
+  const T* bias() const { return bias_t.data(); }
+  const T* mask() const { return mask_t.empty() ? nullptr : mask_t.data(); }
+};
 
 // the tiles of one (window, head), queries in the lanes
 template <typename T>
@@ -85,9 +96,7 @@ std::tuple<Tensor, Tensor> window_forward_typed(const Tensor& qkv, const Tensor&
   const WindowGeometry<T> g(qkv, heads, mask);
   Tensor out = at::empty({g.windows, g.length, g.dim}, qkv.options());
   Tensor lse = at::empty({g.windows, heads, g.length}, qkv.options());
-  const std::vector<T> bias_t = transposed_padded(bias.const_data_ptr<T>(), heads, g);
-  const std::vector<T> mask_t = mask ? transposed_padded(mask->const_data_ptr<T>(), g.mask_windows, g)
-                                     : std::vector<T>();
+  const BiasMaskTransposed<T> bm(bias, mask, g);
   const T* qp = qkv.const_data_ptr<T>();
   T* op = out.mutable_data_ptr<T>();
   T* lp = lse.mutable_data_ptr<T>();
@@ -97,7 +106,7 @@ std::tuple<Tensor, Tensor> window_forward_typed(const Tensor& qkv, const Tensor&
     std::vector<T> mx(g.lp), sum(g.lp), acc(g.d * g.lp);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t w = task / heads, h = task % heads;
-      const T* base = tile.logits(qp, bias_t.data(), mask ? mask_t.data() : nullptr, w, h, sc);
+      const T* base = tile.logits(qp, bm.bias(), bm.mask(), w, h, sc);
       T* s = tile.s.data();
       for (int64_t i = 0; i < g.lp; i += W) {
         V<T> m = vload(s + i);
@@ -133,13 +142,10 @@ std::tuple<Tensor, Tensor> window_backward_typed(const Tensor& grad, const Tenso
   const WindowGeometry<T> g(qkv, heads, mask);
   Tensor dqkv = at::empty_like(qkv);
   Tensor dbias = at::empty_like(bias);
-  const std::vector<T> bias_t = transposed_padded(bias.const_data_ptr<T>(), heads, g);
-  const std::vector<T> mask_t = mask ? transposed_padded(mask->const_data_ptr<T>(), g.mask_windows, g)
-                                     : std::vector<T>();
+  const BiasMaskTransposed<T> bm(bias, mask, g);
   const int64_t groups = std::min<int64_t>(g.windows, 32), per_group = (g.windows + groups - 1) / groups;
   // dL/dbias of each group of windows, transposed: [group, head, key j, query lanes]
   std::vector<T> partial(groups * heads * g.length * g.lp, T(0));
-  const int64_t kp = round_up(g.length, W);  // keys padded to whole vectors, for the transposed tiles
   const T* gp = grad.const_data_ptr<T>();
   const T* qp = qkv.const_data_ptr<T>();
   const T* lsep = lse.const_data_ptr<T>();
@@ -148,12 +154,12 @@ std::tuple<Tensor, Tensor> window_backward_typed(const Tensor& grad, const Tenso
   at::parallel_for(0, groups * heads, 1, [&](int64_t begin, int64_t end) {
     WindowTile<T> tile(g);
     std::vector<T> gt(g.d * g.lp, T(0)), ds(g.length * g.lp), row_lse(g.lp, T(0)), acc(g.d * g.lp);
-    std::vector<T> p_q(g.length * kp, T(0)), ds_q(g.length * kp, T(0));  // p, dL/ds with keys in the lanes
+    std::vector<T> p_q(g.length * g.lp, T(0)), ds_q(g.length * g.lp, T(0));  // p, dL/ds with keys in the lanes
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / heads, h = task % heads;
       T* db = partial.data() + task * g.length * g.lp;
       for (int64_t w = group * per_group; w < std::min(g.windows, (group + 1) * per_group); ++w) {
-        const T* base = tile.logits(qp, bias_t.data(), mask ? mask_t.data() : nullptr, w, h, sc);
+        const T* base = tile.logits(qp, bm.bias(), bm.mask(), w, h, sc);
         T* p = tile.s.data();
         for (int64_t i = 0; i < g.length; ++i) {
           row_lse[i] = lsep[(w * heads + h) * g.length + i];
@@ -179,25 +185,25 @@ std::tuple<Tensor, Tensor> window_backward_typed(const Tensor& grad, const Tenso
           }
         }
         keys_product(ds.data(), base + g.dim, 3 * g.dim, g, acc.data());  // dq = scale sum_j dL/ds_j k_j
-        T* dq_base = dp + g.row(w, 0) + h * g.d;
+        T* dqkv_w = dp + g.row(w, 0) + h * g.d;
         for (int64_t i = 0; i < g.length; ++i)
-          for (int64_t c = 0; c < g.d; ++c) dq_base[i * 3 * g.dim + c] = sc * acc[c * g.lp + i];
+          for (int64_t c = 0; c < g.d; ++c) dqkv_w[i * 3 * g.dim + c] = sc * acc[c * g.lp + i];
         for (int64_t j = 0; j < g.length; ++j)
           for (int64_t i = 0; i < g.length; ++i) {
-            p_q[i * kp + j] = p[j * g.lp + i];
-            ds_q[i * kp + j] = ds[j * g.lp + i];
+            p_q[i * g.lp + j] = p[j * g.lp + i];
+            ds_q[i * g.lp + j] = ds[j * g.lp + i];
           }
         // dk_j = sum_i dL/ds_ij q_i (q scaled), dv_j = sum_i p_ij g_i: keys in the lanes, summed over queries
         for (int64_t c = 0; c < g.d; ++c)
-          vector_blocks<T>(kp, [&](auto NV, int64_t j0) {
+          vector_blocks<T>(g.lp, [&](auto NV, int64_t j0) {
             constexpr int nv = decltype(NV)::value;
             V<T> dk[nv], dv[nv];
             for (int u = 0; u < nv; ++u) dk[u] = dv[u] = vsplat(T(0));
             for (int64_t i = 0; i < g.length; ++i) {
               const V<T> qi = vsplat(tile.qt[c * g.lp + i]), gi = vsplat(gt[c * g.lp + i]);
               for (int u = 0; u < nv; ++u) {
-                dk[u] += qi * vload(ds_q.data() + i * kp + j0 + u * W);
-                dv[u] += gi * vload(p_q.data() + i * kp + j0 + u * W);
+                dk[u] += qi * vload(ds_q.data() + i * g.lp + j0 + u * W);
+                dv[u] += gi * vload(p_q.data() + i * g.lp + j0 + u * W);
               }
             }
             T dk_lanes[nv * W], dv_lanes[nv * W];
@@ -206,8 +212,8 @@ std::tuple<Tensor, Tensor> window_backward_typed(const Tensor& grad, const Tenso
               vstore(dv_lanes + u * W, dv[u]);
             }
             for (int64_t l = 0; l < nv * W && j0 + l < g.length; ++l) {
-              dq_base[(j0 + l) * 3 * g.dim + g.dim + c] = dk_lanes[l];
-              dq_base[(j0 + l) * 3 * g.dim + 2 * g.dim + c] = dv_lanes[l];
+              dqkv_w[(j0 + l) * 3 * g.dim + g.dim + c] = dk_lanes[l];
+              dqkv_w[(j0 + l) * 3 * g.dim + 2 * g.dim + c] = dv_lanes[l];
             }
           });
       }
