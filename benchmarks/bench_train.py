@@ -122,11 +122,15 @@ class Runner:
 
 def interleaved_times(steps: dict, repeats: int) -> dict:
     """{name: seconds of each round} of `repeats` rounds of one call of every step(), in turn (interleaved, so the
-    machine's drifts hit all alike); each step returns its own seconds."""
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            times[name].append(step())
+    machine's drifts hit all alike); each step returns its own seconds. The order rotates from round to round: a
+    step is slowed or sped up by the one before it (on CPU, by the memory the allocator kept or gave back, which
+    decides how many fresh pages fault), so no variant always follows the same one."""
+    names = list(steps)
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(steps[name]())
     return times
 
 

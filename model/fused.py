@@ -122,13 +122,40 @@ class FusedCrossTaskAttention(CrossTaskAttention):
             attended = attended.permute(0, 3, 1, 2).contiguous().view(b, h, w, -1, c).permute(0, 3, 4, 1, 2)
         else:
             attended = attended.view(b, -1, c, h, w)
-        # the shared block's input, targets stacked along the batch axis: [M*B, 2(M-1)C, H, W]
+        # the shared block's input, targets stacked along the batch axis: [M*B, M*C, H, W], Y_t once (its repeated
+        # copies' weights summed) and the pairs in the reference's order
         per_pair = attended.unbind(1)  # (one backward for all pairs, as above)
-        inputs = [self.block_input(features[t], {a: per_pair[by_source.index((t, a))] for a in self.sources(t)})
+        inputs = [torch.cat([features[t]] + [per_pair[by_source.index((t, a))] for a in self.block_sources[t]], dim=1)
                   for t in tasks]
         # one block call for all targets, each BatchNorm taking one reference call's statistics per target
-        out = self.block(torch.cat(inputs, dim=0), norm=lambda bn, y: batch_norm_per_sample_group(y, bn, m))
+        out = torch.func.functional_call(self.block, self.block_weights(), (torch.cat(inputs, dim=0),),
+                                         {"norm": lambda bn, y: batch_norm_per_sample_group(y, bn, m)})
         return {t: features[t] + part for t, part in zip(tasks, out.chunk(m))}  # (chunk: one backward, as above)
+
+    def prepare(self) -> None:
+        """Read the order of the block input's C-channel pieces from the reference's own `block_input` (each piece
+        marked by a number): per target, `block_pieces` (None for Y_t, else the source task, as the reference
+        concatenates them) and `block_sources` (the sources in that order)."""
+        self.block_pieces, self.block_sources = {}, {}
+        for t in self.tasks:
+            sources = self.sources(t)
+            marks = self.block_input(torch.full((1, 1), -1.0), {a: torch.full((1, 1), float(i))
+                                                                  for i, a in enumerate(sources)})
+            self.block_pieces[t] = [None if i < 0 else sources[int(i)] for i in marks[0].tolist()]
+            self.block_sources[t] = [a for a in self.block_pieces[t] if a is not None]
+
+    def block_weights(self) -> dict:
+        """The shared block's input-side weights (conv1's, the shortcut's) for its input [Y_t, the pairs]: the columns
+        of the repeated Y_t pieces summed, since Y_t convolved M-1 times with their columns is one convolution
+        with their sum (3/8 fewer input channels with 5 tasks, none fewer with 2)."""
+        pieces = self.block_pieces[self.tasks[0]]  # the same order for every target (one shared block)
+        weights = {}
+        for name in ("conv1.weight", "shortcut.conv1.weight"):
+            columns = self.block.get_parameter(name).chunk(len(pieces), dim=1)
+            own = [w for w, piece in zip(columns, pieces) if piece is None]
+            pairs = [w for w, piece in zip(columns, pieces) if piece is not None]
+            weights[name] = torch.cat([sum(own[1:], own[0])] + pairs, dim=1)
+        return weights
 
 
 class FusedFeaturePropagation(FeaturePropagation):
@@ -225,3 +252,5 @@ def select_path(net: SCAMTL, fused: bool, backend: str, recompute: bool) -> None
             module.__class__ = FUSED[reference] if fused else reference
             if fused:
                 module.backend, module.recompute = backend, recompute
+                if hasattr(module, "prepare"):
+                    module.prepare()

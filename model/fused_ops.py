@@ -180,12 +180,17 @@ class _Aggregation(torch.autograd.Function):
             mean.copy_(running[0])
             var.copy_(running[1])
         out = b_out[None, :, None].expand(batch, -1, n0).contiguous()
-        kept = torch.empty(batch, channels, n0, dtype=xs[0].dtype, device=xs[0].device) if keep_h else None
+        # the kept blocks are separate tensors, not views of one [B, 1080, N0] map: each stays under the size
+        # from which the C allocator maps fresh pages on every call (32 MB in glibc), whose first touch costs more
+        # than building the block on a VM
+        kept = [] if keep_h else None
         # BatchNorm + ReLU of a kept block in one C++ pass (where the extension's CPU kernels run), else eager
-        ctx.kernel = kept is not None and cpu_kernels_run(kept)
+        ctx.kernel = keep_h and cpu_kernels_run(xs[0])
         for c0 in range(0, channels, block):
             sl = slice(c0, min(c0 + block, channels))
-            h = _build_block(xs, ws, bias, sl, geometry, None if kept is None else kept[:, sl])
+            h = _build_block(xs, ws, bias, sl, geometry)
+            if kept is not None:
+                kept.append(h)
             if ctx.kernel:
                 stats = (None, None) if running is None else (mean[sl], var[sl])  # None: the block's batch statistics
                 act, m, v = torch.ops.fused_mtl_attn.batch_norm_relu(h, gamma[sl], beta[sl], *stats, eps)
@@ -201,14 +206,15 @@ class _Aggregation(torch.autograd.Function):
             for b in range(batch):
                 out[b].addmm_(w_out[:, sl], act[b])
         ctx.eps, ctx.batch_stats = eps, running is None
-        ctx.save_for_backward(*xs, *ws, bias, gamma, beta, w_out, mean, var, kept)
+        ctx.save_for_backward(*xs, *ws, bias, gamma, beta, w_out, mean, var, *(kept or []))
         return out.view(batch, -1, *geometry[0]), mean, var
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var):
         saved = ctx.saved_tensors
         xs, ws = list(saved[:4]), list(saved[4:8])
-        bias, gamma, beta, w_out, mean, var, kept = saved[8:]
+        bias, gamma, beta, w_out, mean, var = saved[8:14]
+        kept = saved[14:] or None
         batch, n0 = xs[0].shape[0], xs[0].shape[2]
         channels, geometry = ws[0].shape[0], ctx.geometry
         g = grad_out.flatten(2)
@@ -217,14 +223,14 @@ class _Aggregation(torch.autograd.Function):
         grad_bias, grad_gamma, grad_beta = (torch.zeros_like(gamma) for _ in range(3))
         grad_w_out = torch.zeros_like(w_out)
         n = batch * n0
-        for c0 in range(0, channels, ctx.block):
+        for i, c0 in enumerate(range(0, channels, ctx.block)):
             sl = slice(c0, min(c0 + ctx.block, channels))
             if ctx.kernel:
-                h = kept[:, sl]
+                h = kept[i]
                 act = torch.ops.fused_mtl_attn.batch_norm_relu(h, gamma[sl], beta[sl], mean[sl], var[sl], ctx.eps)[0]
             else:
                 invstd = torch.rsqrt(var[sl] + ctx.eps)
-                h = _build_block(xs, ws, bias, sl, geometry) if kept is None else kept[:, sl]
+                h = _build_block(xs, ws, bias, sl, geometry) if kept is None else kept[i]
                 xhat = (h.sub_(mean[sl, None]) if kept is None else h - mean[sl, None]).mul_(invstd[:, None])
                 pre = torch.addcmul(beta[sl, None], xhat, gamma[sl, None])
                 inactive = pre <= 0
@@ -276,13 +282,12 @@ def _keep_blocks(device) -> bool:
     return device.type == "cpu"
 
 
-def _build_block(xs, ws, bias, sl, geometry, h=None):
-    """Channels `sl` of h = W_0 x_0 + sum_k up(W_k x_k) + bias, as [B, c, N0] (into `h` if given)."""
+def _build_block(xs, ws, bias, sl, geometry):
+    """Channels `sl` of h = W_0 x_0 + sum_k up(W_k x_k) + bias, as [B, c, N0]."""
     (height, width), scales = geometry
     batch, n0 = xs[0].shape[0], xs[0].shape[2]
     c = sl.stop - sl.start
-    if h is None:
-        h = torch.empty(batch, c, n0, dtype=xs[0].dtype, device=xs[0].device)
+    h = torch.empty(batch, c, n0, dtype=xs[0].dtype, device=xs[0].device)
     for b in range(batch):
         torch.addmm(bias[sl, None], ws[0][sl], xs[0][b], out=h[b])
         plane = h[b].view(c, height, width)

@@ -94,6 +94,17 @@ def test_train_rows(train_rows):
         assert min(r["step_ms_rounds"]) <= r["step_ms"] <= max(r["step_ms_rounds"])
 
 
+def test_interleaved_rounds_rotate_the_order():
+    """Every variant runs once per round and, over as many rounds as variants, once in every position."""
+    calls = []
+    steps = {name: (lambda name=name: calls.append(name) or 1.0) for name in "abc"}
+    times = bench_train.interleaved_times(steps, 3)
+    assert times == {name: [1.0] * 3 for name in "abc"}
+    rounds = [calls[i:i + 3] for i in range(0, 9, 3)]
+    assert all(sorted(r) == list("abc") for r in rounds)
+    assert all(sorted(position) == list("abc") for position in zip(*rounds))
+
+
 def test_loss_rows():
     """--loss times the loss alone, reference and fused, on predictions of the network's output shapes; the fused
     loss saves less (no upsampled logits or log-softmax)."""
