@@ -213,6 +213,25 @@ def test_backward_does_not_zero_fill_per_piece():
     assert counted.bytes < 12 * 2**20, f"{counted.bytes / 2**20:.1f} MiB of slice/select gradients"
 
 
+@pytest.mark.parametrize("config", ["nyud2", "pascal3", "pascal5"])
+def test_ctam_block_reads_each_target_feature_once(config):
+    """The reference's shared CTAM block reads [Y_t, GCA(t <- a)] for each of the M-1 sources, Y_t M-1 times; the
+    fused block reads Y_t once with the repeated copies' weight columns summed: M*C input channels, not 2(M-1)*C
+    (the parity tests check that it is the same function)."""
+    torch.manual_seed(0)
+    tasks = CONFIGS[config]
+    net = build_model(tasks, widths=SMALL).set_fused(True).train()
+    ctam = net.cross_task[0]
+    m, c = len(tasks), SMALL[0]
+    assert ctam.block.conv1.in_channels == 2 * (m - 1) * c
+    seen = []
+    ctam.block.conv1.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].shape[1]))
+    net(torch.randn(2, 3, 64, 64))
+    assert seen == [m * c]
+    for t in tasks:  # Y_t then the pairs in the reference's order: the last source first
+        assert ctam.block_pieces[t] == [None if i % 2 == 0 else a for a in reversed(ctam.sources(t)) for i in (0, 1)]
+
+
 @pytest.mark.parametrize("src, dst", [((4, 5), (32, 40)), ((7, 9), (13, 30)), ((16, 20), (16, 20)), ((3, 3), (2, 5)),
                                       ((9, 4), (30, 13)), ((10, 3), (5, 7)), ((2, 3), (16, 24))])
 def test_matmul_upsample_is_pytorch_bilinear(src, dst):
