@@ -7,7 +7,8 @@ and state-dict key stays as it is. Each override reads its module's named layers
 - Encoder: optionally recomputed in backward (activation checkpointing: the stem, and the Swin layers where their
   window attention runs eagerly); on CPU the network runs channels-last.
 - CTAM: the projections of all ordered pairs run as a few batched matrix products, one `cross_task_attention`
-  call attends every pair, and the shared BasicBlock runs for all targets at once.
+  call attends every pair, and the shared BasicBlock runs for all targets at once, reading each target's feature
+  once (the weight columns of its repeated copies summed).
 - FPMA: the reference computation, kept in the input's memory layout.
 - Swin blocks (the encoder's self-attention and FPMA's): each block's window attention in one fused op that reads
   q, k, v from the qkv Linear's output and stores no per-head [L, L] map (fused_mtl_attn.window_attention).
