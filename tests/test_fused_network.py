@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+import fused_mtl_attn
 from model import TASK_SETS, build_model
 
 SMALL = (12, 24, 48, 96)
@@ -325,6 +326,22 @@ def test_aggregation_rebuilding_blocks_matches_reference(monkeypatch):
     monkeypatch.setattr(model.fused_ops, "_keep_blocks", lambda device: False)
     _parity("nyud2", True, torch.float64, 2)
     _float32_accuracy("pascal5", False)
+
+
+@pytest.mark.skipif(not fused_mtl_attn.available_backends()["cpu"][0], reason="the C++ extension is not built")
+@pytest.mark.parametrize("config", ["nyud2", "pascal5"])
+def test_channels_last_batch_norm_kernel_in_the_network_matches_reference(config, monkeypatch):
+    """The channels-last BatchNorm kernel, which by default takes only the paper sizes' large maps, here on every
+    channels-last BatchNorm of the tiny network (float64, two training steps, as the parity tests)."""
+    import model.fused_ops
+
+    monkeypatch.setattr(model.fused_ops, "BATCH_NORM_KERNEL_MIN_ROWS", 2)
+    kernel = torch.ops.fused_mtl_attn.batch_norm_channels_last
+    calls = []
+    monkeypatch.setattr(torch.ops.fused_mtl_attn, "batch_norm_channels_last",
+                        lambda x, *args: calls.append(x.shape) or kernel(x, *args))
+    _parity(config, True, torch.float64, 2)
+    assert len(calls) > 50, f"the kernel ran {len(calls)} times"
 
 
 def test_aggregation_without_the_batch_norm_relu_kernel_matches_reference(monkeypatch):
