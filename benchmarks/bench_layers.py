@@ -80,12 +80,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
-    switched = fused_ops.BATCH_NORM_KERNEL_MIN_ROWS
-    fused_ops.BATCH_NORM_KERNEL_MIN_ROWS = 2  # the kernel on every map, also those the network leaves to PyTorch
+    switched = fused_ops.CHANNELS_LAST_BATCH_NORM_MIN_ROWS
+    fused_ops.CHANNELS_LAST_BATCH_NORM_MIN_ROWS = 2  # the kernel on every map, also those the network leaves to PyTorch
     try:
         return _measure(args)
     finally:
-        fused_ops.BATCH_NORM_KERNEL_MIN_ROWS = switched
+        fused_ops.CHANNELS_LAST_BATCH_NORM_MIN_ROWS = switched
 
 
 def _measure(args) -> list:

@@ -98,8 +98,9 @@ if _C is not None:
     torch.library.register_autograd("fused_mtl_attn::upsampled_cross_entropy", _upsampled_cross_entropy_backward,
                                     setup_context=_loss_setup_context)
 
-    # BatchNorm + ReLU of the aggregation head: called inside model.fused_ops._Aggregation's forward and backward,
-    # so no autograd formula of its own
+    # BatchNorm + ReLU of h [B, C, N] (the aggregation head calls both directions inside its own autograd.Function;
+    # the CTAM projections through this autograd formula): autograd keeps h and the statistics used, which are
+    # outputs for the running-statistics update, not differentiated; given statistics (eval mode) get no gradient
     @torch.library.register_fake("fused_mtl_attn::batch_norm_relu")
     def _batch_norm_relu_fake(h, weight, bias, mean, var, eps):
         return h.new_empty(h.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
@@ -107,6 +108,21 @@ if _C is not None:
     @torch.library.register_fake("fused_mtl_attn::batch_norm_relu_backward")
     def _batch_norm_relu_backward_fake(grad, h, mean, var, weight, bias, eps, batch_stats):
         return (h.new_empty(h.shape),) + tuple(weight.new_empty(weight.shape) for _ in range(3))
+
+    def _bn_relu_setup_context(ctx, inputs, output):
+        h, weight, bias, mean, _, ctx.eps = inputs
+        ctx.batch_stats = mean is None
+        ctx.save_for_backward(h, weight, bias, output[1], output[2])
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    def _batch_norm_relu_backward(ctx, grad, grad_mean, grad_var):
+        h, weight, bias, mean, var = ctx.saved_tensors
+        dh, dweight, dbias, _ = ops.batch_norm_relu_backward(grad, h, mean, var, weight, bias, ctx.eps,
+                                                             ctx.batch_stats)
+        return dh, dweight, dbias, None, None, None
+
+    torch.library.register_autograd("fused_mtl_attn::batch_norm_relu", _batch_norm_relu_backward,
+                                    setup_context=_bn_relu_setup_context)
 
 
     # Swin's window attention (fused_mtl_attn.swin): autograd keeps qkv, bias, mask and each row's log-sum-exp

@@ -18,13 +18,13 @@ and state-dict key stays as it is. Each override reads its module's named layers
   with the weights of the repeated Y_k copies summed; BN-ReLU-conv runs by blocks of channels, so no 1080-channel
   full-resolution concatenation exists (fused_ops._Aggregation).
 BatchNorm sees the same statistics as each reference call and updates running statistics call by call; in training
-on a large channels-last CPU map it runs the extension's channels-last kernel (fused_ops.BATCH_NORM_KERNEL_MIN_ROWS).
+on CPU, large channels-last maps go to the extension's channels-last kernel
+(fused_ops.CHANNELS_LAST_BATCH_NORM_MIN_ROWS) and the CTAM projections' BatchNorm + ReLU to its fused kernel.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fused_mtl_attn import cross_scale_attention, cross_task_attention, window_attention
 from fused_mtl_attn.backends import cpu_kernels_run
@@ -78,8 +78,7 @@ def _projections_stacked(x: torch.Tensor, projections: list, groups: int) -> tor
     projection) and its BatchNorm over the stacked channels, each with its own parameters and statistics."""
     for stage in zip(*(p.stages() for p in projections)):
         convs, norms, relus = zip(*stage)
-        x = batch_norm_stacked(conv1x1_stacked(x, convs, groups), norms)
-        x = F.relu(x) if relus[0] else x
+        x = batch_norm_stacked(conv1x1_stacked(x, convs, groups), norms, relu=relus[0])
         groups = len(projections)
     return x
 
@@ -173,8 +172,8 @@ class FusedFeaturePropagation(FeaturePropagation):
 
 
 class FusedBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d that, in training on a large channels-last CPU map, runs the extension's channels-last kernel (through
-    `batch_norm_stacked`: the same function and running statistics) instead of PyTorch's slower one."""
+    """BatchNorm2d that, in training on a large channels-last CPU map, runs the extension's channels-last kernel
+    (through `batch_norm_stacked`: the same function and running statistics) instead of PyTorch's slower one."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)

@@ -42,26 +42,44 @@ def _channels_innermost(x: torch.Tensor) -> bool:
 # slower than the kernel on the decoder's 1/4-scale maps of 18-36 channels (10240 rows at 256x320, batch 2), and
 # faster on the coarse ones, where the kernel path's fixed cost per call (Python, the running-statistics update,
 # about 0.2-0.3 ms forward + backward) outweighs the work (benchmarks/RESULTS.md, thirteenth-session CPU section).
-BATCH_NORM_KERNEL_MIN_ROWS: int | None = 8192
+# The BatchNorm + ReLU kernel of [B, C, N] maps (the CTAM projections) has no such bound: with hundreds to
+# thousands of stacked channels it is at least as fast as PyTorch's BatchNorm and ReLU at every scale.
+CHANNELS_LAST_BATCH_NORM_MIN_ROWS: int | None = 8192
+
+
+def _kernels_take(x: torch.Tensor, weight, bias, min_rows: int) -> bool:
+    """A training-mode BatchNorm call the extension's kernels can take: a CPU map in float32/float64 with at least
+    `min_rows` values per channel (more than one in any case), affine parameters of its dtype, no autocast."""
+    if weight is None or bias is None or weight.dtype != x.dtype or x.dim() < 2:
+        return False
+    return x.numel() // max(x.shape[1], 1) >= max(min_rows, 2) and cpu_kernels_run(x)
 
 
 def channels_last_kernel_runs(x: torch.Tensor, weight, bias) -> bool:
-    """The extension's channels-last BatchNorm kernel takes this training-mode call: a CPU map in float32/float64
-    with its channels innermost and at least BATCH_NORM_KERNEL_MIN_ROWS values per channel (more than one in any
-    case), affine parameters of its dtype."""
-    if BATCH_NORM_KERNEL_MIN_ROWS is None or weight is None or bias is None or weight.dtype != x.dtype or x.dim() < 2:
-        return False
-    return (x.numel() // max(x.shape[1], 1) >= max(BATCH_NORM_KERNEL_MIN_ROWS, 2) and cpu_kernels_run(x)
-            and _channels_innermost(x))
+    """The channels-last BatchNorm kernel takes this call: x with its channels innermost and at least
+    CHANNELS_LAST_BATCH_NORM_MIN_ROWS values per channel."""
+    return (CHANNELS_LAST_BATCH_NORM_MIN_ROWS is not None and _channels_innermost(x)
+            and _kernels_take(x, weight, bias, CHANNELS_LAST_BATCH_NORM_MIN_ROWS))
 
 
-def _batch_norm_train(x: torch.Tensor, weight, bias, eps: float):
-    """Training-mode BatchNorm of x that also returns the batch mean and unbiased variance. A large map with its
-    channels innermost goes to the extension's channels-last kernel on CPU (PyTorch's is 2-3x slower there); else
-    the statistics are taken from PyTorch's own running-statistics update (momentum 1 into zeroed buffers gives
-    exactly the batch statistics that the reference's call folds into its buffers) instead of a second pass."""
+def batch_norm_relu_kernel_runs(x: torch.Tensor, weight, bias) -> bool:
+    """The BatchNorm + ReLU kernel takes this call: x [B, C, N] with its positions contiguous."""
+    return x.dim() == 3 and x.stride(2) == 1 and _kernels_take(x, weight, bias, 2)
+
+
+def _batch_norm_train(x: torch.Tensor, weight, bias, eps: float, relu: bool = False):
+    """Training-mode BatchNorm of x (followed by ReLU with `relu`) that also returns the batch mean and unbiased
+    variance. CPU maps go to the extension's kernels where they take them (above); else the statistics are
+    taken from PyTorch's own running-statistics update (momentum 1 into zeroed buffers gives exactly the batch
+    statistics that the reference's call folds into its buffers) instead of a second pass."""
+    rows = x.numel() // x.shape[1]
+    if relu and batch_norm_relu_kernel_runs(x, weight, bias):
+        out, mean, var = torch.ops.fused_mtl_attn.batch_norm_relu(x, weight, bias, None, None, eps)
+        return out, mean, var * (rows / (rows - 1))
+    if relu:
+        out, mean, var = _batch_norm_train(x, weight, bias, eps)
+        return F.relu(out), mean, var
     if channels_last_kernel_runs(x, weight, bias):
-        rows = x.numel() // x.shape[1]
         out, mean, var = torch.ops.fused_mtl_attn.batch_norm_channels_last(x, weight, bias, eps)
         return out, mean, var * (rows / (rows - 1))
     mean = torch.zeros(x.shape[1], dtype=weight.dtype, device=x.device)  # the buffers' dtype (mixed under autocast)
@@ -69,28 +87,31 @@ def _batch_norm_train(x: torch.Tensor, weight, bias, eps: float):
     return F.batch_norm(x, mean, var, weight, bias, True, 1.0, eps), mean, var
 
 
-def batch_norm_stacked(x: torch.Tensor, norms: Sequence[nn.BatchNorm2d], calls: int = 1) -> torch.Tensor:
+def batch_norm_stacked(x: torch.Tensor, norms: Sequence[nn.BatchNorm2d], calls: int = 1,
+                       relu: bool = False) -> torch.Tensor:
     """BatchNorm of x [B, sum C_i, ...] whose channel blocks are what each of `norms` would see in its own
-    call, in order (a module listed twice is two calls), each call repeated `calls` times on the same input.
-    Same output and running statistics as those calls."""
+    call, in order (a module listed twice is two calls), each call repeated `calls` times on the same input
+    (followed by ReLU with `relu`). Same output and running statistics as those calls."""
     weight = torch.cat([n.weight for n in norms]) if len(norms) > 1 else norms[0].weight
     bias = torch.cat([n.bias for n in norms]) if len(norms) > 1 else norms[0].bias
     eps = norms[0].eps
-    if not _uses_batch_stats(norms[0]):
+    if _uses_batch_stats(norms[0]) and norms[0].track_running_stats:
+        out, mean, var = _batch_norm_train(x, weight, bias, eps, relu)
+        with torch.no_grad():
+            for _ in range(calls):
+                start = 0
+                for n in norms:
+                    stop = start + n.num_features
+                    _update_running_stats(n, mean[start:stop], var[start:stop])
+                    start = stop
+        return out
+    if _uses_batch_stats(norms[0]):  # no running statistics
+        out = F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+    else:
         mean = torch.cat([n.running_mean for n in norms])
         var = torch.cat([n.running_var for n in norms])
-        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
-    if not norms[0].track_running_stats:
-        return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
-    out, mean, var = _batch_norm_train(x, weight, bias, eps)
-    with torch.no_grad():
-        for _ in range(calls):
-            start = 0
-            for n in norms:
-                stop = start + n.num_features
-                _update_running_stats(n, mean[start:stop], var[start:stop])
-                start = stop
-    return out
+        out = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+    return F.relu(out) if relu else out
 
 
 def batch_norm_repeated(x: torch.Tensor, norm: nn.BatchNorm2d, calls: int) -> torch.Tensor:

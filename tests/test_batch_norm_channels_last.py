@@ -3,8 +3,8 @@ backward, C++ CPU kernels; used by the fused path's BatchNorm layers through mod
 batch_norm with autograd: outputs, batch statistics and gradients, float64 to rounding and float32 against float64,
 channel counts below and past whole vectors, every instruction set this CPU supports; the output keeps the input's
 strides and is no view; bitwise determinism over thread counts; opcheck; bad arguments; FusedBatchNorm2d with the
-kernel taking every map (model.fused_ops.BATCH_NORM_KERNEL_MIN_ROWS lowered) against nn.BatchNorm2d (outputs and
-running statistics, train and eval, both layouts); and which maps the network gives the kernel by default."""
+kernel taking every map (model.fused_ops.CHANNELS_LAST_BATCH_NORM_MIN_ROWS lowered) against nn.BatchNorm2d (outputs
+and running statistics, train and eval, both layouts); and which maps the network gives the kernel by default."""
 import copy
 
 import pytest
@@ -132,7 +132,7 @@ def test_fused_batch_norm_module_is_batch_norm_2d(layout, momentum, monkeypatch)
     import model.fused_ops
     from model.fused import FusedBatchNorm2d
 
-    monkeypatch.setattr(model.fused_ops, "BATCH_NORM_KERNEL_MIN_ROWS", 2)
+    monkeypatch.setattr(model.fused_ops, "CHANNELS_LAST_BATCH_NORM_MIN_ROWS", 2)
 
     ref = nn.BatchNorm2d(6, momentum=momentum).double()
     with torch.no_grad():
@@ -164,18 +164,18 @@ def test_the_kernel_takes_large_channels_last_maps_only(monkeypatch):
     """By default the network's large channels-last maps go to the kernel (where PyTorch's channels-last BatchNorm
     is 2-3x slower), small ones and NCHW maps to PyTorch; None switches the kernel off."""
     import model.fused_ops
-    from model.fused_ops import BATCH_NORM_KERNEL_MIN_ROWS, channels_last_kernel_runs
+    from model.fused_ops import CHANNELS_LAST_BATCH_NORM_MIN_ROWS, channels_last_kernel_runs
 
     weight, bias = torch.ones(18), torch.zeros(18)
     large = _channels_last(torch.zeros(2, 18, 64, 80))
-    assert 2 * 64 * 80 >= BATCH_NORM_KERNEL_MIN_ROWS  # the 1/4 scale at 256x320, batch 2
+    assert 2 * 64 * 80 >= CHANNELS_LAST_BATCH_NORM_MIN_ROWS  # the 1/4 scale at 256x320, batch 2
     assert channels_last_kernel_runs(large, weight, bias)
     assert channels_last_kernel_runs(large.double(), weight.double(), bias.double())
     assert not channels_last_kernel_runs(large.contiguous(), weight, bias)  # NCHW
     assert not channels_last_kernel_runs(large, weight.double(), bias.double())  # parameters of another dtype
     assert not channels_last_kernel_runs(large, None, None)  # affine=False
     assert not channels_last_kernel_runs(_channels_last(torch.zeros(2, 18, 8, 10)), weight, bias)  # 160 rows
-    monkeypatch.setattr(model.fused_ops, "BATCH_NORM_KERNEL_MIN_ROWS", None)
+    monkeypatch.setattr(model.fused_ops, "CHANNELS_LAST_BATCH_NORM_MIN_ROWS", None)
     assert not channels_last_kernel_runs(large, weight, bias)
-    monkeypatch.setattr(model.fused_ops, "BATCH_NORM_KERNEL_MIN_ROWS", 0)  # even then one value per channel is not
+    monkeypatch.setattr(model.fused_ops, "CHANNELS_LAST_BATCH_NORM_MIN_ROWS", 0)  # one value per channel: never
     assert not channels_last_kernel_runs(_channels_last(torch.zeros(1, 18, 1, 1)), weight, bias)

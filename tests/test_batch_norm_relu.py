@@ -1,7 +1,8 @@
-"""The aggregation head's BatchNorm + ReLU op (`torch.ops.fused_mtl_attn.batch_norm_relu` and its backward, C++ CPU
-kernels) against PyTorch's own batch_norm and relu with autograd: batch and given statistics, float64 to rounding
-and float32 against float64, tails shorter than a vector, strided blocks, every instruction set this CPU supports,
-bitwise determinism over thread counts, opcheck and bad arguments. The fused network's parity tests cover its use."""
+"""The BatchNorm + ReLU op of the aggregation head and the CTAM projections (`torch.ops.fused_mtl_attn.batch_norm_relu`
+and its backward, C++ CPU kernels) against PyTorch's own batch_norm and relu with autograd: batch and given
+statistics, float64 to rounding and float32 against float64, tails shorter than a vector, strided blocks, every
+instruction set this CPU supports, bitwise determinism over thread counts, its autograd formula, opcheck and bad
+arguments. The fused network's parity tests cover its use."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -92,6 +93,25 @@ def test_inactive_channel_has_zero_gradients():
 def test_bitwise_identical_for_any_thread_count():
     h, w, b, _, _, g = _inputs((2, 40, 999), torch.float32)
     assert_same_for_any_thread_count(lambda: _op(h, w, b, None, None, g))
+
+
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch-stats", "running-stats"])
+def test_autograd_formula(batch_stats):
+    """Autograd through the op (as the CTAM projections use it) gives PyTorch's gradients of h, weight and bias;
+    the statistics it returns are not differentiable."""
+    h, w, b, rm, rv, g = _inputs((2, 5, 37), torch.float64, strided=True)
+    stats = (None, None) if batch_stats else (rm, rv)
+    want = _reference(h, w, b, *stats, g)
+    h, w, b = (t.detach().clone().requires_grad_() for t in (h, w, b))
+    out, mean, var = torch.ops.fused_mtl_attn.batch_norm_relu(h, w, b, *stats, EPS)
+    assert not mean.requires_grad and not var.requires_grad
+    out.backward(g)
+    for name, x, y in zip(("out", "mean", "var", "dh", "dweight", "dbias"), (out.detach(), mean, var, h.grad, w.grad,
+                                                                            b.grad), want):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12, msg=name)
+    torch.autograd.gradcheck(lambda *a: torch.ops.fused_mtl_attn.batch_norm_relu(*a, *stats, EPS)[0],
+                             (h.detach()[:, :, :9].requires_grad_(), w.detach().requires_grad_(),
+                              b.detach().requires_grad_()))
 
 
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch-stats", "running-stats"])

@@ -232,9 +232,9 @@ def test_layers_rows(tmp_path):
 
     import model.fused_ops
 
-    switched = model.fused_ops.BATCH_NORM_KERNEL_MIN_ROWS
+    switched = model.fused_ops.CHANNELS_LAST_BATCH_NORM_MIN_ROWS
     rows = bench_layers.main(["--rounds", "1", "--json", str(tmp_path / "layers.json")])
-    assert model.fused_ops.BATCH_NORM_KERNEL_MIN_ROWS == switched  # the network's default is left as it was
+    assert model.fused_ops.CHANNELS_LAST_BATCH_NORM_MIN_ROWS == switched  # the network's default is left as it was
     assert {r["kind"] for r in rows} == {"swin", "batch_norm"}
     assert len(rows) == len(bench_layers.SWIN) + len(bench_layers.BATCH_NORM)
     for r in rows:
