@@ -198,9 +198,11 @@ class _Aggregation(torch.autograd.Function):
         batch, channels, n0 = xs[0].shape[0], ws[0].shape[0], xs[0].shape[2]
         geometry = ctx.geometry = _geometry(ctx, xs)
         block = ctx.block = _channel_block(batch, channels, n0, xs[0].device)
-        mean, var = (torch.empty(channels, dtype=xs[0].dtype, device=xs[0].device) for _ in range(2))
+        # the blocks of h are built without the conv's bias (no pass that writes it over every position): BatchNorm
+        # subtracts it again, so each block is centred on `centre`, its own batch mean or the running mean - bias
+        centre, var = (torch.empty(channels, dtype=xs[0].dtype, device=xs[0].device) for _ in range(2))
         if running is not None:
-            mean.copy_(running[0])
+            torch.sub(running[0], bias, out=centre)
             var.copy_(running[1])
         out = b_out[None, :, None].expand(batch, -1, n0).contiguous()
         # the kept blocks are separate tensors, not views of one [B, 1080, N0] map: each stays under the size
@@ -211,33 +213,33 @@ class _Aggregation(torch.autograd.Function):
         ctx.kernel = keep_h and cpu_kernels_run(xs[0])
         for c0 in range(0, channels, block):
             sl = slice(c0, min(c0 + block, channels))
-            h = _build_block(xs, ws, bias, sl, geometry)
+            h = _build_block(xs, ws, sl, geometry)
             if kept is not None:
                 kept.append(h)
             if ctx.kernel:
-                stats = (None, None) if running is None else (mean[sl], var[sl])  # None: the block's batch statistics
+                stats = (None, None) if running is None else (centre[sl], var[sl])  # None: the block's own statistics
                 act, m, v = torch.ops.fused_mtl_attn.batch_norm_relu(h, gamma[sl], beta[sl], *stats, eps)
                 if running is None:
-                    mean[sl], var[sl] = m, v
+                    centre[sl], var[sl] = m, v
             else:
                 if running is None:
-                    mean[sl], var[sl] = _channel_stats(h)
+                    centre[sl], var[sl] = _channel_stats(h)
                 scale = gamma[sl] * torch.rsqrt(var[sl] + eps)
-                shift = (beta[sl] - mean[sl] * scale)[:, None]
+                shift = (beta[sl] - centre[sl] * scale)[:, None]
                 act = (h.mul_(scale[:, None]).add_(shift) if kept is None else torch.addcmul(shift, h, scale[:, None]))
                 act.clamp_(min=0)
             for b in range(batch):
                 out[b].addmm_(w_out[:, sl], act[b])
         ctx.eps, ctx.batch_stats = eps, running is None
-        ctx.save_for_backward(*xs, *ws, bias, gamma, beta, w_out, mean, var, *(kept or []))
-        return out.view(batch, -1, *geometry[0]), mean, var
+        ctx.save_for_backward(*xs, *ws, gamma, beta, w_out, centre, var, *(kept or []))
+        return out.view(batch, -1, *geometry[0]), centre + bias, var
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var):
         saved = ctx.saved_tensors
         xs, ws = list(saved[:4]), list(saved[4:8])
-        bias, gamma, beta, w_out, mean, var = saved[8:14]
-        kept = saved[14:] or None
+        gamma, beta, w_out, centre, var = saved[8:13]
+        kept = saved[13:] or None
         batch, n0 = xs[0].shape[0], xs[0].shape[2]
         channels, geometry = ws[0].shape[0], ctx.geometry
         g = grad_out.flatten(2)
@@ -250,11 +252,11 @@ class _Aggregation(torch.autograd.Function):
             sl = slice(c0, min(c0 + ctx.block, channels))
             if ctx.kernel:
                 h = kept[i]
-                act = torch.ops.fused_mtl_attn.batch_norm_relu(h, gamma[sl], beta[sl], mean[sl], var[sl], ctx.eps)[0]
+                act = torch.ops.fused_mtl_attn.batch_norm_relu(h, gamma[sl], beta[sl], centre[sl], var[sl], ctx.eps)[0]
             else:
                 invstd = torch.rsqrt(var[sl] + ctx.eps)
-                h = _build_block(xs, ws, bias, sl, geometry) if kept is None else kept[i]
-                xhat = (h.sub_(mean[sl, None]) if kept is None else h - mean[sl, None]).mul_(invstd[:, None])
+                h = _build_block(xs, ws, sl, geometry) if kept is None else kept[i]
+                xhat = (h.sub_(centre[sl, None]) if kept is None else h - centre[sl, None]).mul_(invstd[:, None])
                 pre = torch.addcmul(beta[sl, None], xhat, gamma[sl, None])
                 inactive = pre <= 0
                 act = pre.clamp_(min=0)
@@ -265,7 +267,7 @@ class _Aggregation(torch.autograd.Function):
                 torch.mm(w_out[:, sl].t(), g[b], out=grad[b])
             if ctx.kernel:  # dL/dh of this block, with the ReLU mask recomputed from h
                 grad, grad_gamma[sl], grad_beta[sl], grad_bias[sl] = torch.ops.fused_mtl_attn.batch_norm_relu_backward(
-                    grad, h, mean[sl], var[sl], gamma[sl], beta[sl], ctx.eps, ctx.batch_stats)
+                    grad, h, centre[sl], var[sl], gamma[sl], beta[sl], ctx.eps, ctx.batch_stats)
             else:
                 grad.masked_fill_(inactive, 0)
                 grad_beta[sl] = grad.sum(2).sum(0)
@@ -305,14 +307,14 @@ def _keep_blocks(device) -> bool:
     return device.type == "cpu"
 
 
-def _build_block(xs, ws, bias, sl, geometry):
-    """Channels `sl` of h = W_0 x_0 + sum_k up(W_k x_k) + bias, as [B, c, N0]."""
+def _build_block(xs, ws, sl, geometry):
+    """Channels `sl` of h = W_0 x_0 + sum_k up(W_k x_k) (the conv's bias left out), as [B, c, N0]."""
     (height, width), scales = geometry
     batch, n0 = xs[0].shape[0], xs[0].shape[2]
     c = sl.stop - sl.start
     h = torch.empty(batch, c, n0, dtype=xs[0].dtype, device=xs[0].device)
     for b in range(batch):
-        torch.addmm(bias[sl, None], ws[0][sl], xs[0][b], out=h[b])
+        torch.mm(ws[0][sl], xs[0][b], out=h[b])
         plane = h[b].view(c, height, width)
         for x, w, ((hk, wk), rows, cols) in zip(xs[1:], ws[1:], scales):
             z = torch.mm(w[sl], x[b]).view(c * hk, wk)
