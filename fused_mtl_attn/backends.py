@@ -85,8 +85,8 @@ def _machine_reasons(name: str) -> list:
 
 
 def cpu_kernels_run(x: torch.Tensor) -> bool:
-    """The extension's CPU kernels outside the attention ops (the fused loss, the aggregation head's BatchNorm +
-    ReLU) can take `x`: on the CPU, float32/float64, no autocast, and the cpu backend available (extension built,
+    """The extension's CPU kernels outside the attention ops (the fused loss, the BatchNorm kernels of the fused
+    network) can take `x`: on the CPU, float32/float64, no autocast, and the cpu backend available (extension built,
     its instruction set runnable). Their callers fall back to eager PyTorch otherwise."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled("cpu"):
         return False

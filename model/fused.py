@@ -124,7 +124,8 @@ class FusedCrossTaskAttention(CrossTaskAttention):
         # the shared block's input, targets stacked along the batch axis: [M*B, M*C, H, W], Y_t once (its repeated
         # copies' weights summed) and the pairs in the reference's order
         per_pair = attended.unbind(1)  # (one backward for all pairs, as above)
-        inputs = [torch.cat([features[t]] + [per_pair[by_source.index((t, a))] for a in self.block_sources[t]], dim=1)
+        inputs = [torch.cat([features[t]] + [per_pair[by_source.index((t, a))] for a in self.block_pieces[t]
+                                              if a is not None], dim=1)
                   for t in tasks]
         # one block call for all targets, each BatchNorm taking one reference call's statistics per target
         out = torch.func.functional_call(self.block, self.block_weights(), (torch.cat(inputs, dim=0),),
@@ -133,15 +134,14 @@ class FusedCrossTaskAttention(CrossTaskAttention):
 
     def prepare(self) -> None:
         """Read the order of the block input's C-channel pieces from the reference's own `block_input` (each piece
-        marked by a number): per target, `block_pieces` (None for Y_t, else the source task, as the reference
-        concatenates them) and `block_sources` (the sources in that order)."""
-        self.block_pieces, self.block_sources = {}, {}
+        marked by a number): per target, `block_pieces`, None for Y_t, else the source task, as the reference
+        concatenates them."""
+        self.block_pieces = {}
         for t in self.tasks:
             sources = self.sources(t)
             marks = self.block_input(torch.full((1, 1), -1.0), {a: torch.full((1, 1), float(i))
                                                                   for i, a in enumerate(sources)})
             self.block_pieces[t] = [None if i < 0 else sources[int(i)] for i in marks[0].tolist()]
-            self.block_sources[t] = [a for a in self.block_pieces[t] if a is not None]
 
     def block_weights(self) -> dict:
         """The shared block's input-side weights (conv1's, the shortcut's) for its input [Y_t, the pairs]: the columns
