@@ -10,6 +10,8 @@ compiled variant the seconds its first step spent compiling; ratios are variant 
     python -m benchmarks.bench_train --compile regional # + compiled reference and compiled fused (minutes to compile)
     python -m benchmarks.bench_train --loss             # the loss alone (forward + backward): reference vs fused
     python -m benchmarks.bench_train --head             # one task's head alone: reference vs fused
+    python -m benchmarks.bench_train --regions          # every block regional compilation can compile: eager vs
+                                                        # compiled, per path (what model.compile's choice rests on)
 """
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ import time
 from typing import NamedTuple
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_map
 
 from benchmarks.common import environment, error_text, saved_bytes, write_json
 from model import TASK_SETS, build_model
-from model.compile import COMPILE_MODES, Stopwatch, compile_model
+from model.compile import COMPILE_MODES, DEFAULT_BACKEND, REGION_TYPES, Stopwatch, compile_model, regions
 from model.losses import MultiTaskLoss
 from model.train import adam
 
@@ -243,6 +246,70 @@ def measure_head(net, batch, device, repeats: int) -> dict:
             for name in heads}
 
 
+def measure_regions(reference, loss_fn: MultiTaskLoss, batch, device, repeats: int, types=REGION_TYPES,
+                    backend: str = DEFAULT_BACKEND) -> list:
+    """[row per block and path]: every block that regional compilation can compile (of `types`, outermost first), fed the inputs it receives in a training step of that path, run forward + backward eagerly and compiled
+    as compile_model compiles it (a copy), interleaved, medians; with the seconds its first compiled call spent
+    compiling (0 where a block of the same class and shapes was compiled before)."""
+    rows = []
+    for path in ("reference", "fused"):
+        net = copy.deepcopy(reference).set_fused(path == "fused")
+        names, inputs = regions(net, types), {}
+
+        def keep(name):
+            def hook(module, args, kwargs):
+                inputs.setdefault(name, tree_map(lambda t: t.detach().clone() if torch.is_tensor(t) else t,
+                                                 (args, kwargs)))
+            return hook
+
+        hooks = [net.get_submodule(name).register_forward_pre_hook(keep(name), with_kwargs=True) for name in names]
+        Runner(Variant(net, path == "fused", path == "fused"), loss_fn, batch, device, False).step()
+        for h in hooks:
+            h.remove()
+        for name in names:
+            args, kwargs = tree_map(lambda t: t.requires_grad_() if torch.is_tensor(t) and t.is_floating_point()
+                                    else t, inputs[name])
+            eager = net.get_submodule(name)
+            compiled = copy.deepcopy(eager)
+            compiled.compile(backend=backend, dynamic=False)
+
+            def step(module):
+                start = time.perf_counter()
+                # fresh containers each call: an HRNet module writes its branches' outputs into its input list
+                call_args, call_kwargs = tree_map(lambda t: t, (args, kwargs))
+                out = module(*call_args, **call_kwargs)
+                out = [o for o in tree_flatten(out)[0] if torch.is_tensor(o) and o.requires_grad]
+                sum(o.sum() for o in out).backward()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                return time.perf_counter() - start
+
+            with Stopwatch() as watch:
+                step(compiled)
+            medians = interleaved_medians({"eager": functools.partial(step, eager),
+                                           "compiled": functools.partial(step, compiled)}, repeats)
+            row = {"path": path, "block": name, "block_class": type(eager).__name__, "eager_ms": medians["eager"] * 1e3,
+                   "compiled_ms": medians["compiled"] * 1e3, "compile_s": watch.compile_s, "steps_timed": repeats}
+            row["time_ratio"] = row["compiled_ms"] / row["eager_ms"]
+            rows.append(row)
+            print(f"{path:<9} {name:<20} {row['block_class']:<24} eager {row['eager_ms']:7.1f} ms  compiled "
+                  f"{row['compiled_ms']:7.1f} ms  x{row['time_ratio']:.2f}  compile {watch.compile_s:6.1f} s", flush=True)
+    return rows
+
+
+def print_region_table(rows) -> None:
+    """Per path and block class: summed eager and compiled milliseconds, their ratio and the compile seconds."""
+    print(f"\n{'path':<9} {'block class':<24} {'blocks':>6} {'eager ms':>9} {'compiled ms':>11} {'x eager':>7} "
+          f"{'compile s':>9}")
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["config"], r["path"], r["block_class"]), []).append(r)
+    for (config, path, cls), rs in groups.items():
+        eager, compiled = sum(r["eager_ms"] for r in rs), sum(r["compiled_ms"] for r in rs)
+        print(f"{path:<9} {cls:<24} {len(rs):6d} {eager:9.1f} {compiled:11.1f} {compiled / eager:7.2f} "
+              f"{sum(r['compile_s'] for r in rs):9.1f}  ({config})")
+
+
 def part_rows(name: str, results: dict, key: str, env: dict, **case) -> list:
     """Rows of a part of the step timed alone (--loss, --head), `key` its time field, with ratios to the reference."""
     rows, base = [], results["reference"]
@@ -274,6 +341,9 @@ def _parser():
     parser.add_argument("--head", action="store_true",
                         help="time one task's head (CSAM and the aggregation) alone (forward + backward): reference, "
                              "fused with eager BatchNorm + ReLU, fused; instead of the training step")
+    parser.add_argument("--regions", action="store_true",
+                        help="time every block regional compilation can compile, eager vs compiled (forward + "
+                             "backward), per path, with its compile seconds, instead of the training step")
     parser.add_argument("--quick", action="store_true", help="3 timed steps per case")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="override the input size of every config")
     parser.add_argument("--widths", type=int, nargs=4, help="decoder widths C_k (default 36 72 144 288)")
@@ -338,8 +408,9 @@ def print_table(rows, env, device):
 def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
-    if (args.loss or args.head) and (args.compile or args.layouts or args.amp not in (None, "off")):
-        parser.error("--loss and --head time a part of the step alone, in fp32 and eager; --compile, --layouts and "
+    parts = args.loss or args.head or args.regions
+    if parts and (args.compile or args.layouts or args.amp not in (None, "off")):
+        parser.error("--loss, --head and --regions time parts of the step alone, in fp32; --compile, --layouts and "
                      "--amp apply to the whole step")
     device = args.device
     batch_size = args.batch or (8 if device == "cuda" else 2)
@@ -355,9 +426,12 @@ def main(argv=None):
         batch = random_batch(tasks, batch_size, size, device)
         loss_fn = MultiTaskLoss(list(tasks), weights)
         case = {"config": name, "tasks": list(tasks), "batch": batch_size, "size": list(size)}
-        if args.loss or args.head:
+        if parts:
             torch.manual_seed(0)
             net = build_model(tasks, **({"widths": tuple(args.widths)} if args.widths else {})).to(device)
+            if args.regions:
+                rows += [dict(env, **case, dtype="fp32", **row)
+                         for row in measure_regions(net.train(), loss_fn, batch, device, repeats)]
             if args.loss:
                 rows += part_rows("loss", measure_loss(net, loss_fn, batch, device, repeats), "loss_ms", env, **case)
             if args.head:
@@ -376,7 +450,9 @@ def main(argv=None):
             rows += rows_of(results, env, **case, dtype=dtype)
             if args.json:  # after every case, so that a run cut short by a time limit keeps what it measured
                 write_json(args.json, rows)
-    if not (args.loss or args.head):
+    if args.regions:
+        print_region_table(rows)
+    elif not parts:
         print_table(rows, env, device)
     if args.json:
         write_json(args.json, rows)

@@ -3,10 +3,11 @@ repeated block ("regional").
 
 Both compile with static shapes (`dynamic=False`): a training run has one input size, and a new size (the last
 partial batch of an evaluation) compiles once more instead of turning every size into a symbol. Regional
-compilation compiles the blocks listed in `REGION_TYPES`, outermost first; blocks of the same class and shapes
-(the HRNet modules of a stage, the initial heads of tasks with equal outputs, ...) share their generated code
-through Inductor's cache, the glue between blocks runs eagerly, and a failure stays inside one block. Compile
-after `set_fused`: a compiled block keeps the path it was traced with.
+compilation compiles blocks of the classes in `REGION_TYPES`, outermost first: all of them on a GPU, and on a CPU
+only those that run faster compiled on the path being compiled (`CPU_REGION_TYPES`). Blocks of the same class and
+shapes (the HRNet modules of a stage, the initial heads of tasks with equal outputs) share one compiled frame, the
+glue between blocks runs eagerly, and a failure stays inside one block. Compile after `set_fused`: a compiled
+block keeps the path it was traced with.
 """
 from __future__ import annotations
 
@@ -24,18 +25,37 @@ DEFAULT_BACKEND = "inductor"
 # the repeated blocks of the network, each compiled as one region (a block inside a chosen one is not chosen)
 REGION_TYPES = (Bottleneck, HighResolutionModule, SwinLayer, InitialPrediction, CrossTaskAttention,
                 FeaturePropagation, TaskHead)
+# on a CPU, per path, the blocks whose compiled forward + backward measured faster than eager ones (python -m
+# benchmarks.bench_train --regions, NYUD, benchmarks/RESULTS.md); the others ran slower or no faster compiled (the
+# fused task head 1.1-1.7x slower, the stem's Bottlenecks 1.5-1.8x on both paths) and cost minutes of compilation
+CPU_REGION_TYPES = {"reference": (HighResolutionModule, InitialPrediction, CrossTaskAttention, TaskHead),
+                    "fused": (SwinLayer, CrossTaskAttention, FeaturePropagation)}
 # each block class compiles once per distinct shape and mode: 4 scales x train/eval x tasks' output widths
 REGION_RECOMPILE_LIMIT = 64
 
 
-def compile_regions(net: nn.Module, **options) -> list:
-    """Compile, in place, every block of `net` whose class is in REGION_TYPES and that lies in no other chosen
-    block; `options` go to torch.compile. Returns the chosen blocks' names."""
+def region_types(net: nn.Module) -> tuple:
+    """The block classes regional compilation compiles in `net` (an SCAMTL, on its parameters' device)."""
+    if next(net.parameters()).device.type != "cpu":
+        return REGION_TYPES
+    return CPU_REGION_TYPES["fused" if net.fused else "reference"]
+
+
+def regions(net: nn.Module, types: tuple = REGION_TYPES) -> list:
+    """Names of the blocks of `net` whose class is in `types` and that lie in no other such block, in order."""
     chosen = []
     for name, module in net.named_modules():
-        if isinstance(module, REGION_TYPES) and not any(name.startswith(c + ".") for c in chosen):
-            module.compile(**options)
+        if isinstance(module, types) and not any(name.startswith(c + ".") for c in chosen):
             chosen.append(name)
+    return chosen
+
+
+def compile_regions(net: nn.Module, types: tuple | None = None, **options) -> list:
+    """Compile, in place, the blocks `regions(net, types)` names (`types` by default `region_types(net)`);
+    `options` go to torch.compile. Returns the compiled blocks' names."""
+    chosen = regions(net, region_types(net) if types is None else types)
+    for name in chosen:
+        net.get_submodule(name).compile(**options)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, REGION_RECOMPILE_LIMIT)
     return chosen
 
@@ -58,7 +78,7 @@ def compile_model(net: nn.Module, mode: str = "full", backend: str | None = None
     if mode == "full":
         return torch.compile(net, **options)
     if mode == "regional":
-        compile_regions(net, **options)
+        compile_regions(scamtl, **options)
     return net
 
 

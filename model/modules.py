@@ -112,17 +112,17 @@ class WindowAttention(nn.Module):
 
 
 def _shift_mask(hp: int, wp: int, window: int, shift: int, device) -> torch.Tensor:
-    """The standard shifted-window mask: -100 between tokens that came from different regions of the roll."""
-    regions = torch.zeros(hp, wp, device=device)
-    cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-    label = 0
-    for hs in cuts:
-        for ws in cuts:
-            regions[hs, ws] = label
-            label += 1
+    """The standard shifted-window mask: -100 between tokens that came from different regions of the roll. The
+    regions (0, 1, 2 along each axis: before the last window, inside it before the shift, in the shift) are computed
+    from positions rather than assigned by slices, which torch.compile would turn into one huge generated kernel."""
+    def region(n: int) -> torch.Tensor:
+        i = torch.arange(n, device=device)
+        return (i >= n - window).long() + (i >= n - shift).long()
+
+    regions = 3 * region(hp)[:, None] + region(wp)[None, :]
     windows = regions.view(hp // window, window, wp // window, window).transpose(1, 2).reshape(-1, window * window)
-    diff = windows[:, None, :] - windows[:, :, None]
-    return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
+    differs = windows[:, None, :] != windows[:, :, None]
+    return torch.zeros(differs.shape, device=device).masked_fill(differs, -100.0)
 
 
 class SwinBlock(nn.Module):

@@ -131,10 +131,37 @@ def test_head_rows():
     assert rows[0]["time_ratio"] == 1 and rows[1]["saved_ratio"] < 1 and rows[2]["saved_ratio"] < 1
 
 
+def test_region_rows(capsys):
+    """--regions times each block regional compilation can compile, eager and compiled, on both paths, fed the inputs
+    of a real step (an HRNet module, which writes into its input list, gets a fresh list each call). Here with two
+    block classes and AOTAutograd with eager kernels (Inductor takes minutes per block on 2 cores)."""
+    from timm.models.hrnet import HighResolutionModule
+
+    from model.network import CrossTaskAttention
+
+    torch.manual_seed(0)
+    net = build_model(TASK_SETS["nyud2"], widths=(12, 12, 12, 12)).train()
+    batch = bench_train.random_batch(TASK_SETS["nyud2"], 2, (32, 32), "cpu")
+    rows = bench_train.measure_regions(net, MultiTaskLoss(list(TASK_SETS["nyud2"])), batch, "cpu", repeats=1,
+                                       types=(HighResolutionModule, CrossTaskAttention), backend="aot_eager")
+    blocks = [f"backbone.stage{s}.{i}" for s, n in ((2, 1), (3, 3), (4, 2)) for i in range(n)] + \
+        [f"cross_task.{k}" for k in range(4)]
+    assert [(r["path"], r["block"]) for r in rows] == [(p, b) for p in ("reference", "fused") for b in blocks]
+    assert {r["block_class"] for r in rows} == {"HighResolutionModule", "CrossTaskAttention",
+                                                "FusedCrossTaskAttention"}
+    for r in rows:
+        assert r["eager_ms"] > 0 and r["compiled_ms"] > 0 and r["time_ratio"] == r["compiled_ms"] / r["eager_ms"]
+    # one Dynamo frame per class and shapes: the stage-3 modules after the first reuse it
+    assert rows[1]["compile_s"] > 0 and rows[2]["compile_s"] == rows[3]["compile_s"] == 0
+    bench_train.print_region_table([dict(r, config="nyud2") for r in rows])
+    assert "FusedCrossTaskAttention" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("part", ["--head", "--loss", "--regions"])
 @pytest.mark.parametrize("extra", [["--compile"], ["--layouts"], ["--amp", "bf16"]])
-def test_part_modes_reject_step_options(extra, capsys):
+def test_part_modes_reject_step_options(part, extra, capsys):
     with pytest.raises(SystemExit):
-        bench_train.main(["--device", "cpu", "--head", *extra])
+        bench_train.main(["--device", "cpu", part, *extra])
     assert "apply to the whole step" in capsys.readouterr().err
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from model import TASK_SETS, build_model
-from model.compile import compile_model, compile_regions
+from model.compile import CPU_REGION_TYPES, REGION_TYPES, compile_model, compile_regions, region_types, regions
 
 from .test_fused_network import SMALL, _assert_same_buffers, _assert_same_step
 
@@ -52,8 +52,19 @@ def test_compile_model_rejects_bad_arguments():
 
 def test_regional_compilation_chooses_the_outermost_repeated_blocks():
     net = build_model(TASK_SETS["nyud2"], widths=SMALL)
+    every = regions(net)
+    assert "self_attention.0" in every and "cross_task.3" in every and "heads.semseg" in every
+    assert "propagation.1" in every and not any(c.startswith("propagation.1.") for c in every)
+    assert "backbone.stage3.0" in every and "backbone.layer1.0" in every
+    assert len(every) == len(set(every)) == 2 + 6 + 4 + 8 + 4 + 3 + 2
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_regional_compilation_on_cpu_compiles_the_blocks_that_run_faster_compiled(fused):
+    net = build_model(TASK_SETS["nyud2"], widths=SMALL).set_fused(fused)
     chosen = compile_regions(net, backend="aot_eager")  # compiles lazily: nothing is traced here
-    assert "self_attention.0" in chosen and "cross_task.3" in chosen and "heads.semseg" in chosen
-    assert "propagation.1" in chosen and not any(c.startswith("propagation.1.") for c in chosen)
-    assert "backbone.stage3.0" in chosen and "backbone.layer1.0" in chosen
-    assert len(chosen) == len(set(chosen)) == 2 + 6 + 4 + 8 + 4 + 3 + 2
+    assert chosen == regions(net, CPU_REGION_TYPES["fused" if fused else "reference"])
+    assert all(net.get_submodule(name)._compiled_call_impl is not None for name in chosen)
+    assert not any(name.startswith("backbone.layer1") for name in chosen)  # slower compiled on both paths
+    assert ("heads.semseg" in chosen) != fused and ("cross_task.0" in chosen)
+    assert region_types(net.to("meta")) == REGION_TYPES  # every block class elsewhere (a GPU)
