@@ -27,7 +27,7 @@ REGION_TYPES = (Bottleneck, HighResolutionModule, SwinLayer, InitialPrediction, 
                 FeaturePropagation, TaskHead)
 # on a CPU, per path, the blocks whose compiled forward + backward measured faster than eager ones (python -m
 # benchmarks.bench_train --regions, NYUD, benchmarks/RESULTS.md); the others ran slower or no faster compiled (the
-# fused task head 1.1-1.7x slower, the stem's Bottlenecks 1.5-1.8x on both paths) and cost minutes of compilation
+# stem's Bottlenecks 1.8x slower on both paths, the fused task heads 1.1x) and cost minutes of compilation
 CPU_REGION_TYPES = {"reference": (HighResolutionModule, InitialPrediction, CrossTaskAttention, TaskHead),
                     "fused": (SwinLayer, CrossTaskAttention, FeaturePropagation)}
 # each block class compiles once per distinct shape and mode: 4 scales x train/eval x tasks' output widths
