@@ -43,6 +43,8 @@ def region_types(net: nn.Module) -> tuple:
 
 def regions(net: nn.Module, types: tuple = REGION_TYPES) -> list:
     """Names of the blocks of `net` whose class is in `types` and that lie in no other such block, in order."""
+    if not (isinstance(types, tuple) and types and all(isinstance(t, type) for t in types)):
+        raise TypeError(f"types must be a non-empty tuple of module classes, got {types!r}")
     chosen = []
     for name, module in net.named_modules():
         if isinstance(module, types) and not any(name.startswith(c + ".") for c in chosen):

@@ -68,3 +68,5 @@ def test_regional_compilation_on_cpu_compiles_the_blocks_that_run_faster_compile
     assert not any(name.startswith("backbone.layer1") for name in chosen)  # slower compiled on both paths
     assert ("heads.semseg" in chosen) != fused and ("cross_task.0" in chosen)
     assert region_types(net.to("meta")) == REGION_TYPES  # every block class elsewhere (a GPU)
+    with pytest.raises(TypeError, match="types must be a non-empty tuple of module classes, got 'TaskHead'"):
+        compile_regions(net, types="TaskHead")
