@@ -248,8 +248,9 @@ def measure_head(net, batch, device, repeats: int) -> dict:
 
 def measure_regions(reference, loss_fn: MultiTaskLoss, batch, device, repeats: int, types=REGION_TYPES,
                     backend: str = DEFAULT_BACKEND) -> list:
-    """[row per block and path]: every block that regional compilation can compile (of `types`, outermost first), fed the inputs it receives in a training step of that path, run forward + backward eagerly and compiled
-    as compile_model compiles it (a copy), interleaved, medians; with the seconds its first compiled call spent
+    """[row per block and path]: every block that regional compilation can compile (of `types`, outermost first),
+    fed the inputs it receives in a training step of that path, run forward + backward eagerly and compiled as
+    compile_model compiles it (a copy), interleaved, medians; with the seconds its first compiled call spent
     compiling (0 where a block of the same class and shapes was compiled before)."""
     rows = []
     for path in ("reference", "fused"):
@@ -293,7 +294,8 @@ def measure_regions(reference, loss_fn: MultiTaskLoss, batch, device, repeats: i
             row["time_ratio"] = row["compiled_ms"] / row["eager_ms"]
             rows.append(row)
             print(f"{path:<9} {name:<20} {row['block_class']:<24} eager {row['eager_ms']:7.1f} ms  compiled "
-                  f"{row['compiled_ms']:7.1f} ms  x{row['time_ratio']:.2f}  compile {watch.compile_s:6.1f} s", flush=True)
+                  f"{row['compiled_ms']:7.1f} ms  x{row['time_ratio']:.2f}  compile {watch.compile_s:6.1f} s",
+                  flush=True)
     return rows
 
 
@@ -451,7 +453,7 @@ def main(argv=None):
             if args.json:  # after every case, so that a run cut short by a time limit keeps what it measured
                 write_json(args.json, rows)
     if args.regions:
-        print_region_table(rows)
+        print_region_table([r for r in rows if "block" in r])
     elif not parts:
         print_table(rows, env, device)
     if args.json:
