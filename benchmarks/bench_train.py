@@ -27,7 +27,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from benchmarks.common import environment, error_text, saved_bytes, write_json
 from model import TASK_SETS, build_model
-from model.compile import COMPILE_MODES, DEFAULT_BACKEND, REGION_TYPES, Stopwatch, compile_model, regions
+from model.compile import (COMPILE_MODES, DEFAULT_BACKEND, REGION_TYPES, Stopwatch, compile_block, compile_model,
+                           regions)
 from model.losses import MultiTaskLoss
 from model.train import adam
 
@@ -272,7 +273,7 @@ def measure_regions(reference, loss_fn: MultiTaskLoss, batch, device, repeats: i
                                     else t, inputs[name])
             eager = net.get_submodule(name)
             compiled = copy.deepcopy(eager)
-            compiled.compile(backend=backend, dynamic=False)
+            compile_block(compiled, backend=backend, dynamic=False)
 
             def step(module):
                 start = time.perf_counter()

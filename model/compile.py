@@ -57,9 +57,15 @@ def compile_regions(net: nn.Module, types: tuple | None = None, **options) -> li
     `options` go to torch.compile. Returns the compiled blocks' names."""
     chosen = regions(net, region_types(net) if types is None else types)
     for name in chosen:
-        net.get_submodule(name).compile(**options)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, REGION_RECOMPILE_LIMIT)
+        compile_block(net.get_submodule(name), **options)
     return chosen
+
+
+def compile_block(block: nn.Module, **options) -> None:
+    """Compile one block in place, with room for a compiled frame per shape of its class (Dynamo's default of 8
+    would run PASCAL's 16 initial heads past the eighth eagerly)."""
+    block.compile(**options)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, REGION_RECOMPILE_LIMIT)
 
 
 def compile_model(net: nn.Module, mode: str = "full", backend: str | None = None) -> nn.Module:
