@@ -131,7 +131,7 @@ def test_head_rows():
     assert rows[0]["time_ratio"] == 1 and rows[1]["saved_ratio"] < 1 and rows[2]["saved_ratio"] < 1
 
 
-def test_region_rows(capsys, monkeypatch):
+def test_region_rows(capsys):
     """--regions times each block regional compilation can compile, eager and compiled, on both paths, fed the inputs
     of a real step (an HRNet module, which writes into its input list, gets a fresh list each call). Here with two
     block classes and AOTAutograd with eager kernels (Inductor takes minutes per block on 2 cores)."""
@@ -139,12 +139,14 @@ def test_region_rows(capsys, monkeypatch):
 
     from model.network import CrossTaskAttention
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # Dynamo's default
     torch.manual_seed(0)
     net = build_model(TASK_SETS["nyud2"], widths=(12, 12, 12, 12)).train()
     batch = bench_train.random_batch(TASK_SETS["nyud2"], 2, (32, 32), "cpu")
-    rows = bench_train.measure_regions(net, MultiTaskLoss(list(TASK_SETS["nyud2"])), batch, "cpu", repeats=1,
-                                       types=(HighResolutionModule, CrossTaskAttention), backend="aot_eager")
+    with torch._dynamo.config.patch(recompile_limit=8):  # Dynamo's default, restored on leaving
+        rows = bench_train.measure_regions(net, MultiTaskLoss(list(TASK_SETS["nyud2"])), batch, "cpu", repeats=1,
+                                           types=(HighResolutionModule, CrossTaskAttention), backend="aot_eager")
+        # room for a frame per shape, as compile_regions leaves (PASCAL has 16 initial heads' shapes)
+        assert torch._dynamo.config.recompile_limit >= model_compile.REGION_RECOMPILE_LIMIT
     blocks = [f"backbone.stage{s}.{i}" for s, n in ((2, 1), (3, 3), (4, 2)) for i in range(n)] + \
         [f"cross_task.{k}" for k in range(4)]
     assert [(r["path"], r["block"]) for r in rows] == [(p, b) for p in ("reference", "fused") for b in blocks]
@@ -154,8 +156,6 @@ def test_region_rows(capsys, monkeypatch):
         assert r["eager_ms"] > 0 and r["compiled_ms"] > 0 and r["time_ratio"] == r["compiled_ms"] / r["eager_ms"]
     # one Dynamo frame per class and shapes: the stage-3 modules after the first reuse it
     assert rows[1]["compile_s"] > 0 and rows[2]["compile_s"] == rows[3]["compile_s"] == 0
-    # room for a frame per shape, as compile_regions leaves (PASCAL has 16 initial heads' shapes)
-    assert torch._dynamo.config.recompile_limit >= model_compile.REGION_RECOMPILE_LIMIT
     bench_train.print_region_table([dict(r, config="nyud2") for r in rows])
     assert "FusedCrossTaskAttention" in capsys.readouterr().out
 
