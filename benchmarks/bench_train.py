@@ -80,6 +80,15 @@ class Variant(NamedTuple):
     fused_loss: bool = False
 
 
+def seconds(work, device) -> float:
+    """Wall-clock seconds of work(), on a GPU until the work queued on it has finished."""
+    start = time.perf_counter()
+    work()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 class Runner:
     """Training steps of one variant: Adam, bf16 autocast if asked, the loss with deep supervision (`loss_fn`, made
     fused if the variant asks)."""
@@ -99,19 +108,16 @@ class Runner:
                                                                      for s, d in v.items()})
                              for k, v in out.items()}, self.batch)[0]
 
-    def sync(self):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-
     def step(self) -> float:
         """Seconds of one step (forward, backward, optimizer)."""
-        self.sync()
-        start = time.perf_counter()
+        if self.device == "cuda":
+            torch.cuda.synchronize()  # nothing earlier counted in
+        return seconds(self._step, self.device)
+
+    def _step(self):
         self.opt.zero_grad(set_to_none=True)
         self.forward_loss().backward()
         self.opt.step()
-        self.sync()
-        return time.perf_counter() - start
 
     def memory(self) -> dict:
         self.opt.zero_grad(set_to_none=True)
@@ -187,11 +193,7 @@ def measure_loss(net, loss_fn: MultiTaskLoss, batch, device, repeats: int) -> di
     fns = {"reference": copy.deepcopy(loss_fn).set_fused(False), "fused": copy.deepcopy(loss_fn).set_fused(True)}
 
     def step(fn):
-        start = time.perf_counter()
-        torch.autograd.grad(fn(preds, batch)[0], leaves)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return seconds(lambda: torch.autograd.grad(fn(preds, batch)[0], leaves), device)
 
     steps = {name: functools.partial(step, fn) for name, fn in fns.items()}
     for warm_up in steps.values():
@@ -228,12 +230,8 @@ def measure_head(net, batch, device, repeats: int) -> dict:
         if name == "fused_eager_bn_relu":
             fused_ops.cpu_kernels_run = lambda x: False
         try:
-            start = time.perf_counter()
-            out = heads[name](inputs[name])
-            torch.autograd.grad(out.square().mean(), [*inputs[name], *heads[name].parameters()])
-            if device == "cuda":
-                torch.cuda.synchronize()
-            return time.perf_counter() - start
+            return seconds(lambda: torch.autograd.grad(heads[name](inputs[name]).square().mean(),
+                                                       [*inputs[name], *heads[name].parameters()]), device)
         finally:
             fused_ops.cpu_kernels_run = kernel_check
 
@@ -275,16 +273,13 @@ def measure_regions(reference, loss_fn: MultiTaskLoss, batch, device, repeats: i
             compiled = copy.deepcopy(eager)
             compile_block(compiled, backend=backend, dynamic=False)
 
-            def step(module):
-                start = time.perf_counter()
+            def forward_backward(module):
                 # fresh containers each call: an HRNet module writes its branches' outputs into its input list
                 call_args, call_kwargs = tree_map(lambda t: t, (args, kwargs))
                 out = module(*call_args, **call_kwargs)
-                out = [o for o in tree_flatten(out)[0] if torch.is_tensor(o) and o.requires_grad]
-                sum(o.sum() for o in out).backward()
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                return time.perf_counter() - start
+                sum(o.sum() for o in tree_flatten(out)[0] if torch.is_tensor(o) and o.requires_grad).backward()
+
+            step = lambda module: seconds(lambda: forward_backward(module), device)  # noqa: E731
 
             with Stopwatch() as watch:
                 step(compiled)
