@@ -25,11 +25,14 @@ DEFAULT_BACKEND = "inductor"
 # the repeated blocks of the network, each compiled as one region (a block inside a chosen one is not chosen)
 REGION_TYPES = (Bottleneck, HighResolutionModule, SwinLayer, InitialPrediction, CrossTaskAttention,
                 FeaturePropagation, TaskHead)
-# on a CPU, per path, the blocks whose compiled forward + backward measured faster than eager ones (python -m
-# benchmarks.bench_train --regions, NYUD, benchmarks/RESULTS.md); the others ran slower or no faster compiled (the
-# stem's Bottlenecks 1.8x slower on both paths, the fused task heads 1.1x) and cost minutes of compilation
+# on a CPU, per path, the blocks worth compiling (python -m benchmarks.bench_train --regions, NYUD,
+# benchmarks/RESULTS.md). Reference: every class whose compiled forward + backward ran faster (the compiled baseline
+# at its strongest). Fused: CTAM only, the class that saves the most per second of compiling (31 ms a step for 84 s
+# on 2 cores); Swin layers (13 ms for 60 s) and FPMA (9 ms for 49 s) would take an empty-cache compile past 2
+# minutes, and the rest ran slower or no faster compiled (the stem's Bottlenecks 1.8x slower on both paths, the
+# fused task heads 1.1x). compile_regions(net, types=...) compiles others.
 CPU_REGION_TYPES = {"reference": (HighResolutionModule, InitialPrediction, CrossTaskAttention, TaskHead),
-                    "fused": (SwinLayer, CrossTaskAttention, FeaturePropagation)}
+                    "fused": (CrossTaskAttention,)}
 # each block class compiles once per distinct shape and mode: 4 scales x train/eval x tasks' output widths
 REGION_RECOMPILE_LIMIT = 64
 

@@ -60,13 +60,14 @@ def test_regional_compilation_chooses_the_outermost_repeated_blocks():
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
-def test_regional_compilation_on_cpu_compiles_the_blocks_that_run_faster_compiled(fused):
+def test_regional_compilation_on_cpu_compiles_the_chosen_blocks(fused):
     net = build_model(TASK_SETS["nyud2"], widths=SMALL).set_fused(fused)
     chosen = compile_regions(net, backend="aot_eager")  # compiles lazily: nothing is traced here
     assert chosen == regions(net, CPU_REGION_TYPES["fused" if fused else "reference"])
     assert all(net.get_submodule(name)._compiled_call_impl is not None for name in chosen)
     assert not any(name.startswith("backbone.layer1") for name in chosen)  # slower compiled on both paths
     assert ("heads.semseg" in chosen) != fused and ("cross_task.0" in chosen)
+    assert not any(name.startswith(("self_attention", "propagation")) for name in chosen)
     assert region_types(net.to("meta")) == REGION_TYPES  # every block class elsewhere (a GPU)
     with pytest.raises(TypeError, match="types must be a non-empty tuple of module classes, got 'TaskHead'"):
         compile_regions(net, types="TaskHead")
