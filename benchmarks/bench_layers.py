@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn as nn
 
-from benchmarks.common import environment, write_json
+from benchmarks.common import cpu_note, environment, write_json
 from model import fused_ops
 from model.fused import FusedBatchNorm2d, FusedWindowAttention
 from model.modules import SwinLayer, WindowAttention
@@ -92,7 +92,7 @@ def _measure(args) -> list:
     torch.manual_seed(0)
     env = environment("cpu")
     rows = []
-    print(f"{env['cpu']} ({env['cpu_isa']}), {env['threads']} threads, torch {env['torch']}")
+    print(f"{env['cpu']} ({env['threads']} threads{cpu_note(env)}), torch {env['torch']}")
     for kind, name, module, x in cases():
         x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
         module.train()

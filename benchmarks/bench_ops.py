@@ -42,7 +42,7 @@ import time
 
 import torch
 
-from benchmarks.common import environment, error_text, median_ms, saved_bytes, write_json
+from benchmarks.common import cpu_note, environment, error_text, median_ms, saved_bytes, write_json
 from fused_mtl_attn import available_backends, cross_scale_attention, cross_task_attention, reference
 from fused_mtl_attn.backends import AUTO_ORDER
 
@@ -345,8 +345,7 @@ def main(argv=None):
     env = environment(device)
     device_gbs = device_bandwidth(device)
     itemsize = torch.tensor([], dtype=dtype).element_size()
-    isa_note = f", cpu kernels {env['cpu_isa']}" if env.get("cpu_isa") else ""
-    print(f"# {env['device_name']} ({env['threads']} threads{isa_note}), torch {env['torch']}, triton {env['triton']}, "
+    print(f"# {env['device_name']} ({env['threads']} threads{cpu_note(env)}), torch {env['torch']}, triton {env['triton']}, "
           f"commit {env['commit']}, {args.dtype}, batch {batches}, copy bandwidth {device_gbs:.1f} GB/s")
     print(f"{'data':<6} {'case':<9} {'scale':>5} {'HxW':>7} {'B':>2} {'backend':<14} {'fwd ms':>9} {'bwd ms':>9} "
           f"{'f+b ms':>9} {'mem MB':>8} {'GB/s':>7} {'%bw':>5} {'TFLOP/s':>7} {'eager/this':>10}")

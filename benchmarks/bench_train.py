@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
-from benchmarks.common import environment, error_text, saved_bytes, write_json
+from benchmarks.common import cpu_note, environment, error_text, saved_bytes, write_json
 from model import TASK_SETS, build_model
 from model.compile import (COMPILE_MODES, DEFAULT_BACKEND, REGION_TYPES, Stopwatch, compile_block, compile_model,
                            regions)
@@ -383,8 +383,7 @@ def rows_of(results: dict, env: dict, **case) -> list:
 
 
 def print_table(rows, env, device):
-    isa = f", cpu kernels {env['cpu_isa']}" if env.get("cpu_isa") else ""
-    print(f"\n{env['device_name']} ({device}, {env['threads']} threads{isa}), torch {env['torch']}, "
+    print(f"\n{env['device_name']} ({device}, {env['threads']} threads{cpu_note(env)}), torch {env['torch']}, "
           f"commit {env['commit']}")
     header = f"{'config':<8} {'dtype':<13} {'variant':<23} {'step ms':>9} {'x ref':>6} {'saved MiB':>10} {'x ref':>6}"
     if device == "cuda":

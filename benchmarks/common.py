@@ -10,8 +10,13 @@ import subprocess
 import torch
 
 
+# environment variables that cap the instruction set of PyTorch's, oneDNN's, MKL's and this extension's CPU kernels:
+# all four set to AVX2 run an AVX2 machine's code paths on an AVX-512 one (its caches and memory stay this machine's)
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "FUSED_MTL_ATTN_CPU_ISA")
+
+
 def environment(device: str) -> dict:
-    """Device name, library versions and git commit, for each JSON row."""
+    """Device name, library versions, git commit and the CPU kernels' instruction sets, for each JSON row."""
     try:
         import triton
 
@@ -25,7 +30,19 @@ def environment(device: str) -> dict:
         commit = None
     name = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
     return {"device": device, "device_name": name, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "triton": triton_version, "commit": commit, "cpu": cpu_name(), "cpu_isa": cpu_isa()}
+            "triton": triton_version, "commit": commit, "cpu": cpu_name(), "cpu_isa": cpu_isa(),
+            "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "isa_limits": {k: os.environ[k] for k in ISA_LIMITS if k in os.environ}}
+
+
+def cpu_note(env: dict) -> str:
+    """The CPU kernels' instruction sets for a table's header: ", cpu kernels avx2, PyTorch AVX2[, capped by ...]"."""
+    note = f", cpu kernels {env['cpu_isa']}" if env.get("cpu_isa") else ""
+    if env.get("aten_cpu_capability"):
+        note += f", PyTorch {env['aten_cpu_capability']}"
+    if env.get("isa_limits"):
+        note += ", capped by " + " ".join(f"{k}={v}" for k, v in env["isa_limits"].items())
+    return note
 
 
 def cpu_name() -> str:

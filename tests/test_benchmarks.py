@@ -9,7 +9,7 @@ import torch
 
 import fused_mtl_attn
 
-from benchmarks import bench_ops, bench_train, plot
+from benchmarks import bench_ops, bench_train, common, plot
 from model import TASK_SETS, build_model
 from model import compile as model_compile
 from model.losses import MultiTaskLoss
@@ -92,6 +92,21 @@ def test_train_rows(train_rows):
         assert r["dtype"] == "fp32" and r["size"] == [32, 32]
         assert len(r["step_ms_rounds"]) == len(r["time_ratio_rounds"]) == r["steps_timed"]
         assert min(r["step_ms_rounds"]) <= r["step_ms"] <= max(r["step_ms_rounds"])
+
+
+def test_environment_names_the_cpu_kernels_instruction_sets(monkeypatch):
+    """Rows and table headers say which instruction sets ran, and whether one was capped by an environment variable
+    (an AVX2 machine's code paths timed on an AVX-512 one)."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    env = common.environment("cpu")
+    assert env["aten_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert "ONEDNN_MAX_CPU_ISA" not in env["isa_limits"] and "capped" not in common.cpu_note(
+        {**env, "isa_limits": {}})
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    env = common.environment("cpu")
+    assert env["isa_limits"]["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    note = common.cpu_note(env)
+    assert f"PyTorch {env['aten_cpu_capability']}" in note and "ONEDNN_MAX_CPU_ISA=AVX2" in note
 
 
 def test_interleaved_rounds_rotate_the_order():
