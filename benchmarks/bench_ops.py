@@ -345,8 +345,9 @@ def main(argv=None):
     env = environment(device)
     device_gbs = device_bandwidth(device)
     itemsize = torch.tensor([], dtype=dtype).element_size()
-    print(f"# {env['device_name']} ({env['threads']} threads{cpu_note(env)}), torch {env['torch']}, triton {env['triton']}, "
-          f"commit {env['commit']}, {args.dtype}, batch {batches}, copy bandwidth {device_gbs:.1f} GB/s")
+    print(f"# {env['device_name']} ({env['threads']} threads{cpu_note(env)}), torch {env['torch']}, "
+          f"triton {env['triton']}, commit {env['commit']}, {args.dtype}, batch {batches}, "
+          f"copy bandwidth {device_gbs:.1f} GB/s")
     print(f"{'data':<6} {'case':<9} {'scale':>5} {'HxW':>7} {'B':>2} {'backend':<14} {'fwd ms':>9} {'bwd ms':>9} "
           f"{'f+b ms':>9} {'mem MB':>8} {'GB/s':>7} {'%bw':>5} {'TFLOP/s':>7} {'eager/this':>10}")
     rows = []

@@ -6,8 +6,8 @@ partial batch of an evaluation) compiles once more instead of turning every size
 compilation compiles blocks of the classes in `REGION_TYPES`, outermost first: all of them on a GPU, and on a CPU
 those chosen for the path being compiled (`CPU_REGION_TYPES`: faster compiled, and worth the compile time).
 Blocks of the same class and shapes (the HRNet modules of a stage, the initial heads of tasks with equal outputs)
-share one compiled frame, the glue between blocks runs eagerly, and a failure stays inside one block. Compile after `set_fused`: a compiled
-block keeps the path it was traced with.
+share one compiled frame, the glue between blocks runs eagerly, and a failure stays inside one block. Compile
+after `set_fused`: a compiled block keeps the path it was traced with.
 """
 from __future__ import annotations
 
