@@ -93,12 +93,13 @@ TORCH_LIBRARY(fused_mtl_attn, m) {
   m.def("upsampled_cross_entropy(Tensor logits, Tensor label, int ignore_index) -> (Tensor, Tensor)");
   m.def("upsampled_cross_entropy_backward(Tensor grad, Tensor logits, Tensor label, Tensor lse, int ignore_index) "
         "-> Tensor");
-  // BatchNorm + ReLU over a block of channels of h [B, C, N] (batch_norm_relu.h), the fused aggregation head's
-  // elementwise part: (ReLU output, mean, biased var); batch statistics when mean and var are None. CPU kernels only
-  m.def("batch_norm_relu(Tensor h, Tensor weight, Tensor bias, Tensor? mean, Tensor? var, float eps) "
-        "-> (Tensor, Tensor, Tensor)");
+  // BatchNorm + ReLU (relu=False: BatchNorm alone) over a block of channels of h [B, C, N] (batch_norm_relu.h), the
+  // fused aggregation head's and CTAM projections' elementwise part: (output, mean, biased var); batch statistics
+  // when mean and var are None. CPU kernels only
+  m.def("batch_norm_relu(Tensor h, Tensor weight, Tensor bias, Tensor? mean, Tensor? var, float eps, "
+        "bool relu=True) -> (Tensor, Tensor, Tensor)");
   m.def("batch_norm_relu_backward(Tensor grad, Tensor h, Tensor mean, Tensor var, Tensor weight, Tensor bias, "
-        "float eps, bool batch_stats) -> (Tensor, Tensor, Tensor, Tensor)");
+        "float eps, bool batch_stats, bool relu=True) -> (Tensor, Tensor, Tensor, Tensor)");
   // Swin's window attention (window_attention.h): qkv [BW, L, 3*dim] -> (out [BW, L, dim], lse [BW, heads, L]);
   // backward -> (dL/dqkv, dL/dbias). CPU kernels only
   m.def("window_attention(Tensor qkv, Tensor bias, Tensor? mask, int heads, float scale) -> (Tensor, Tensor)");

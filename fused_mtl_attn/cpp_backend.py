@@ -98,28 +98,29 @@ if _C is not None:
     torch.library.register_autograd("fused_mtl_attn::upsampled_cross_entropy", _upsampled_cross_entropy_backward,
                                     setup_context=_loss_setup_context)
 
-    # BatchNorm + ReLU of h [B, C, N] (the aggregation head calls both directions inside its own autograd.Function;
-    # the CTAM projections through this autograd formula): autograd keeps h and the statistics used, which are
-    # outputs for the running-statistics update, not differentiated; given statistics (eval mode) get no gradient
+    # BatchNorm + ReLU (or BatchNorm alone) of h [B, C, N] (the aggregation head calls both directions inside its
+    # own autograd.Function; the CTAM projections through this autograd formula): autograd keeps h and the
+    # statistics used, which are outputs for the running-statistics update, not differentiated; given statistics
+    # (eval mode) get no gradient
     @torch.library.register_fake("fused_mtl_attn::batch_norm_relu")
-    def _batch_norm_relu_fake(h, weight, bias, mean, var, eps):
+    def _batch_norm_relu_fake(h, weight, bias, mean, var, eps, relu=True):
         return h.new_empty(h.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
 
     @torch.library.register_fake("fused_mtl_attn::batch_norm_relu_backward")
-    def _batch_norm_relu_backward_fake(grad, h, mean, var, weight, bias, eps, batch_stats):
+    def _batch_norm_relu_backward_fake(grad, h, mean, var, weight, bias, eps, batch_stats, relu=True):
         return (h.new_empty(h.shape),) + tuple(weight.new_empty(weight.shape) for _ in range(3))
 
     def _bn_relu_setup_context(ctx, inputs, output):
-        h, weight, bias, mean, _, ctx.eps = inputs
-        ctx.batch_stats = mean is None
+        h, weight, bias, mean, _, ctx.eps, *relu = inputs
+        ctx.batch_stats, ctx.relu = mean is None, bool(relu[0]) if relu else True
         ctx.save_for_backward(h, weight, bias, output[1], output[2])
         ctx.mark_non_differentiable(output[1], output[2])
 
     def _batch_norm_relu_backward(ctx, grad, grad_mean, grad_var):
         h, weight, bias, mean, var = ctx.saved_tensors
         dh, dweight, dbias, _ = ops.batch_norm_relu_backward(grad, h, mean, var, weight, bias, ctx.eps,
-                                                             ctx.batch_stats)
-        return dh, dweight, dbias, None, None, None
+                                                             ctx.batch_stats, ctx.relu)
+        return dh, dweight, dbias, None, None, None, None
 
     torch.library.register_autograd("fused_mtl_attn::batch_norm_relu", _batch_norm_relu_backward,
                                     setup_context=_bn_relu_setup_context)

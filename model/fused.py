@@ -19,7 +19,7 @@ and state-dict key stays as it is. Each override reads its module's named layers
   full-resolution concatenation exists (fused_ops._Aggregation).
 BatchNorm sees the same statistics as each reference call and updates running statistics call by call; in training
 on CPU, large channels-last maps go to the extension's channels-last kernel
-(fused_ops.CHANNELS_LAST_BATCH_NORM_MIN_ROWS) and the CTAM projections' BatchNorm + ReLU to its fused kernel.
+(fused_ops.CHANNELS_LAST_BATCH_NORM_MIN_ROWS) and the CTAM projections' BatchNorm (+ ReLU) to its [B, C, N] kernel.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ matrix products. Every function accepts both memory layouts (NCHW and channels-l
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -14,17 +14,85 @@ import torch.nn.functional as F
 
 from fused_mtl_attn.backends import cpu_kernels_run
 
+# ------------------------------------------------------------------------------ bookkeeping under torch.compile
+# The stacked projections of CTAM read 20-120 modules' parameters and update as many BatchNorms' running statistics
+# per call (PASCAL). Inductor generates one kernel per concatenated piece and per updated buffer, and its code
+# generation then dominates the compile time (about 1000 nodes per CTAM scale forward, 50 ms each on 2 cores).
+# These two ops are opaque to it: one node each. Eager code calls torch.cat directly (the op's dispatch costs more).
+
+
+@torch.library.custom_op("sca_mtl::cat_parameters", mutates_args=())
+def cat_parameters(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """torch.cat(tensors) along the first axis, as one node under torch.compile."""
+    return torch.cat(tensors)
+
+
+@cat_parameters.register_fake
+def _(tensors):
+    return tensors[0].new_empty((sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]))
+
+
+def _cat_parameters_context(ctx, inputs, output):
+    ctx.sizes = [t.shape[0] for t in inputs[0]]
+
+
+cat_parameters.register_autograd(lambda ctx, grad: (list(grad.split(ctx.sizes)),),
+                                 setup_context=_cat_parameters_context)
+
+
+def cat_stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Many modules' parameters concatenated along the first axis (one of them: itself)."""
+    if len(tensors) == 1:
+        return tensors[0]
+    return cat_parameters(list(tensors)) if torch.compiler.is_compiling() else torch.cat(list(tensors))
+
+
+@torch.library.custom_op("sca_mtl::update_running_stats", mutates_args=("running_means", "running_vars", "counts"))
+def update_running_stats(running_means: List[torch.Tensor], running_vars: List[torch.Tensor],
+                         counts: List[torch.Tensor], mean: torch.Tensor, var: torch.Tensor,
+                         momentum: Optional[float], calls: int) -> None:
+    """`calls` BatchNorm running-statistics updates of each module of a stack (its buffers listed) from its block of
+    the stacked batch mean and unbiased variance, as the module's own forward does (momentum None: a cumulative
+    average), opaque to torch.compile."""
+    sizes = [t.shape[0] for t in running_means]
+    means, variances = mean.split(sizes), var.split(sizes)
+    for _ in range(calls):
+        torch._foreach_add_(counts, 1)
+        if momentum is not None:
+            torch._foreach_mul_(running_means, 1 - momentum)
+            torch._foreach_add_(running_means, means, alpha=momentum)
+            torch._foreach_mul_(running_vars, 1 - momentum)
+            torch._foreach_add_(running_vars, variances, alpha=momentum)
+            continue
+        for rm, rv, m, v, count in zip(running_means, running_vars, means, variances, counts):
+            factor = 1.0 / float(count)
+            rm.mul_(1 - factor).add_(m, alpha=factor)
+            rv.mul_(1 - factor).add_(v, alpha=factor)
+
+
+@update_running_stats.register_fake
+def _(running_means, running_vars, counts, mean, var, momentum, calls):
+    return None
+
+
 # ---------------------------------------------------------------------------------------------- BatchNorm
 
 
-def _update_running_stats(norm: nn.BatchNorm2d, mean: torch.Tensor, var_unbiased: torch.Tensor) -> None:
-    """One running-statistics update of `norm`, as its own forward in training mode would do."""
-    if not norm.track_running_stats or norm.running_mean is None:
+def _update_running_stats(norms: Sequence[nn.BatchNorm2d], mean: torch.Tensor, var_unbiased: torch.Tensor,
+                          calls: int = 1) -> None:
+    """`calls` running-statistics updates of each of `norms` (distinct modules) from its channel block of mean and
+    var_unbiased [sum C_i], as each module's own forward in training mode would do."""
+    if len({id(n) for n in norms}) < len(norms):  # (one list update would apply a module's updates out of order)
+        raise ValueError("the stacked BatchNorm modules must be distinct modules")
+    sizes = [n.num_features for n in norms]
+    keep = [n.track_running_stats and n.running_mean is not None for n in norms]
+    if not all(keep) or len({n.momentum for n in norms}) > 1:  # (not in the network: module by module)
+        for n, m, v, k in zip(norms, mean.split(sizes), var_unbiased.split(sizes), keep):
+            if k:
+                _update_running_stats([n], m, v, calls)
         return
-    norm.num_batches_tracked.add_(1)
-    factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-    norm.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
-    norm.running_var.mul_(1 - factor).add_(var_unbiased, alpha=factor)
+    update_running_stats([n.running_mean for n in norms], [n.running_var for n in norms],
+                         [n.num_batches_tracked for n in norms], mean, var_unbiased, norms[0].momentum, calls)
 
 
 def _uses_batch_stats(norm: nn.BatchNorm2d) -> bool:
@@ -42,9 +110,13 @@ def _channels_innermost(x: torch.Tensor) -> bool:
 # slower than the kernel on the decoder's 1/4-scale maps of 18-36 channels (10240 rows at 256x320, batch 2), and
 # faster on the coarse ones, where the kernel path's fixed cost per call (Python, the running-statistics update,
 # about 0.2-0.3 ms forward + backward) outweighs the work (benchmarks/RESULTS.md, thirteenth-session CPU section).
-# The BatchNorm + ReLU kernel of [B, C, N] maps (the CTAM projections) has no such bound: with hundreds to
-# thousands of stacked channels it is at least as fast as PyTorch's BatchNorm and ReLU at every scale.
+# The BatchNorm + ReLU kernel of [B, C, N] maps (the CTAM projections' first stage) has no such bound: with
+# hundreds to thousands of stacked channels it is at least as fast as PyTorch's BatchNorm and ReLU at every scale.
+# Without ReLU (their second stage) it takes maps of at least BATCH_NORM_KERNEL_MIN_ROWS values per channel: f+b
+# 11.8 vs 24.0 ms on [2, 720, 4096], 6.0 vs 10.5 on [2, 1440, 1024], even at [2, 288, 320], slower below
+# ([2, 576, 80] 0.83 vs 0.67 ms; Xeon with AVX-512, 2 threads).
 CHANNELS_LAST_BATCH_NORM_MIN_ROWS: int | None = 8192
+BATCH_NORM_KERNEL_MIN_ROWS = 512
 
 
 def _kernels_take(x: torch.Tensor, weight, bias, min_rows: int) -> bool:
@@ -62,9 +134,11 @@ def channels_last_kernel_runs(x: torch.Tensor, weight, bias) -> bool:
             and _kernels_take(x, weight, bias, CHANNELS_LAST_BATCH_NORM_MIN_ROWS))
 
 
-def batch_norm_relu_kernel_runs(x: torch.Tensor, weight, bias) -> bool:
-    """The BatchNorm + ReLU kernel takes this call: x [B, C, N] with its positions contiguous."""
-    return x.dim() == 3 and x.stride(2) == 1 and _kernels_take(x, weight, bias, 2)
+def batch_norm_relu_kernel_runs(x: torch.Tensor, weight, bias, relu: bool = True) -> bool:
+    """The BatchNorm (+ ReLU) kernel of [B, C, N] maps takes this call: x [B, C, N] with its positions
+    contiguous (and without ReLU, at least BATCH_NORM_KERNEL_MIN_ROWS values per channel)."""
+    min_rows = 2 if relu else BATCH_NORM_KERNEL_MIN_ROWS
+    return x.dim() == 3 and x.stride(2) == 1 and _kernels_take(x, weight, bias, min_rows)
 
 
 def _batch_norm_train(x: torch.Tensor, weight, bias, eps: float, relu: bool = False):
@@ -73,8 +147,8 @@ def _batch_norm_train(x: torch.Tensor, weight, bias, eps: float, relu: bool = Fa
     taken from PyTorch's own running-statistics update (momentum 1 into zeroed buffers gives exactly the batch
     statistics that the reference's call folds into its buffers) instead of a second pass."""
     rows = x.numel() // x.shape[1]
-    if relu and batch_norm_relu_kernel_runs(x, weight, bias):
-        out, mean, var = torch.ops.fused_mtl_attn.batch_norm_relu(x, weight, bias, None, None, eps)
+    if batch_norm_relu_kernel_runs(x, weight, bias, relu):
+        out, mean, var = torch.ops.fused_mtl_attn.batch_norm_relu(x, weight, bias, None, None, eps, relu)
         return out, mean, var * (rows / (rows - 1))
     if relu:
         out, mean, var = _batch_norm_train(x, weight, bias, eps)
@@ -89,27 +163,22 @@ def _batch_norm_train(x: torch.Tensor, weight, bias, eps: float, relu: bool = Fa
 
 def batch_norm_stacked(x: torch.Tensor, norms: Sequence[nn.BatchNorm2d], calls: int = 1,
                        relu: bool = False) -> torch.Tensor:
-    """BatchNorm of x [B, sum C_i, ...] whose channel blocks are what each of `norms` would see in its own
-    call, in order (a module listed twice is two calls), each call repeated `calls` times on the same input
-    (followed by ReLU with `relu`). Same output and running statistics as those calls."""
-    weight = torch.cat([n.weight for n in norms]) if len(norms) > 1 else norms[0].weight
-    bias = torch.cat([n.bias for n in norms]) if len(norms) > 1 else norms[0].bias
+    """BatchNorm of x [B, sum C_i, ...] whose channel blocks are what each of `norms` (distinct modules) would see in
+    its own call, in order, each call repeated `calls` times on the same input (followed by ReLU with `relu`).
+    Same output and running statistics as those calls."""
+    weight = cat_stacked([n.weight for n in norms])
+    bias = cat_stacked([n.bias for n in norms])
     eps = norms[0].eps
     if _uses_batch_stats(norms[0]) and norms[0].track_running_stats:
         out, mean, var = _batch_norm_train(x, weight, bias, eps, relu)
         with torch.no_grad():
-            for _ in range(calls):
-                start = 0
-                for n in norms:
-                    stop = start + n.num_features
-                    _update_running_stats(n, mean[start:stop], var[start:stop])
-                    start = stop
+            _update_running_stats(norms, mean, var, calls)
         return out
     if _uses_batch_stats(norms[0]):  # no running statistics
         out = F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
     else:
-        mean = torch.cat([n.running_mean for n in norms])
-        var = torch.cat([n.running_var for n in norms])
+        mean = cat_stacked([n.running_mean for n in norms])
+        var = cat_stacked([n.running_var for n in norms])
         out = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
     return F.relu(out) if relu else out
 
@@ -166,7 +235,7 @@ def is_channels_last(x: torch.Tensor) -> bool:
 def conv1x1_stacked(x: torch.Tensor, convs: Sequence[nn.Conv2d], groups: int) -> torch.Tensor:
     """Grouped 1x1 convolution of x [B, G*Cin, N] as one batched matrix product (much faster than a grouped
     convolution on CPU, forward and backward): group g goes through its share of `convs`, listed group by group."""
-    weight = torch.cat([c.weight.flatten(1) for c in convs]).view(groups, -1, x.shape[1] // groups)
+    weight = cat_stacked([c.weight.flatten(1) for c in convs]).view(groups, -1, x.shape[1] // groups)
     b, _, n = x.shape
     return torch.matmul(weight, x.view(b, groups, -1, n)).view(b, -1, n)
 
@@ -360,7 +429,7 @@ def blocked_aggregation(xs: list, weights: list, bias: torch.Tensor, norm: nn.Ba
     if batch_stats and norm.track_running_stats:
         n = out.shape[0] * out.shape[2] * out.shape[3]
         with torch.no_grad():
-            _update_running_stats(norm, mean, var * n / max(n - 1, 1))
+            _update_running_stats([norm], mean, var * n / max(n - 1, 1))
     return out
 
 

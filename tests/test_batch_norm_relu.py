@@ -1,8 +1,8 @@
 """The BatchNorm + ReLU op of the aggregation head and the CTAM projections (`torch.ops.fused_mtl_attn.batch_norm_relu`
-and its backward, C++ CPU kernels) against PyTorch's own batch_norm and relu with autograd: batch and given
-statistics, float64 to rounding and float32 against float64, tails shorter than a vector, strided blocks, every
-instruction set this CPU supports, bitwise determinism over thread counts, its autograd formula, opcheck and bad
-arguments. The fused network's parity tests cover its use."""
+and its backward, C++ CPU kernels) against PyTorch's own batch_norm and relu with autograd: with and without the
+ReLU, batch and given statistics, float64 to rounding and float32 against float64, tails shorter than a vector,
+strided blocks, every instruction set this CPU supports, bitwise determinism over thread counts, its autograd
+formula, opcheck and bad arguments. The fused network's parity tests cover its use."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,48 +35,51 @@ def _inputs(shape, dtype, strided=False, seed=0):
     return [t.to(dtype) for t in (h, weight, bias, *running, grad)]
 
 
-def _reference(h, weight, bias, mean, var, grad):
+def _reference(h, weight, bias, mean, var, grad, relu=True):
     """PyTorch's batch_norm (batch statistics when mean is None) and relu, with autograd; the gradient of a bias
     added before BN is that of h summed over batch and positions."""
     h, weight, bias = (t.detach().clone().requires_grad_() for t in (h, weight, bias))
     batch_stats = mean is None
-    out = F.relu(F.batch_norm(h, None if batch_stats else mean, None if batch_stats else var, weight, bias,
-                              training=batch_stats, eps=EPS))
+    out = F.batch_norm(h, None if batch_stats else mean, None if batch_stats else var, weight, bias,
+                       training=batch_stats, eps=EPS)
+    out = F.relu(out) if relu else out
     out.backward(grad)
     if batch_stats:
         mean, var = h.detach().mean((0, 2)), h.detach().var((0, 2), unbiased=False)
     return out.detach(), mean, var, h.grad, weight.grad, bias.grad, h.grad.sum((0, 2))
 
 
-def _op(h, weight, bias, mean, var, grad):
+def _op(h, weight, bias, mean, var, grad, relu=True):
     ops = torch.ops.fused_mtl_attn
-    out, m, v = ops.batch_norm_relu(h, weight, bias, mean, var, EPS)
-    return (out, m, v) + ops.batch_norm_relu_backward(grad, h, m, v, weight, bias, EPS, mean is None)
+    out, m, v = ops.batch_norm_relu(h, weight, bias, mean, var, EPS, relu)
+    return (out, m, v) + ops.batch_norm_relu_backward(grad, h, m, v, weight, bias, EPS, mean is None, relu)
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no-relu"])
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch-stats", "running-stats"])
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_matches_pytorch_float64(shape, strided, batch_stats, isa):
+def test_matches_pytorch_float64(shape, strided, batch_stats, relu, isa):
     h, w, b, rm, rv, g = _inputs(shape, torch.float64, strided)
     stats = (None, None) if batch_stats else (rm, rv)
-    want = _reference(h, w, b, *stats, g)
+    want = _reference(h, w, b, *stats, g, relu)
     with cpp_backend.use_cpu_isa(isa):
-        got = _op(h, w, b, *stats, g)
+        got = _op(h, w, b, *stats, g, relu)
     for name, x, y in zip(("out", "mean", "var", "dh", "dweight", "dbias", "dh_sum"), got, want):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12, msg=name)
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no-relu"])
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch-stats", "running-stats"])
-def test_float32_against_float64(batch_stats, isa):
+def test_float32_against_float64(batch_stats, relu, isa):
     inputs64 = _inputs((2, 6, 301), torch.float64, strided=True)
     stats = slice(3, 5) if not batch_stats else slice(0, 0)
-    want = _reference(*inputs64[:3], *(inputs64[stats] or (None, None)), inputs64[5])
+    want = _reference(*inputs64[:3], *(inputs64[stats] or (None, None)), inputs64[5], relu)
     inputs32 = [t.float() for t in inputs64]
     with cpp_backend.use_cpu_isa(isa):
-        got = _op(*inputs32[:3], *(inputs32[stats] or (None, None)), inputs32[5])
+        got = _op(*inputs32[:3], *(inputs32[stats] or (None, None)), inputs32[5], relu)
     for name, x, y in zip(("out", "mean", "var", "dh", "dweight", "dbias", "dh_sum"), got, want):
         assert x.dtype == torch.float32
         torch.testing.assert_close(x.double(), y, rtol=1e-5, atol=2e-5, msg=name)
@@ -95,33 +98,35 @@ def test_bitwise_identical_for_any_thread_count():
     assert_same_for_any_thread_count(lambda: _op(h, w, b, None, None, g))
 
 
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no-relu"])
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch-stats", "running-stats"])
-def test_autograd_formula(batch_stats):
+def test_autograd_formula(batch_stats, relu):
     """Autograd through the op (as the CTAM projections use it) gives PyTorch's gradients of h, weight and bias;
     the statistics it returns are not differentiable."""
     h, w, b, rm, rv, g = _inputs((2, 5, 37), torch.float64, strided=True)
     stats = (None, None) if batch_stats else (rm, rv)
-    want = _reference(h, w, b, *stats, g)
+    want = _reference(h, w, b, *stats, g, relu)
     h, w, b = (t.detach().clone().requires_grad_() for t in (h, w, b))
-    out, mean, var = torch.ops.fused_mtl_attn.batch_norm_relu(h, w, b, *stats, EPS)
+    out, mean, var = torch.ops.fused_mtl_attn.batch_norm_relu(h, w, b, *stats, EPS, relu)
     assert not mean.requires_grad and not var.requires_grad
     out.backward(g)
     for name, x, y in zip(("out", "mean", "var", "dh", "dweight", "dbias"), (out.detach(), mean, var, h.grad, w.grad,
                                                                             b.grad), want):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12, msg=name)
-    torch.autograd.gradcheck(lambda *a: torch.ops.fused_mtl_attn.batch_norm_relu(*a, *stats, EPS)[0],
+    torch.autograd.gradcheck(lambda *a: torch.ops.fused_mtl_attn.batch_norm_relu(*a, *stats, EPS, relu)[0],
                              (h.detach()[:, :, :9].requires_grad_(), w.detach().requires_grad_(),
                               b.detach().requires_grad_()))
 
 
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no-relu"])
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch-stats", "running-stats"])
-def test_opcheck(batch_stats):
+def test_opcheck(batch_stats, relu):
     h, w, b, rm, rv, g = _inputs((2, 3, 9), torch.float32, strided=True)
     stats = (None, None) if batch_stats else (rm, rv)
-    torch.library.opcheck(torch.ops.fused_mtl_attn.batch_norm_relu.default, (h, w, b, *stats, EPS))
-    _, m, v = torch.ops.fused_mtl_attn.batch_norm_relu(h, w, b, *stats, EPS)
+    torch.library.opcheck(torch.ops.fused_mtl_attn.batch_norm_relu.default, (h, w, b, *stats, EPS, relu))
+    _, m, v = torch.ops.fused_mtl_attn.batch_norm_relu(h, w, b, *stats, EPS, relu)
     torch.library.opcheck(torch.ops.fused_mtl_attn.batch_norm_relu_backward.default,
-                          (g, h, m, v, w, b, EPS, batch_stats))
+                          (g, h, m, v, w, b, EPS, batch_stats, relu))
 
 
 def _bad_forward(**change):

@@ -331,22 +331,27 @@ def test_aggregation_rebuilding_blocks_matches_reference(monkeypatch):
 @pytest.mark.skipif(not fused_mtl_attn.available_backends()["cpu"][0], reason="the C++ extension is not built")
 @pytest.mark.parametrize("config", ["nyud2", "pascal5"])
 def test_batch_norm_kernels_in_the_network_match_reference(config, monkeypatch):
-    """The BatchNorm kernels (channels-last; BatchNorm + ReLU of the CTAM projections), which by default take only
-    the paper sizes' large maps, here on every map of the tiny network they can take (float64, two training steps,
-    as the parity tests)."""
+    """The BatchNorm kernels (channels-last; BatchNorm + ReLU and BatchNorm alone of the CTAM projections), which by
+    default take only the paper sizes' large maps, here on every map of the tiny network they can take (float64, two
+    training steps, as the parity tests)."""
     import model.fused_ops
 
     monkeypatch.setattr(model.fused_ops, "CHANNELS_LAST_BATCH_NORM_MIN_ROWS", 2)
-    calls = {"batch_norm_channels_last": 0, "batch_norm_relu": 0}
-    for name in calls:
+    monkeypatch.setattr(model.fused_ops, "BATCH_NORM_KERNEL_MIN_ROWS", 2)
+    calls = {"batch_norm_channels_last": 0, "batch_norm_relu": 0, "batch_norm_relu(relu=False)": 0}
+    for name in ("batch_norm_channels_last", "batch_norm_relu"):
         def counted(*args, name=name, kernel=getattr(torch.ops.fused_mtl_attn, name)):
-            calls[name] += torch.is_grad_enabled()  # (not the aggregation head's calls inside its own backward)
+            relu = args[6] if name == "batch_norm_relu" and len(args) > 6 else True
+            # (not the aggregation head's calls inside its own backward)
+            calls[name if relu else name + "(relu=False)"] += torch.is_grad_enabled()
             return kernel(*args)
         monkeypatch.setattr(torch.ops.fused_mtl_attn, name, counted)
     _parity(config, True, torch.float64, 2)
     assert calls["batch_norm_channels_last"] > 50, calls
-    # the CTAM projections q, k and v have one BatchNorm + ReLU each (all pairs stacked): 3 per scale and step
+    # the CTAM projections q, k and v have one BatchNorm + ReLU and one BatchNorm each (all pairs stacked): 3 of
+    # each per scale and step
     assert calls["batch_norm_relu"] >= 3 * 4 * 2, calls
+    assert calls["batch_norm_relu(relu=False)"] >= 3 * 4 * 2, calls
 
 
 def test_aggregation_without_the_batch_norm_relu_kernel_matches_reference(monkeypatch):

@@ -117,17 +117,17 @@ Tensor cross_entropy_backward_cpu(const Tensor& grad, const Tensor& logits, cons
 
 std::tuple<Tensor, Tensor, Tensor> bn_relu_forward_cpu(const Tensor& h, const Tensor& weight, const Tensor& bias,
                                                        const std::optional<Tensor>& mean,
-                                                       const std::optional<Tensor>& var, double eps) {
+                                                       const std::optional<Tensor>& var, double eps, bool relu) {
   TORCH_CHECK(h.device().is_cpu(), "h must be a CPU tensor for the cpu kernels, got ", h.device());
-  return current().kernels->bn_relu_forward(h, weight, bias, mean, var, eps);
+  return current().kernels->bn_relu_forward(h, weight, bias, mean, var, eps, relu);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_backward_cpu(const Tensor& grad, const Tensor& h,
                                                                 const Tensor& mean, const Tensor& var,
                                                                 const Tensor& weight, const Tensor& bias, double eps,
-                                                                bool batch_stats) {
+                                                                bool batch_stats, bool relu) {
   TORCH_CHECK(h.device().is_cpu(), "h must be a CPU tensor for the cpu kernels, got ", h.device());
-  return current().kernels->bn_relu_backward(grad, h, mean, var, weight, bias, eps, batch_stats);
+  return current().kernels->bn_relu_backward(grad, h, mean, var, weight, bias, eps, batch_stats, relu);
 }
 
 std::tuple<Tensor, Tensor> window_forward_cpu(const Tensor& qkv, const Tensor& bias,

@@ -1,11 +1,12 @@
-// CPU kernels of BatchNorm + ReLU over a block of channels (../batch_norm_relu.h), included by kernels.h inside its
-// instruction set's namespace.
+// CPU kernels of BatchNorm + ReLU (or BatchNorm alone: RELU false) over a block of channels (../batch_norm_relu.h),
+// included by kernels.h inside its instruction set's namespace.
 //
 // One channel per task (threads split the channels), its B rows of N positions read through h's strides. Each row
 // is summed in vector lanes of the input type and the lanes and rows in double, in a fixed order: results do not
 // depend on the thread count. Forward: the batch mean, then the centred sum of squares (two passes, as accurate
 // as BatchNorm's own), then one pass writing max(h * scale + shift, 0). Backward: one pass for the sums of g and of
-// g (h - mean) over the active positions (the ReLU mask recomputed from h), one writing dL/dh.
+// g (h - mean) over the active positions (the ReLU mask recomputed from h; every position without ReLU), one
+// writing dL/dh.
 namespace {
 
 // the sum of f(x) over n values: vector lanes of T (two accumulators), then the lanes and the tail in double; f
@@ -35,7 +36,7 @@ struct Rows {
   int64_t count() const { return batch * n; }
 };
 
-template <typename T>
+template <typename T, bool RELU>
 std::tuple<Tensor, Tensor, Tensor> bn_relu_forward_typed(const Tensor& h, const Tensor& weight, const Tensor& bias,
                                                          const std::optional<Tensor>& running_mean,
                                                          const std::optional<Tensor>& running_var, double eps) {
@@ -72,16 +73,16 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_forward_typed(const Tensor& h, const 
         int64_t i = 0;
         for (; i + W <= r.n; i += W) {
           const V<T> pre = vload(xr + i) * vs + vt;
-          vstore(o + i, pre > zero ? pre : zero);
+          vstore(o + i, RELU ? (pre > zero ? pre : zero) : pre);
         }
-        for (; i < r.n; ++i) o[i] = std::max(xr[i] * scale + shift, T(0));
+        for (; i < r.n; ++i) o[i] = RELU ? std::max(xr[i] * scale + shift, T(0)) : xr[i] * scale + shift;
       }
     }
   });
   return {act, mean, var};
 }
 
-template <typename T>
+template <typename T, bool RELU>
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_backward_typed(const Tensor& grad, const Tensor& h,
                                                                   const Tensor& mean, const Tensor& var,
                                                                   const Tensor& weight, const Tensor& bias,
@@ -112,7 +113,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_backward_typed(const Tensor& 
         int64_t i = 0;
         for (; i + W <= r.n; i += W) {
           const V<T> xv = vload(x + i);
-          const V<T> gm = xv * vs + vt > zero ? vload(g + i) : zero;
+          const V<T> gm = !RELU ? vload(g + i) : xv * vs + vt > zero ? vload(g + i) : zero;
           a += gm;
           ax += gm * (xv - vmu);
         }
@@ -121,7 +122,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_backward_typed(const Tensor& 
           sum_gx += ax[l];
         }
         for (; i < r.n; ++i) {
-          if (x[i] * scale + shift > T(0)) {
+          if (!RELU || x[i] * scale + shift > T(0)) {
             sum_g += g[i];
             sum_gx += g[i] * (x[i] - mu);
           }
@@ -143,14 +144,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_backward_typed(const Tensor& 
         int64_t i = 0;
         for (; i + W <= r.n; i += W) {
           const V<T> xv = vload(x + i);
-          const V<T> gm = xv * vs + vt > zero ? vload(g + i) : zero;
+          const V<T> gm = !RELU ? vload(g + i) : xv * vs + vt > zero ? vload(g + i) : zero;
           const V<T> d = (gm - vc1 - (xv - vmu) * vc2) * vs;
           vstore(o + i, d);
           a += d;
         }
         for (int l = 0; l < W; ++l) total += a[l];
         for (; i < r.n; ++i) {
-          const T gm = x[i] * scale + shift > T(0) ? g[i] : T(0);
+          const T gm = !RELU || x[i] * scale + shift > T(0) ? g[i] : T(0);
           o[i] = (gm - c1 - (x[i] - mu) * c2) * scale;
           total += o[i];
         }
@@ -163,17 +164,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_backward_typed(const Tensor& 
 
 std::tuple<Tensor, Tensor, Tensor> bnr_forward(const Tensor& h, const Tensor& weight, const Tensor& bias,
                                                const std::optional<Tensor>& mean, const std::optional<Tensor>& var,
-                                               double eps) {
-  if (h.scalar_type() == at::kDouble) return bn_relu_forward_typed<double>(h, weight, bias, mean, var, eps);
-  return bn_relu_forward_typed<float>(h, weight, bias, mean, var, eps);
+                                               double eps, bool relu) {
+  if (h.scalar_type() == at::kDouble)
+    return relu ? bn_relu_forward_typed<double, true>(h, weight, bias, mean, var, eps)
+                : bn_relu_forward_typed<double, false>(h, weight, bias, mean, var, eps);
+  return relu ? bn_relu_forward_typed<float, true>(h, weight, bias, mean, var, eps)
+              : bn_relu_forward_typed<float, false>(h, weight, bias, mean, var, eps);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> bnr_backward(const Tensor& grad, const Tensor& h, const Tensor& mean,
                                                         const Tensor& var, const Tensor& weight, const Tensor& bias,
-                                                        double eps, bool batch_stats) {
+                                                        double eps, bool batch_stats, bool relu) {
   if (h.scalar_type() == at::kDouble)
-    return bn_relu_backward_typed<double>(grad, h, mean, var, weight, bias, eps, batch_stats);
-  return bn_relu_backward_typed<float>(grad, h, mean, var, weight, bias, eps, batch_stats);
+    return relu ? bn_relu_backward_typed<double, true>(grad, h, mean, var, weight, bias, eps, batch_stats)
+                : bn_relu_backward_typed<double, false>(grad, h, mean, var, weight, bias, eps, batch_stats);
+  return relu ? bn_relu_backward_typed<float, true>(grad, h, mean, var, weight, bias, eps, batch_stats)
+              : bn_relu_backward_typed<float, false>(grad, h, mean, var, weight, bias, eps, batch_stats);
 }
 
 }  // namespace
