@@ -16,7 +16,8 @@ import time
 import torch
 import torch.nn as nn
 
-from benchmarks.common import cpu_note, environment, write_json
+from benchmarks.common import environment, write_json
+from benchmarks.labels import cpu_note
 from model import fused_ops
 from model.fused import FusedBatchNorm2d, FusedWindowAttention
 from model.modules import SwinLayer, WindowAttention

@@ -42,7 +42,8 @@ import time
 
 import torch
 
-from benchmarks.common import cpu_note, environment, error_text, median_ms, saved_bytes, write_json
+from benchmarks.common import environment, error_text, median_ms, saved_bytes, write_json
+from benchmarks.labels import cpu_note
 from fused_mtl_attn import available_backends, cross_scale_attention, cross_task_attention, reference
 from fused_mtl_attn.backends import AUTO_ORDER
 

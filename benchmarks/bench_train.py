@@ -25,7 +25,8 @@ from typing import NamedTuple
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
-from benchmarks.common import cpu_note, environment, error_text, saved_bytes, write_json
+from benchmarks.common import environment, error_text, saved_bytes, write_json
+from benchmarks.labels import cpu_note
 from model import TASK_SETS, build_model
 from model.compile import (COMPILE_MODES, DEFAULT_BACKEND, REGION_TYPES, Stopwatch, compile_block, compile_model,
                            regions)

@@ -35,16 +35,6 @@ def environment(device: str) -> dict:
             "isa_limits": {k: os.environ[k] for k in ISA_LIMITS if k in os.environ}}
 
 
-def cpu_note(env: dict) -> str:
-    """The CPU kernels' instruction sets for a table's header: ", cpu kernels avx2, PyTorch AVX2[, capped by ...]"."""
-    note = f", cpu kernels {env['cpu_isa']}" if env.get("cpu_isa") else ""
-    if env.get("aten_cpu_capability"):
-        note += f", PyTorch {env['aten_cpu_capability']}"
-    if env.get("isa_limits"):
-        note += ", capped by " + " ".join(f"{k}={v}" for k, v in env["isa_limits"].items())
-    return note
-
-
 def cpu_name() -> str:
     """The processor's model name (/proc/cpuinfo on Linux), else what platform knows."""
     try:

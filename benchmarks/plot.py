@@ -19,6 +19,8 @@ import json
 import os
 from collections import defaultdict
 
+from benchmarks.labels import cpu_note
+
 SCALE_NAMES = ("1/4", "1/8", "1/16", "1/32")
 
 
@@ -50,9 +52,9 @@ def series_order(name):
 
 def title_env(rows):
     r = rows[0]
-    isa = f", cpu kernels {r['cpu_isa']}, {r.get('threads')} threads" if r.get("cpu_isa") else ""
-    return f"{r.get('device_name')} ({r.get('device')}{isa}), torch {r.get('torch')}, triton {r.get('triton')}, " \
-           f"commit {r.get('commit')}"
+    threads = f", {r['threads']} threads" if r.get("cpu_isa") and r.get("threads") else ""
+    return f"{r.get('device_name')} ({r.get('device')}{threads}{cpu_note(r)}), torch {r.get('torch')}, " \
+           f"triton {r.get('triton')}, commit {r.get('commit')}"
 
 
 def memory_label(rows):

@@ -10,6 +10,7 @@ import torch
 import fused_mtl_attn
 
 from benchmarks import bench_ops, bench_train, common, plot
+from benchmarks.labels import cpu_note
 from model import TASK_SETS, build_model
 from model import compile as model_compile
 from model.losses import MultiTaskLoss
@@ -100,13 +101,14 @@ def test_environment_names_the_cpu_kernels_instruction_sets(monkeypatch):
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     env = common.environment("cpu")
     assert env["aten_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    assert "ONEDNN_MAX_CPU_ISA" not in env["isa_limits"] and "capped" not in common.cpu_note(
+    assert "ONEDNN_MAX_CPU_ISA" not in env["isa_limits"] and "capped" not in cpu_note(
         {**env, "isa_limits": {}})
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     env = common.environment("cpu")
     assert env["isa_limits"]["ONEDNN_MAX_CPU_ISA"] == "AVX2"
-    note = common.cpu_note(env)
+    note = cpu_note(env)
     assert f"PyTorch {env['aten_cpu_capability']}" in note and "ONEDNN_MAX_CPU_ISA=AVX2" in note
+    assert note in plot.title_env([env])  # plots of a capped run say so too
 
 
 def test_interleaved_rounds_rotate_the_order():
