@@ -8,6 +8,7 @@ compiled variant the seconds its first step spent compiling; ratios are variant 
     python -m benchmarks.bench_train --quick            # CPU: NYUD 2-task 256x320 and PASCAL 5-task 256x256, batch 2
     python -m benchmarks.bench_train --device cuda      # GPU: NYUD 480x640 and PASCAL 512x512, batch 8, fp32 + bf16
     python -m benchmarks.bench_train --compile regional # + compiled reference and compiled fused (minutes to compile)
+    python -m benchmarks.bench_train --compile regional --compile-paths fused  # the fused path's compile alone
     python -m benchmarks.bench_train --loss             # the loss alone (forward + backward): reference vs fused
     python -m benchmarks.bench_train --head             # one task's head alone: reference vs fused
     python -m benchmarks.bench_train --regions          # every block regional compilation can compile: eager vs
@@ -331,6 +332,9 @@ def _parser():
     parser.add_argument("--compile", choices=COMPILE_MODES[1:], nargs="?", const="full",
                         help="also time torch.compile (full: one graph, the default; regional: per block) of the "
                              "reference and of the fused path; compilation takes minutes (its own column)")
+    parser.add_argument("--compile-paths", choices=["both", "reference", "fused"], default="both",
+                        help="with --compile: which paths to compile (e.g. fused: the fused path's compile time "
+                             "from an empty cache, without the reference's before it)")
     parser.add_argument("--layouts", action="store_true",
                         help="also time the reference fed a channels-last image (its convolutions follow it) and the "
                              "fused path in its non-default layout (NCHW on CPU, channels-last on GPU)")
@@ -350,7 +354,7 @@ def _parser():
     return parser
 
 
-def variants_of(reference, device, layouts: bool, compile_mode: str | None) -> dict:
+def variants_of(reference, device, layouts: bool, compile_mode: str | None, compile_paths: str = "both") -> dict:
     """{name: Variant} timed side by side, all from the same parameters: the fused path with model.train's fused
     Adam and fused loss, the reference with the default Adam, the reference with fused Adam (what the optimizer alone
     gives) and the fused path with the reference loss (what the fused loss gives)."""
@@ -362,8 +366,9 @@ def variants_of(reference, device, layouts: bool, compile_mode: str | None) -> d
         variants["reference_channels_last"] = Variant(ChannelsLastInput(copy.deepcopy(reference)))
         other = device != "cpu"  # the fused path's default is channels-last on CPU only
         variants["fused_channels_last" if other else "fused_nchw"] = Variant(fused(channels_last=other), True, True)
-    if compile_mode:
+    if compile_mode and compile_paths in ("both", "reference"):
         variants["compiled_reference"] = Variant(compile_model(copy.deepcopy(reference), compile_mode))
+    if compile_mode and compile_paths in ("both", "fused"):
         variants["compiled_fused"] = Variant(compile_model(fused(), compile_mode), True, True)
     return variants
 
@@ -410,6 +415,8 @@ def main(argv=None):
     if parts and (args.compile or args.layouts or args.amp not in (None, "off")):
         parser.error("--loss, --head and --regions time parts of the step alone, in fp32; --compile, --layouts and "
                      "--amp apply to the whole step")
+    if args.compile_paths != "both" and not args.compile:
+        parser.error("--compile-paths chooses the paths that --compile compiles: give --compile too")
     device = args.device
     batch_size = args.batch or (8 if device == "cuda" else 2)
     repeats = args.repeats or (3 if args.quick else (10 if device == "cuda" else 5))
@@ -438,8 +445,8 @@ def main(argv=None):
         for amp in amp_modes:
             torch.manual_seed(0)
             reference = build_model(tasks, **({"widths": tuple(args.widths)} if args.widths else {})).to(device).train()
-            results = measure(variants_of(reference, device, args.layouts, args.compile), loss_fn, batch, device, amp,
-                              repeats)
+            results = measure(variants_of(reference, device, args.layouts, args.compile, args.compile_paths), loss_fn,
+                              batch, device, amp, repeats)
             dtype = "bf16-autocast" if amp else "fp32"
             for variant, res in results.items():
                 done = f"FAILED {res['error']}" if "error" in res else \

@@ -185,6 +185,12 @@ def test_part_modes_reject_step_options(part, extra, capsys):
     assert "apply to the whole step" in capsys.readouterr().err
 
 
+def test_compile_paths_needs_compile(capsys):
+    with pytest.raises(SystemExit):
+        bench_train.main(["--device", "cpu", "--compile-paths", "fused"])
+    assert "give --compile too" in capsys.readouterr().err
+
+
 def test_train_compiled_variants_report_their_compile_time(monkeypatch):
     """--compile adds the compiled reference and the compiled fused path (with model.train's fused Adam and loss), and a
     compiled variant's row has the seconds its first step spent compiling. Timed here with Dynamo alone on the
@@ -196,6 +202,8 @@ def test_train_compiled_variants_report_their_compile_time(monkeypatch):
         "reference": (False, False), "fused": (True, True), "reference_fused_adam": (True, False),
         "fused_reference_loss": (True, False), "compiled_reference": (False, False), "compiled_fused": (True, True)}
     assert variants["compiled_fused"].net.fused and not variants["compiled_reference"].net.fused
+    fused_only = bench_train.variants_of(net, "cpu", layouts=False, compile_mode="regional", compile_paths="fused")
+    assert "compiled_fused" in fused_only and "compiled_reference" not in fused_only
     batch = bench_train.random_batch(TASK_SETS["nyud2"], 2, (32, 32), "cpu")
     loss_fn = MultiTaskLoss(list(TASK_SETS["nyud2"]))
     monkeypatch.setattr(model_compile, "DEFAULT_BACKEND", "eager")
