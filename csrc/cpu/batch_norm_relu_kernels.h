@@ -4,9 +4,9 @@
 // One channel per task (threads split the channels), its B rows of N positions read through h's strides. Each row
 // is summed in vector lanes of the input type and the lanes and rows in double, in a fixed order: results do not
 // depend on the thread count. Forward: the batch mean, then the centred sum of squares (two passes, as accurate
-// as BatchNorm's own), then one pass writing max(h * scale + shift, 0). Backward: one pass for the sums of g and of
-// g (h - mean) over the active positions (the ReLU mask recomputed from h; every position without ReLU), one
-// writing dL/dh.
+// as BatchNorm's own), then one pass writing max(h * scale + shift, 0) (without ReLU, h * scale + shift).
+// Backward: one pass for the sums of g and of g (h - mean) over the active positions (the ReLU mask recomputed from
+// h; every position without ReLU), one writing dL/dh.
 namespace {
 
 // the sum of f(x) over n values: vector lanes of T (two accumulators), then the lanes and the tail in double; f
