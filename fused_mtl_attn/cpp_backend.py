@@ -103,7 +103,7 @@ if _C is not None:
     # statistics used, which are outputs for the running-statistics update, not differentiated; given statistics
     # (eval mode) get no gradient
     @torch.library.register_fake("fused_mtl_attn::batch_norm_relu")
-    def _batch_norm_relu_fake(h, weight, bias, mean, var, eps, relu=True):
+    def _batch_norm_relu_fake(h, weight, bias, mean, var, eps, relu=True):  # (tracing may omit a default)
         return h.new_empty(h.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
 
     @torch.library.register_fake("fused_mtl_attn::batch_norm_relu_backward")
@@ -111,8 +111,8 @@ if _C is not None:
         return (h.new_empty(h.shape),) + tuple(weight.new_empty(weight.shape) for _ in range(3))
 
     def _bn_relu_setup_context(ctx, inputs, output):
-        h, weight, bias, mean, _, ctx.eps, *relu = inputs
-        ctx.batch_stats, ctx.relu = mean is None, bool(relu[0]) if relu else True
+        h, weight, bias, mean, _, ctx.eps, ctx.relu = inputs  # (the schema's defaults filled in)
+        ctx.batch_stats = mean is None
         ctx.save_for_backward(h, weight, bias, output[1], output[2])
         ctx.mark_non_differentiable(output[1], output[2])
 

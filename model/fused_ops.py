@@ -16,7 +16,7 @@ from fused_mtl_attn.backends import cpu_kernels_run
 
 # ------------------------------------------------------------------------------ bookkeeping under torch.compile
 # The stacked projections of CTAM read 20-120 modules' parameters and update as many BatchNorms' running statistics
-# per call (PASCAL). Inductor generates one kernel per concatenated piece and per updated buffer, and its code
+# per call (PASCAL). Inductor generates a loop per concatenated piece and per updated buffer, and its code
 # generation then dominates the compile time (about 1000 nodes per CTAM scale forward, 50 ms each on 2 cores).
 # These two ops are opaque to it: one node each. Eager code calls torch.cat directly (the op's dispatch costs more).
 
