@@ -217,15 +217,13 @@ def measure_head(net, batch, device, repeats: int) -> dict:
     heads = {"reference": copy.deepcopy(net.heads[task]).train()}
     fused_net = copy.deepcopy(net).set_fused(True)
     heads["fused_eager_bn_relu"] = heads["fused"] = fused_net.heads[task].train()
-    channels_last = device == "cpu" if fused_net.channels_last is None else fused_net.channels_last
     g = torch.Generator(device=device).manual_seed(1)
     height, width = batch["image"].shape[-2:]
     features = [torch.randn(batch["image"].shape[0], c, height // (4 << k), width // (4 << k), generator=g,
                             device=device) for k, c in enumerate(heads["reference"].widths)]
     inputs = {"reference": [f.requires_grad_() for f in features]}
     inputs["fused"] = inputs["fused_eager_bn_relu"] = [
-        f.detach().contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        .requires_grad_() for f in features]
+        f.detach().contiguous(memory_format=fused_net.layout(f)).requires_grad_() for f in features]
     kernel_check = fused_ops.cpu_kernels_run
 
     def step(name):

@@ -5,7 +5,7 @@ and state-dict key stays as it is. Each override reads its module's named layers
 (CTAM's block input, the aggregation's input pieces), the reference class's own definition of it.
 
 - Encoder: optionally recomputed in backward (activation checkpointing: the stem, and the Swin layers where their
-  window attention runs eagerly); on CPU the network runs channels-last.
+  window attention runs eagerly); on CPU the network runs channels-last, but for its coarsest maps.
 - CTAM: the projections of all ordered pairs run as a few batched matrix products, one `cross_task_attention`
   call attends every pair, and the shared BasicBlock runs for all targets at once, reading each target's feature
   once (the weight columns of its repeated copies summed).
@@ -51,15 +51,37 @@ def hrnet_features(net, x: torch.Tensor, run_stem) -> list:
     return branches
 
 
+# On CPU, oneDNN's channels-last 3x3 convolutions are 1.2-1.5x faster (forward + backward) than NCHW ones on the
+# network's maps from 64x80 down to 32x40, on a par at 16x20, and slower on the coarsest ones: at 8x10 a 288-channel
+# conv takes 1.3-2x as long, the 1/32 scale's decoder (InitialPrediction, CTAM, FPMA) 1.2-1.3x (Xeon, AVX-512). So
+# by default a scale's maps run channels-last from this many positions on, NCHW below.
+CHANNELS_LAST_MIN_POSITIONS = 256
+
+
 class FusedSCAMTL(SCAMTL):
-    """The network's own steps: the input's memory layout, the encoder's recomputation, the faster resize."""
+    """The network's own steps: the memory layout of each scale's maps, the encoder's recomputation, the faster
+    resize."""
 
     resize = staticmethod(upsample)  # the same bilinear map as F.interpolate, faster on CPU
 
+    def layout(self, x: torch.Tensor) -> torch.memory_format:
+        """The memory layout the convolutions on maps like x run in (they follow their input's): `channels_last`
+        if set, else channels-last on CPU for maps of at least CHANNELS_LAST_MIN_POSITIONS positions."""
+        if self.channels_last is not None:
+            channels_last = self.channels_last
+        else:
+            channels_last = x.device.type == "cpu" and x.shape[-2] * x.shape[-1] >= CHANNELS_LAST_MIN_POSITIONS
+        return torch.channels_last if channels_last else torch.contiguous_format
+
     def encode(self, x: torch.Tensor) -> list:
-        channels_last = x.device.type == "cpu" if self.channels_last is None else self.channels_last
-        if channels_last:  # the convolutions follow their input's layout
-            x = x.contiguous(memory_format=torch.channels_last)
+        feats = self._encode(x.contiguous(memory_format=self.layout(x)))
+        return [f.contiguous(memory_format=self.layout(f)) for f in feats]
+
+    def scale_input(self, feature: torch.Tensor, propagated: torch.Tensor) -> torch.Tensor:
+        up = self.resize(propagated, feature.shape[-2:])
+        return torch.cat([feature, up.contiguous(memory_format=self.layout(feature))], dim=1)
+
+    def _encode(self, x: torch.Tensor) -> list:
         if not (self.recompute and torch.is_grad_enabled()):
             return super().encode(x)
         # the stem and first stage hold the backbone's largest activations (64-256 channels at strides 2-4)

@@ -253,8 +253,9 @@ class SCAMTL(nn.Module):
         fused path recompute in backward what is large to store and cheap to compute (the backbone's stem and
         first stage, the Swin layers where their window attention runs eagerly, the CTAM projections) instead of
         saving it: same results and running statistics, much less memory, a little more compute. `channels_last`
-        runs the fused path's convolutions in the channels-last layout (None: on CPU only, where oneDNN's 3x3
-        convolutions are 1.3-3.5x faster in it; the GPU default stays NCHW until it is measured there)."""
+        runs the fused path's convolutions in the channels-last layout (None: on CPU, on maps of at least
+        model.fused.CHANNELS_LAST_MIN_POSITIONS positions, where oneDNN's 3x3 convolutions are faster in it; the
+        coarsest maps and the GPU default stay NCHW)."""
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
         for name, value, allowed in (("flag", flag, (bool,)), ("recompute", recompute, (bool,)),
@@ -292,6 +293,10 @@ class SCAMTL(nn.Module):
         """[ATT(F_k), F_k] per scale, each Swin layer called as run(layer, F_k)."""
         return [torch.cat([run(att, f), f], dim=1) for att, f in zip(self.self_attention, feats)]
 
+    def scale_input(self, feature: torch.Tensor, propagated: torch.Tensor) -> torch.Tensor:
+        """A finer scale's InitialPrediction input: [F_k, the coarser scale's propagated features resized to F_k]."""
+        return torch.cat([feature, self.resize(propagated, feature.shape[-2:])], dim=1)
+
     def forward(self, x: torch.Tensor) -> dict:
         self._check_input(x)
         height, width = x.shape[-2:]
@@ -309,7 +314,7 @@ class SCAMTL(nn.Module):
             for t in names:
                 inp = feats[k]
                 if k < 3:  # with the coarser scale's propagated features
-                    inp = torch.cat([inp, self.resize(propagated[t], inp.shape[-2:])], dim=1)
+                    inp = self.scale_input(inp, propagated[t])
                 task_features[t], supervision[k][t] = self.initial[k][t](inp)
             per_scale[k] = self.cross_task[k](task_features)
             if k > 0:

@@ -334,10 +334,12 @@ def test_batch_norm_kernels_in_the_network_match_reference(config, monkeypatch):
     """The BatchNorm kernels (channels-last; BatchNorm + ReLU and BatchNorm alone of the CTAM projections), which by
     default take only the paper sizes' large maps, here on every map of the tiny network they can take (float64, two
     training steps, as the parity tests)."""
+    import model.fused
     import model.fused_ops
 
     monkeypatch.setattr(model.fused_ops, "CHANNELS_LAST_BATCH_NORM_MIN_ROWS", 2)
     monkeypatch.setattr(model.fused_ops, "BATCH_NORM_KERNEL_MIN_ROWS", 2)
+    monkeypatch.setattr(model.fused, "CHANNELS_LAST_MIN_POSITIONS", 1)  # every scale channels-last
     calls = {"batch_norm_channels_last": 0, "batch_norm_relu": 0, "batch_norm_relu(relu=False)": 0}
     for name in ("batch_norm_channels_last", "batch_norm_relu"):
         def counted(*args, name=name, kernel=getattr(torch.ops.fused_mtl_attn, name)):
@@ -352,6 +354,57 @@ def test_batch_norm_kernels_in_the_network_match_reference(config, monkeypatch):
     # each per scale and step
     assert calls["batch_norm_relu"] >= 3 * 4 * 2, calls
     assert calls["batch_norm_relu(relu=False)"] >= 3 * 4 * 2, calls
+
+
+def _decoder_layouts(net, x) -> list:
+    """Per scale k, whether the convolutions of InitialPrediction, CTAM's block and (k > 0) FPMA's block saw a
+    channels-last input, in one forward of net on x."""
+    seen = {}
+
+    def record(key):
+        def hook(mod, inp):
+            seen.setdefault(key, inp[0].is_contiguous(memory_format=torch.channels_last))
+        return hook
+
+    for k in range(4):
+        layers = [next(iter(net.initial[k].values())).blocks[0].conv1, net.cross_task[k].block.conv1]
+        layers += [net.propagation[k].block.conv1] if k else []
+        for i, layer in enumerate(layers):
+            layer.register_forward_pre_hook(record((k, i)))
+    with torch.no_grad():
+        net(x)
+    return [[seen[k, i] for i in range(3 if k else 2)] for k in range(4)]
+
+
+@pytest.mark.parametrize("min_positions", [256, 64, None])
+def test_default_layout_by_map_size(min_positions, monkeypatch):
+    """On CPU the default runs a scale's convolutions channels-last from CHANNELS_LAST_MIN_POSITIONS positions on,
+    NCHW below (the propagated features joining a finer scale take its layout); channels_last=True/False holds at
+    every scale; the outputs come back NCHW and the same either way."""
+    import model.fused
+
+    if min_positions is not None:
+        monkeypatch.setattr(model.fused, "CHANNELS_LAST_MIN_POSITIONS", min_positions)
+    tasks = CONFIGS["nyud2"]
+    torch.manual_seed(0)
+    ref = build_model(tasks, widths=SMALL).eval()
+    x = torch.randn(2, 3, 64, 64)  # scales of 16x16, 8x8, 4x4, 2x2 positions
+    outs = {}
+    for name, layout in (("default", None), ("channels_last", True), ("nchw", False)):
+        net = copy.deepcopy(ref).set_fused(True, channels_last=layout)
+        want = {None: [256 >= model.fused.CHANNELS_LAST_MIN_POSITIONS, 64 >= model.fused.CHANNELS_LAST_MIN_POSITIONS,
+                       False, False], True: [True] * 4, False: [False] * 4}[layout]
+        got = _decoder_layouts(net, x)
+        assert got == [[w] * len(g) for w, g in zip(want, got)], (name, got)
+        with torch.no_grad():
+            outs[name] = net(x)
+        assert all(o.is_contiguous() for t, o in outs[name].items() if t in tasks), name
+    with torch.no_grad():
+        want = ref(x)
+    for name, out in outs.items():
+        for t in tasks:
+            torch.testing.assert_close(out[t], want[t], rtol=1e-4, atol=1e-4 * want[t].abs().max().item(),
+                                       msg=f"{name} {t}")
 
 
 def test_aggregation_without_the_batch_norm_relu_kernel_matches_reference(monkeypatch):
