@@ -4,7 +4,8 @@ repeated block ("regional").
 Both compile with static shapes (`dynamic=False`): a training run has one input size, and a new size (the last
 partial batch of an evaluation) compiles once more instead of turning every size into a symbol. Regional
 compilation compiles blocks of the classes in `REGION_TYPES`, outermost first: all of them on a GPU, and on a CPU
-those chosen for the path being compiled (`CPU_REGION_TYPES`: faster compiled, and worth the compile time).
+those chosen for the path being compiled (`CPU_REGION_TYPES`, less `CPU_EAGER_REGIONS`: faster compiled, and worth
+the compile time).
 Blocks of the same class and shapes (the HRNet modules of a stage, the initial heads of tasks with equal outputs)
 share one compiled frame, the glue between blocks runs eagerly, and a failure stays inside one block. Compile
 after `set_fused`: a compiled block keeps the path it was traced with.
@@ -33,6 +34,11 @@ REGION_TYPES = (Bottleneck, HighResolutionModule, SwinLayer, InitialPrediction, 
 # fused task heads 1.1x). compile_regions(net, types=...) compiles others.
 CPU_REGION_TYPES = {"reference": (HighResolutionModule, InitialPrediction, CrossTaskAttention, TaskHead),
                     "fused": (CrossTaskAttention,)}
+# blocks of those classes left eager on a CPU. Fused: CTAM at the two coarsest scales, whose compiled forward +
+# backward saved 1-10 % (PASCAL 10 and 2.5 ms, NYUD 5.6 and 2.6 ms) for 18-50 s of compiling each, where the two
+# finest saved 8-14 % (PASCAL 31 and 32 ms for 72 and 46 s; RESULTS.md): PASCAL's 20-pair CTAM compiles in about
+# 2 minutes instead of 3-4
+CPU_EAGER_REGIONS = {"reference": (), "fused": ("cross_task.2", "cross_task.3")}
 # each block class compiles once per distinct shape and mode: 4 scales x train/eval x tasks' output widths
 REGION_RECOMPILE_LIMIT = 64
 
@@ -42,6 +48,16 @@ def region_types(net: nn.Module) -> tuple:
     if next(net.parameters()).device.type != "cpu":
         return REGION_TYPES
     return CPU_REGION_TYPES["fused" if net.fused else "reference"]
+
+
+def default_regions(net: nn.Module) -> list:
+    """The blocks regional compilation compiles in `net` by default: those of `region_types(net)`, less
+    CPU_EAGER_REGIONS on a CPU."""
+    chosen = regions(net, region_types(net))
+    if next(net.parameters()).device.type != "cpu":
+        return chosen
+    eager = CPU_EAGER_REGIONS["fused" if net.fused else "reference"]
+    return [name for name in chosen if name not in eager]
 
 
 def regions(net: nn.Module, types: tuple = REGION_TYPES) -> list:
@@ -56,9 +72,9 @@ def regions(net: nn.Module, types: tuple = REGION_TYPES) -> list:
 
 
 def compile_regions(net: nn.Module, types: tuple | None = None, **options) -> list:
-    """Compile, in place, the blocks `regions(net, types)` names (`types` by default `region_types(net)`);
-    `options` go to torch.compile. Returns the compiled blocks' names."""
-    chosen = regions(net, region_types(net) if types is None else types)
+    """Compile, in place, the blocks `regions(net, types)` names (by default `default_regions(net)`); `options`
+    go to torch.compile. Returns the compiled blocks' names."""
+    chosen = default_regions(net) if types is None else regions(net, types)
     for name in chosen:
         compile_block(net.get_submodule(name), **options)
     return chosen
