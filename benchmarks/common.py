@@ -36,15 +36,22 @@ def environment(device: str) -> dict:
 
 
 def cpu_name() -> str:
-    """The processor's model name (/proc/cpuinfo on Linux), else what platform knows."""
+    """The processor's model name with its family and model numbers (/proc/cpuinfo on Linux: a cloud VM's name,
+    e.g. "Intel(R) Xeon(R) Processor", can hide which generation it is), else what platform knows."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if not key.strip():  # the first processor's block ends
+                    break
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    ids = [f"{key} {fields[key]}" for key in ("cpu family", "model") if key in fields]
+    return fields["model name"] + (f" ({', '.join(ids)})" if ids else "")
 
 
 def cpu_isa():

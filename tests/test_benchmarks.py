@@ -111,6 +111,20 @@ def test_environment_names_the_cpu_kernels_instruction_sets(monkeypatch):
     assert note in plot.title_env([env])  # plots of a capped run say so too
 
 
+def test_cpu_name_says_family_and_model(monkeypatch, tmp_path):
+    """A cloud VM's generic model name comes with the numbers that tell its generation (from the first processor's
+    block of /proc/cpuinfo)."""
+    info = tmp_path / "cpuinfo"
+    block = "processor\t: {}\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: {}\nmodel name\t: Intel(R) Xeon(R) Processor\n\n"
+    info.write_text(block.format(0, 207) + block.format(1, 143))
+    real_open = open
+    monkeypatch.setattr(common, "open", lambda path, *a, **k: real_open(info if path == "/proc/cpuinfo" else path,
+                                                                      *a, **k), raising=False)
+    assert common.cpu_name() == "Intel(R) Xeon(R) Processor (cpu family 6, model 207)"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU\n")
+    assert common.cpu_name() == "Some CPU"
+
+
 def test_interleaved_rounds_rotate_the_order():
     """Every variant runs once per round and, over as many rounds as variants, once in every position."""
     calls = []
