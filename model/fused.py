@@ -51,10 +51,10 @@ def hrnet_features(net, x: torch.Tensor, run_stem) -> list:
     return branches
 
 
-# On CPU, oneDNN's channels-last 3x3 convolutions are 1.2-1.5x faster (forward + backward) than NCHW ones on the
+# On CPU, oneDNN's channels-last 3x3 convolutions are 1.2-2.5x faster (forward + backward) than NCHW ones on the
 # network's maps from 64x80 down to 32x40, on a par at 16x20, and slower on the coarsest ones: at 8x10 a 288-channel
-# conv takes 1.3-2x as long, the 1/32 scale's decoder (InitialPrediction, CTAM, FPMA) 1.2-1.3x (Xeon, AVX-512). So
-# by default a scale's maps run channels-last from this many positions on, NCHW below.
+# conv takes 1.3-2x as long, the 1/32 scale's decoder (InitialPrediction, CTAM, FPMA) 1.2-1.3x (Xeon, AVX-512; with
+# AVX2 code paths 1.1-1.2x). So by default a scale's maps run channels-last from this many positions on, NCHW below.
 CHANNELS_LAST_MIN_POSITIONS = 256
 
 

@@ -115,7 +115,8 @@ def test_cpu_name_says_family_and_model(monkeypatch, tmp_path):
     """A cloud VM's generic model name comes with the numbers that tell its generation (from the first processor's
     block of /proc/cpuinfo)."""
     info = tmp_path / "cpuinfo"
-    block = "processor\t: {}\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: {}\nmodel name\t: Intel(R) Xeon(R) Processor\n\n"
+    block = ("processor\t: {}\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: {}\n"
+             "model name\t: Intel(R) Xeon(R) Processor\n\n")
     info.write_text(block.format(0, 207) + block.format(1, 143))
     real_open = open
     monkeypatch.setattr(common, "open", lambda path, *a, **k: real_open(info if path == "/proc/cpuinfo" else path,
