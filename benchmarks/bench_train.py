@@ -335,7 +335,8 @@ def _parser():
                              "from an empty cache, without the reference's before it)")
     parser.add_argument("--layouts", action="store_true",
                         help="also time the reference fed a channels-last image (its convolutions follow it) and the "
-                             "fused path in its non-default layout (NCHW on CPU, channels-last on GPU)")
+                             "fused path in one layout at every scale other than its default (NCHW on CPU, "
+                             "channels-last on GPU)")
     parser.add_argument("--loss", action="store_true",
                         help="time the loss with deep supervision alone (forward + backward), reference vs fused, "
                              "instead of the training step")
@@ -362,7 +363,7 @@ def variants_of(reference, device, layouts: bool, compile_mode: str | None, comp
                 "fused_reference_loss": Variant(fused(), True)}
     if layouts:
         variants["reference_channels_last"] = Variant(ChannelsLastInput(copy.deepcopy(reference)))
-        other = device != "cpu"  # the fused path's default is channels-last on CPU only
+        other = device != "cpu"  # the fused path's default: channels-last on CPU (but its coarsest maps)
         variants["fused_channels_last" if other else "fused_nchw"] = Variant(fused(channels_last=other), True, True)
     if compile_mode and compile_paths in ("both", "reference"):
         variants["compiled_reference"] = Variant(compile_model(copy.deepcopy(reference), compile_mode))
