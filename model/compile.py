@@ -37,8 +37,8 @@ CPU_REGION_TYPES = {"reference": (HighResolutionModule, InitialPrediction, Cross
 # blocks of those classes left eager on a CPU. Fused: CTAM but at 1/8, the scale that saves the most per second of
 # compiling (compiled forward + backward: PASCAL 32 ms for 46 s, NYUD 10 ms for 21 s; at 1/4 31 and 6 ms for 72 and
 # 36 s, Inductor's one-off costs included, at 1/16 and 1/32 1-10 %; RESULTS.md). The compiled fused step is within the
-# noise of the eager one on a CPU, so the compile time is held down: PASCAL's 20-pair CTAM compiles in about a
-# minute and a half instead of two (both fine scales) or four (all)
+# noise of the eager one on a CPU, so the compile time is held down: PASCAL's 20-pair CTAM compiles in about 75 s
+# with an empty cache on 2 cores, instead of about 2 minutes (both fine scales) or 4 (all)
 CPU_EAGER_REGIONS = {"reference": (), "fused": ("cross_task.0", "cross_task.2", "cross_task.3")}
 # each block class compiles once per distinct shape and mode: 4 scales x train/eval x tasks' output widths
 REGION_RECOMPILE_LIMIT = 64
