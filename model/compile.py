@@ -44,21 +44,25 @@ CPU_EAGER_REGIONS = {"reference": (), "fused": ("cross_task.0", "cross_task.2", 
 REGION_RECOMPILE_LIMIT = 64
 
 
+def _cpu_path(net: nn.Module) -> str | None:
+    """The key of `net`'s path in the CPU tables ("fused" or "reference"), None off a CPU (by its parameters)."""
+    if next(net.parameters()).device.type != "cpu":
+        return None
+    return "fused" if net.fused else "reference"
+
+
 def region_types(net: nn.Module) -> tuple:
     """The block classes regional compilation compiles in `net` (an SCAMTL, on its parameters' device)."""
-    if next(net.parameters()).device.type != "cpu":
-        return REGION_TYPES
-    return CPU_REGION_TYPES["fused" if net.fused else "reference"]
+    path = _cpu_path(net)
+    return REGION_TYPES if path is None else CPU_REGION_TYPES[path]
 
 
 def default_regions(net: nn.Module) -> list:
     """The blocks regional compilation compiles in `net` by default: those of `region_types(net)`, less
     CPU_EAGER_REGIONS on a CPU."""
-    chosen = regions(net, region_types(net))
-    if next(net.parameters()).device.type != "cpu":
-        return chosen
-    eager = CPU_EAGER_REGIONS["fused" if net.fused else "reference"]
-    return [name for name in chosen if name not in eager]
+    path = _cpu_path(net)
+    eager = () if path is None else CPU_EAGER_REGIONS[path]
+    return [name for name in regions(net, region_types(net)) if name not in eager]
 
 
 def regions(net: nn.Module, types: tuple = REGION_TYPES) -> list:
