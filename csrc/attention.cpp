@@ -110,4 +110,11 @@ TORCH_LIBRARY(fused_mtl_attn, m) {
   m.def("batch_norm_channels_last(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("batch_norm_channels_last_backward(Tensor grad, Tensor x, Tensor mean, Tensor var, Tensor weight, "
         "float eps) -> (Tensor, Tensor, Tensor)");
+  // out [P, H, W] += sum_k sources[k] [P, h_k, W] resampled along the rows by the 2-tap filters tap_index [H, 2]
+  // (int64) and tap_weight [H, 2] (float64) (upsample_rows.h), the row pass of the fused aggregation head's
+  // bilinear upsampling; backward -> dL/dsources. CPU kernels only
+  m.def("upsample_rows_accumulate(Tensor(a!) out, Tensor[] sources, Tensor[] tap_index, Tensor[] tap_weight) "
+        "-> ()");
+  m.def("upsample_rows_accumulate_backward(Tensor grad, Tensor[] tap_index, Tensor[] tap_weight, "
+        "int[] source_heights) -> Tensor[]");
 }

@@ -175,6 +175,16 @@ if _C is not None:
     torch.library.register_autograd("fused_mtl_attn::batch_norm_channels_last", _batch_norm_channels_last_backward,
                                     setup_context=_bn_rows_setup_context)
 
+    # the row pass of the aggregation head's bilinear upsampling (model.fused_ops): called inside the head's own
+    # autograd.Function, so no autograd formula here; forward accumulates into out
+    @torch.library.register_fake("fused_mtl_attn::upsample_rows_accumulate")
+    def _upsample_rows_accumulate_fake(out, sources, tap_index, tap_weight):
+        return None
+
+    @torch.library.register_fake("fused_mtl_attn::upsample_rows_accumulate_backward")
+    def _upsample_rows_accumulate_backward_fake(grad, tap_index, tap_weight, source_heights):
+        return [grad.new_empty((grad.shape[0], h, grad.shape[2])) for h in source_heights]
+
 
 def cross_task_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q, k [B, P, d, N] logits, v [B, P, m, N] -> [B, P, m, N] (inputs checked by backends.py)."""

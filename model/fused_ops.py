@@ -254,8 +254,10 @@ class _Aggregation(torch.autograd.Function):
     of channels by block of channels: BatchNorm is per channel, so each block of h is built, normalised and
     folded into the output before the next. Backward takes each block of h from the copy kept in forward
     (`keep_h`, CPU) or rebuilds it from the small per-scale inputs (GPU: then no 1080-channel full-resolution
-    tensor is ever stored) and sends its gradient straight back to them. Loops run in a fixed order, so results
-    are deterministic."""
+    tensor is ever stored) and sends its gradient straight back to them. Each coarser scale is interpolated to
+    scale 0 by a small dense product along the columns and, where the C++ kernels run, 2-tap filters along the rows
+    (one pass over the block for all scales; else dense products). Loops run in a fixed order, so results are
+    deterministic."""
 
     @staticmethod
     def forward(ctx, eps, sizes, keep_h, running_mean, running_var, x0, x1, x2, x3, w0, w1, w2, w3, bias, gamma,
@@ -265,7 +267,10 @@ class _Aggregation(torch.autograd.Function):
         xs = [x.flatten(2) for x in (x0, x1, x2, x3)]
         ws = [w0, w1, w2, w3]
         batch, channels, n0 = xs[0].shape[0], ws[0].shape[0], xs[0].shape[2]
-        geometry = ctx.geometry = _geometry(ctx, xs)
+        # BatchNorm + ReLU of a kept block in one C++ pass and the interpolation by 2-tap C++ kernels (where the
+        # extension's CPU kernels run), else eager and dense interpolation products
+        ctx.kernel = keep_h and cpu_kernels_run(xs[0])
+        geometry = ctx.geometry = _geometry(ctx.sizes, xs, ctx.kernel)
         block = ctx.block = _channel_block(batch, channels, n0, xs[0].device)
         # the blocks of h are built without the conv's bias (no pass that writes it over every position): BatchNorm
         # subtracts it again, so each block is centred on `centre`, its own batch mean or the running mean - bias
@@ -278,8 +283,6 @@ class _Aggregation(torch.autograd.Function):
         # from which the C allocator maps fresh pages on every call (32 MB in glibc), whose first touch costs more
         # than building the block on a VM
         kept = [] if keep_h else None
-        # BatchNorm + ReLU of a kept block in one C++ pass (where the extension's CPU kernels run), else eager
-        ctx.kernel = keep_h and cpu_kernels_run(xs[0])
         for c0 in range(0, channels, block):
             sl = slice(c0, min(c0 + block, channels))
             h = _build_block(xs, ws, sl, geometry)
@@ -345,21 +348,22 @@ class _Aggregation(torch.autograd.Function):
                     grad.sub_((grad_beta[sl] / n)[:, None]).addcmul_(xhat, -(grad_gamma[sl] / n)[:, None])
                 grad.mul_((gamma[sl] * invstd)[:, None])  # dL/dh of this block
                 grad_bias[sl] = grad.sum(2).sum(0)
-            for b in range(batch):
-                _block_backward(grad[b], xs, ws, b, sl, geometry, grad_xs, grad_ws)
+            _block_backward(grad, xs, ws, sl, geometry, grad_xs, grad_ws)
         grad_b_out = g.sum(2).sum(0)
         grad_xs = [gx.view(shape) for gx, shape in zip(grad_xs, ctx.input_shapes)]
         return (None, None, None, None, None, *grad_xs, *grad_ws, grad_bias, grad_gamma, grad_beta,
                 grad_w_out, grad_b_out)
 
 
-def _geometry(ctx, xs):
-    """Sizes of scale 0 and, per coarser scale, its size and the two interpolation matrices to scale 0."""
-    size0 = ctx.sizes[0]
-    scales = []
-    for x, size in zip(xs[1:], ctx.sizes[1:]):
-        scales.append((size, _interpolation_matrix(size[0], size0[0], x), _interpolation_matrix(size[1], size0[1], x)))
-    return size0, scales
+def _geometry(sizes, xs, taps: bool):
+    """Size of scale 0 and, per coarser scale, its size and how it is interpolated to scale 0: by a dense matrix
+    along the rows, or with `taps` (the C++ kernels) by 2-tap filters (index and weight [H, 2], as
+    upsample_rows_accumulate takes them), then by a dense matrix along the columns."""
+    (height, width), scales = sizes[0], []
+    for x, size in zip(xs[1:], sizes[1:]):
+        rows = _interpolation_taps(size[0], height) if taps else _interpolation_matrix(size[0], height, x)
+        scales.append((size, rows, _interpolation_matrix(size[1], width, x)))
+    return (height, width), scales, taps
 
 
 def _channel_block(batch: int, channels: int, positions: int, device) -> int:
@@ -378,12 +382,23 @@ def _keep_blocks(device) -> bool:
 
 def _build_block(xs, ws, sl, geometry):
     """Channels `sl` of h = W_0 x_0 + sum_k up(W_k x_k) (the conv's bias left out), as [B, c, N0]."""
-    (height, width), scales = geometry
+    (height, width), scales, taps = geometry
     batch, n0 = xs[0].shape[0], xs[0].shape[2]
     c = sl.stop - sl.start
     h = torch.empty(batch, c, n0, dtype=xs[0].dtype, device=xs[0].device)
     for b in range(batch):
         torch.mm(ws[0][sl], xs[0][b], out=h[b])
+    if taps:  # along the columns by products, then the rows of every scale and sample in one pass over h
+        ts = []
+        for x, w, ((hk, wk), _, cols) in zip(xs[1:], ws[1:], scales):
+            z = torch.empty(batch, c, hk * wk, dtype=h.dtype, device=h.device)
+            for b in range(batch):  # (torch.matmul of [c, C_k] and [B, C_k, n_k] would copy both transposed)
+                torch.mm(w[sl], x[b], out=z[b])
+            ts.append(torch.mm(z.view(-1, wk), cols.t()).view(batch * c, hk, width))
+        torch.ops.fused_mtl_attn.upsample_rows_accumulate(h.view(batch * c, height, width), ts,
+                                                          [s[1][0] for s in scales], [s[1][1] for s in scales])
+        return h
+    for b in range(batch):
         plane = h[b].view(c, height, width)
         for x, w, ((hk, wk), rows, cols) in zip(xs[1:], ws[1:], scales):
             z = torch.mm(w[sl], x[b]).view(c * hk, wk)
@@ -391,17 +406,23 @@ def _build_block(xs, ws, sl, geometry):
     return h
 
 
-def _block_backward(grad_h, xs, ws, b, sl, geometry, grad_xs, grad_ws):
-    """Accumulate into grad_xs / grad_ws the gradients from dL/dh of channels `sl` of sample b ([c, N0])."""
-    (height, width), scales = geometry
-    c = sl.stop - sl.start
-    grad_xs[0][b].addmm_(ws[0][sl].t(), grad_h)
-    grad_ws[0][sl].addmm_(grad_h, xs[0][b].t())
-    for k, ((hk, wk), rows, cols) in enumerate(scales, start=1):
-        t = torch.matmul(rows.t(), grad_h.view(c, height, width))  # adjoint of the row interpolation
-        grad_z = torch.mm(t.view(c * hk, width), cols).view(c, hk * wk)
-        grad_xs[k][b].addmm_(ws[k][sl].t(), grad_z)
-        grad_ws[k][sl].addmm_(grad_z, xs[k][b].t())
+def _block_backward(grad_h, xs, ws, sl, geometry, grad_xs, grad_ws):
+    """Accumulate into grad_xs / grad_ws the gradients from dL/dh of channels `sl` ([B, c, N0])."""
+    (height, width), scales, taps = geometry
+    batch, c = grad_h.shape[:2]
+    if taps:  # the adjoint of the rows' taps for every scale and sample in one pass over dL/dh
+        grad_ts = torch.ops.fused_mtl_attn.upsample_rows_accumulate_backward(
+            grad_h.view(batch * c, height, width), [s[1][0] for s in scales], [s[1][1] for s in scales],
+            [size[0] for size, _, _ in scales])
+    for b in range(batch):
+        grad_xs[0][b].addmm_(ws[0][sl].t(), grad_h[b])
+        grad_ws[0][sl].addmm_(grad_h[b], xs[0][b].t())
+        for k, ((hk, wk), rows, cols) in enumerate(scales, start=1):
+            # the adjoints of the row and the column interpolation
+            t = grad_ts[k - 1][b * c:(b + 1) * c] if taps else torch.matmul(rows.t(), grad_h[b].view(c, height, width))
+            grad_z = torch.mm(t.reshape(c * hk, width), cols).view(c, hk * wk)
+            grad_xs[k][b].addmm_(ws[k][sl].t(), grad_z)
+            grad_ws[k][sl].addmm_(grad_z, xs[k][b].t())
 
 
 def _channel_stats(h: torch.Tensor):
@@ -476,16 +497,22 @@ class _Upsample(torch.autograd.Function):
         return torch.matmul(t.view(-1, ww), cols).view(b, c, h, w), None, None
 
 
-def _interpolation_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
-    """[n_out, n_in] weights of PyTorch's bilinear (align_corners=False) resize along one axis."""
+def _interpolation_taps(n_in: int, n_out: int):
+    """PyTorch's bilinear (align_corners=False) resize along one axis as 2-tap filters: per output index, the two
+    input indices and their weights (index [n_out, 2] int64, weight [n_out, 2] float64; equal indices at the
+    border)."""
     src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
     lo = src.floor().long().clamp(max=n_in - 1)
     hi = torch.where(lo < n_in - 1, lo + 1, lo)
     frac = src - lo
+    return torch.stack([lo, hi], 1), torch.stack([1 - frac, frac], 1)
+
+
+def _interpolation_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+    """[n_out, n_in] weights of PyTorch's bilinear (align_corners=False) resize along one axis."""
+    index, weight = _interpolation_taps(n_in, n_out)
     m = torch.zeros(n_out, n_in, dtype=torch.float64)
-    rows = torch.arange(n_out)
-    m.index_put_((rows, lo), 1 - frac, accumulate=True)
-    m.index_put_((rows, hi), frac, accumulate=True)
+    m.index_put_((torch.arange(n_out)[:, None].expand(-1, 2), index), weight, accumulate=True)
     return m.to(dtype=like.dtype, device=like.device)
 
 

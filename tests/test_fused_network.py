@@ -407,8 +407,23 @@ def test_default_layout_by_map_size(min_positions, monkeypatch):
                                        msg=f"{name} {t}")
 
 
+@pytest.mark.skipif(not fused_mtl_attn.available_backends()["cpu"][0], reason="the C++ extension is not built")
+def test_aggregation_interpolates_rows_by_the_kernel(monkeypatch):
+    """Where the CPU kernels run, the aggregation heads resample rows by upsample_rows_accumulate (forward and
+    backward, once per block of channels and task): the parity tests above then check that path."""
+    calls = {"upsample_rows_accumulate": 0, "upsample_rows_accumulate_backward": 0}
+    for name in calls:
+        def counted(*args, name=name, kernel=getattr(torch.ops.fused_mtl_attn, name)):
+            calls[name] += 1
+            return kernel(*args)
+        monkeypatch.setattr(torch.ops.fused_mtl_attn, name, counted)
+    _parity("nyud2", True, torch.float64, 1)
+    assert calls["upsample_rows_accumulate"] >= 2 and calls["upsample_rows_accumulate_backward"] >= 2, calls
+
+
 def test_aggregation_without_the_batch_norm_relu_kernel_matches_reference(monkeypatch):
-    """Kept blocks normalised by eager PyTorch, as where the extension's CPU kernels cannot run."""
+    """Kept blocks normalised by eager PyTorch and interpolated by dense products, as where the extension's CPU
+    kernels cannot run."""
     import model.fused_ops
 
     monkeypatch.setattr(model.fused_ops, "cpu_kernels_run", lambda x: False)

@@ -7,6 +7,7 @@
 #include "../batch_norm_channels_last.h"
 #include "../batch_norm_relu.h"
 #include "../cross_entropy.h"
+#include "../upsample_rows.h"
 #include "../window_attention.h"
 
 #include <string>
@@ -25,6 +26,8 @@ struct CpuKernels {
   WindowBackwardCore window_backward;
   BnRowsForwardCore bn_rows_forward;
   BnRowsBackwardCore bn_rows_backward;
+  UpsampleForwardCore upsample_rows_forward;
+  UpsampleBackwardCore upsample_rows_backward;
 };
 
 #if defined(__x86_64__) || defined(_M_X64)

@@ -637,10 +637,11 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad, const Tensor& q,
 #include "batch_norm_relu_kernels.h"
 #include "window_attention_kernels.h"
 #include "batch_norm_channels_last_kernels.h"
+#include "upsample_rows_kernels.h"
 
 extern const CpuKernels kernels = {&forward,     &backward,     &upsampled_ce_forward, &upsampled_ce_backward,
                                    &bnr_forward, &bnr_backward, &wa_forward,          &wa_backward,
-                                   &bnl_forward, &bnl_backward};
+                                   &bnl_forward, &bnl_backward, &upsample_rows_forward, &upsample_rows_backward};
 
 }  // namespace FMA_CPU_ISA
 }  // namespace fused_mtl_attn
