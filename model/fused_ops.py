@@ -47,13 +47,12 @@ def cat_stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return cat_parameters(list(tensors)) if torch.compiler.is_compiling() else torch.cat(list(tensors))
 
 
-@torch.library.custom_op("sca_mtl::update_running_stats", mutates_args=("running_means", "running_vars", "counts"))
-def update_running_stats(running_means: List[torch.Tensor], running_vars: List[torch.Tensor],
-                         counts: List[torch.Tensor], mean: torch.Tensor, var: torch.Tensor,
-                         momentum: Optional[float], calls: int) -> None:
+def _running_stats_updates(running_means: List[torch.Tensor], running_vars: List[torch.Tensor],
+                           counts: List[torch.Tensor], mean: torch.Tensor, var: torch.Tensor,
+                           momentum: Optional[float], calls: int) -> None:
     """`calls` BatchNorm running-statistics updates of each module of a stack (its buffers listed) from its block of
     the stacked batch mean and unbiased variance, as the module's own forward does (momentum None: a cumulative
-    average), opaque to torch.compile."""
+    average). Eager code calls this directly; torch.compile sees it as the opaque op update_running_stats."""
     sizes = [t.shape[0] for t in running_means]
     means, variances = mean.split(sizes), var.split(sizes)
     for _ in range(calls):
@@ -68,6 +67,12 @@ def update_running_stats(running_means: List[torch.Tensor], running_vars: List[t
             factor = 1.0 / float(count)
             rm.mul_(1 - factor).add_(m, alpha=factor)
             rv.mul_(1 - factor).add_(v, alpha=factor)
+
+
+# (a custom op's eager call costs about 0.1 ms of Python dispatch, paid by every stacked BatchNorm of a step)
+update_running_stats = torch.library.custom_op("sca_mtl::update_running_stats",
+                                               mutates_args=("running_means", "running_vars", "counts"))(
+    _running_stats_updates)
 
 
 @update_running_stats.register_fake
@@ -91,8 +96,9 @@ def _update_running_stats(norms: Sequence[nn.BatchNorm2d], mean: torch.Tensor, v
             if k:
                 _update_running_stats([n], m, v, calls)
         return
-    update_running_stats([n.running_mean for n in norms], [n.running_var for n in norms],
-                         [n.num_batches_tracked for n in norms], mean, var_unbiased, norms[0].momentum, calls)
+    update = update_running_stats if torch.compiler.is_compiling() else _running_stats_updates
+    update([n.running_mean for n in norms], [n.running_var for n in norms], [n.num_batches_tracked for n in norms],
+           mean, var_unbiased, norms[0].momentum, calls)
 
 
 def _uses_batch_stats(norm: nn.BatchNorm2d) -> bool:
@@ -107,15 +113,16 @@ def _channels_innermost(x: torch.Tensor) -> bool:
 
 # Training-mode BatchNorm of a channels-last CPU map goes to the extension's kernel when the map has at least this
 # many values per channel (B*H*W), else to PyTorch's (None: never). PyTorch 2.14's channels-last BatchNorm is 2-3x
-# slower than the kernel on the decoder's 1/4-scale maps of 18-36 channels (10240 rows at 256x320, batch 2), and
-# faster on the coarse ones, where the kernel path's fixed cost per call (Python, the running-statistics update,
-# about 0.2-0.3 ms forward + backward) outweighs the work (benchmarks/RESULTS.md, thirteenth-session CPU section).
+# slower than the kernel on the decoder's 1/4-scale maps of 18-36 channels (10240 rows at 256x320, batch 2) and
+# 1.1-1.9x on the 1/8 scale's (2048-2560 rows), and faster at 640 rows, where the kernel path's fixed cost per
+# call (Python: its autograd formula, the running-statistics update) outweighs the work (benchmarks/RESULTS.md,
+# thirteenth- and nineteenth-session CPU sections).
 # The BatchNorm + ReLU kernel of [B, C, N] maps (the CTAM projections' first stage) has no such bound: with
 # hundreds to thousands of stacked channels it is at least as fast as PyTorch's BatchNorm and ReLU at every scale.
 # Without ReLU (their second stage) it takes maps of at least BATCH_NORM_KERNEL_MIN_ROWS values per channel: f+b
 # 11.8 vs 24.0 ms on [2, 720, 4096], 6.0 vs 10.5 on [2, 1440, 1024], even at [2, 288, 320], slower below
 # ([2, 576, 80] 0.83 vs 0.67 ms; Xeon with AVX-512, 2 threads).
-CHANNELS_LAST_BATCH_NORM_MIN_ROWS: int | None = 8192
+CHANNELS_LAST_BATCH_NORM_MIN_ROWS: int | None = 1024
 BATCH_NORM_KERNEL_MIN_ROWS = 512
 
 
