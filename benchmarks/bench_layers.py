@@ -1,7 +1,9 @@
-"""The network's Swin layers and BatchNorm layers alone, forward + backward, eager PyTorch vs the fused path's ops
-(fused_mtl_attn.window_attention, the channels-last BatchNorm kernel), at the shapes of one NYUD training step on
-CPU (256x320, batch 2: the backbone's maps at strides 4-32, channels-last as the fused path runs them). The two
-variants of each case run interleaved, one call of each in turn, and the medians are reported. Example:
+"""The network's Swin layers, BatchNorm layers and one task head (CSAM + aggregation) alone, forward + backward,
+eager PyTorch vs the fused path's ops (fused_mtl_attn.window_attention, the channels-last BatchNorm kernel, the
+fused head, and that head again with dense row-interpolation products instead of its 2-tap row kernel), at the
+shapes of one NYUD training step on CPU (256x320, batch 2: the backbone's maps at strides 4-32, channels-last as
+the fused path runs them; the head's inputs NCHW). The variants of each case run interleaved, one call of each in
+turn, and the medians are reported. Example:
 
     python -m benchmarks.bench_layers                      # CPU, every case, 15 rounds
     python -m benchmarks.bench_layers --json results/layers_cpu.json
@@ -19,8 +21,9 @@ import torch.nn as nn
 from benchmarks.common import environment, write_json
 from benchmarks.labels import cpu_note
 from model import fused_ops
-from model.fused import FusedBatchNorm2d, FusedWindowAttention
-from model.modules import SwinLayer, WindowAttention
+from model.fused import select_path
+from model.modules import SwinLayer
+from model.network import DEFAULT_WIDTHS, TaskHead
 
 # (name, channels, heads, Swin blocks, map size): the encoder's self-attention at each scale (18-144 channels, 6
 # heads, 2 blocks) and FPMA's (M x C_k channels, 4 heads, 1 block) for NYUD's 2 tasks at 256x320
@@ -33,13 +36,9 @@ BATCH_NORM = [(64, (128, 160)), (256, (64, 80)), (18, (64, 80)), (36, (64, 80)),
 
 
 def _fused(module: nn.Module) -> nn.Module:
-    """A copy of `module` whose window attention and BatchNorm layers are the fused path's classes."""
+    """A copy of `module` whose layers are the fused path's classes (as `set_fused` gives them)."""
     fused = copy.deepcopy(module)
-    for m in fused.modules():
-        if type(m) is WindowAttention:
-            m.__class__ = FusedWindowAttention
-        elif type(m) is nn.BatchNorm2d:
-            m.__class__ = FusedBatchNorm2d
+    select_path(fused, True, "auto", True)
     return fused
 
 
@@ -56,13 +55,18 @@ def interleaved_ms(fns: dict, rounds: int) -> dict:
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
-def forward_backward(module: nn.Module, x: torch.Tensor):
+def forward_backward(module: nn.Module, x, row_taps: bool = True):
     """One forward and backward with a dense gradient of the output's layout (`.sum().backward()` would hand
-    backward an expanded zero-stride gradient, a slow path of some kernels that the network never sees)."""
+    backward an expanded zero-stride gradient, a slow path of some kernels that the network never sees);
+    `row_taps` False: the aggregation head's rows by dense products (fused_ops.ROW_TAPS)."""
     grad = torch.randn_like(module(x))
 
     def run():
-        module(x).backward(grad)
+        default, fused_ops.ROW_TAPS = fused_ops.ROW_TAPS, row_taps
+        try:
+            module(x).backward(grad)
+        finally:
+            fused_ops.ROW_TAPS = default
     return run
 
 
@@ -72,6 +76,9 @@ def cases():
     for channels, size in BATCH_NORM:
         yield ("batch_norm", f"{channels} x {size[0]}x{size[1]}", nn.BatchNorm2d(channels),
                torch.randn(2, channels, *size))
+    # NYUD semseg's head: Y_k of C_k channels at 64x80 >> k
+    yield ("head", "semseg 64x80", TaskHead(DEFAULT_WIDTHS, 40),
+           [torch.randn(2, c, 64 >> k, 80 >> k) for k, c in enumerate(DEFAULT_WIDTHS)])
 
 
 def main(argv=None):
@@ -95,14 +102,21 @@ def _measure(args) -> list:
     rows = []
     print(f"{env['cpu']} ({env['threads']} threads{cpu_note(env)}), torch {env['torch']}")
     for kind, name, module, x in cases():
-        x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+        if kind == "head":
+            x = [t.requires_grad_() for t in x]
+        else:
+            x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
         module.train()
-        medians = interleaved_ms({"eager": forward_backward(module, x),
-                                  "fused": forward_backward(_fused(module), x)}, args.rounds)
+        fused = _fused(module)
+        variants = {"eager": forward_backward(module, x), "fused": forward_backward(fused, x)}
+        if kind == "head":
+            variants["fused_dense_rows"] = forward_backward(fused, x, row_taps=False)
+        medians = interleaved_ms(variants, args.rounds)
         ratio = medians["fused"] / medians["eager"]
+        dense = f"  fused with dense rows {medians['fused_dense_rows']:8.2f} ms" if kind == "head" else ""
         print(f"{kind:10s} {name:22s} eager {medians['eager']:8.2f} ms  fused {medians['fused']:8.2f} ms  "
-              f"x{ratio:.2f}", flush=True)
-        rows.append({"kind": kind, "case": name, "eager_ms": medians["eager"], "fused_ms": medians["fused"],
+              f"x{ratio:.2f}{dense}", flush=True)
+        rows.append({"kind": kind, "case": name, **{f"{v}_ms": ms for v, ms in medians.items()},
                      "time_ratio": ratio, "rounds": args.rounds, **env})
     if args.json:
         write_json(args.json, rows)

@@ -124,6 +124,9 @@ def _channels_innermost(x: torch.Tensor) -> bool:
 # ([2, 576, 80] 0.83 vs 0.67 ms; Xeon with AVX-512, 2 threads).
 CHANNELS_LAST_BATCH_NORM_MIN_ROWS: int | None = 1024
 BATCH_NORM_KERNEL_MIN_ROWS = 512
+# Where the CPU kernels run, the aggregation head resamples rows by 2-tap filters (upsample_rows_accumulate); False:
+# by dense interpolation products as elsewhere (benchmarks/bench_layers.py compares the two)
+ROW_TAPS = True
 
 
 def _kernels_take(x: torch.Tensor, weight, bias, min_rows: int) -> bool:
@@ -277,7 +280,7 @@ class _Aggregation(torch.autograd.Function):
         # BatchNorm + ReLU of a kept block in one C++ pass and the interpolation by 2-tap C++ kernels (where the
         # extension's CPU kernels run), else eager and dense interpolation products
         ctx.kernel = keep_h and cpu_kernels_run(xs[0])
-        geometry = ctx.geometry = _geometry(ctx.sizes, xs, ctx.kernel)
+        geometry = ctx.geometry = _geometry(ctx.sizes, xs, ctx.kernel and ROW_TAPS)
         block = ctx.block = _channel_block(batch, channels, n0, xs[0].device)
         # the blocks of h are built without the conv's bias (no pass that writes it over every position): BatchNorm
         # subtracts it again, so each block is centred on `centre`, its own batch mean or the running mean - bias

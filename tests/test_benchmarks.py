@@ -305,10 +305,12 @@ def test_layers_rows(tmp_path):
     switched = model.fused_ops.CHANNELS_LAST_BATCH_NORM_MIN_ROWS
     rows = bench_layers.main(["--rounds", "1", "--json", str(tmp_path / "layers.json")])
     assert model.fused_ops.CHANNELS_LAST_BATCH_NORM_MIN_ROWS == switched  # the network's default is left as it was
-    assert {r["kind"] for r in rows} == {"swin", "batch_norm"}
-    assert len(rows) == len(bench_layers.SWIN) + len(bench_layers.BATCH_NORM)
+    assert model.fused_ops.ROW_TAPS  # (put back after the head's dense-rows variant)
+    assert {r["kind"] for r in rows} == {"swin", "batch_norm", "head"}
+    assert len(rows) == len(bench_layers.SWIN) + len(bench_layers.BATCH_NORM) + 1
     for r in rows:
         assert r["eager_ms"] > 0 and r["fused_ms"] > 0 and r["time_ratio"] == r["fused_ms"] / r["eager_ms"]
+    assert [r["fused_dense_rows_ms"] > 0 for r in rows if r["kind"] == "head"] == [True]
     assert (tmp_path / "layers.json").exists()
     with pytest.raises(SystemExit):
         bench_layers.main(["--rounds", "0"])
