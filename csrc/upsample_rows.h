@@ -18,20 +18,20 @@ using at::Tensor;
 
 // (out [P, H, W] rows contiguous, accumulated in place; sources [P, h_k, W] contiguous; tap_index [H, 2] int64 and
 // tap_weight [H, 2] float64 per source)
-using UpsampleForwardCore = void (*)(const Tensor&, const std::vector<Tensor>&, const std::vector<Tensor>&,
-                                     const std::vector<Tensor>&);
+using UpsampleRowsForwardCore = void (*)(const Tensor&, const std::vector<Tensor>&, const std::vector<Tensor>&,
+                                         const std::vector<Tensor>&);
 // (grad [P, H, W] contiguous, tap_index, tap_weight, h_k per source) -> dL/dsource_k [P, h_k, W]
-using UpsampleBackwardCore = std::vector<Tensor> (*)(const Tensor&, const std::vector<Tensor>&,
-                                                     const std::vector<Tensor>&, const std::vector<int64_t>&);
+using UpsampleRowsBackwardCore = std::vector<Tensor> (*)(const Tensor&, const std::vector<Tensor>&,
+                                                         const std::vector<Tensor>&, const std::vector<int64_t>&);
 
-inline void check_upsample_map(const Tensor& t, const char* name) {
+inline void check_row_map(const Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 3, name, " must have rank 3 [P, H, W], got shape ", t.sizes());
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
               " must be float32 or float64, got ", t.scalar_type());
 }
 
 // the taps of source k, of h rows, for an output of H rows
-inline void check_upsample_taps(const std::vector<Tensor>& index, const std::vector<Tensor>& weight, size_t k,
+inline void check_row_taps(const std::vector<Tensor>& index, const std::vector<Tensor>& weight, size_t k,
                                 int64_t H, int64_t h) {
   TORCH_CHECK(k < index.size() && k < weight.size(), "tap_index and tap_weight must hold one tensor per source, got ",
               index.size(), " and ", weight.size());
@@ -47,10 +47,10 @@ inline void check_upsample_taps(const std::vector<Tensor>& index, const std::vec
               "] must lie in [0, ", h, ") (the source's rows)");
 }
 
-template <UpsampleForwardCore F>
-void upsample_accumulate(const Tensor& out, at::TensorList sources, at::TensorList tap_index,
-                         at::TensorList tap_weight) {
-  check_upsample_map(out, "out");
+template <UpsampleRowsForwardCore F>
+void upsample_rows_accumulate(const Tensor& out, at::TensorList sources, at::TensorList tap_index,
+                              at::TensorList tap_weight) {
+  check_row_map(out, "out");
   TORCH_CHECK(out.stride(2) == 1 && out.stride(1) == out.size(2), "out must have contiguous rows [H, W] per map "
               "(it is accumulated in place), got strides ", out.strides());
   TORCH_CHECK(sources.size() == tap_index.size() && sources.size() == tap_weight.size(),
@@ -59,12 +59,12 @@ void upsample_accumulate(const Tensor& out, at::TensorList sources, at::TensorLi
   std::vector<Tensor> z, index(tap_index.begin(), tap_index.end()), weight(tap_weight.begin(), tap_weight.end());
   for (size_t k = 0; k < sources.size(); ++k) {
     const Tensor& s = sources[k];
-    check_upsample_map(s, "each source");
+    check_row_map(s, "each source");
     TORCH_CHECK(s.size(0) == out.size(0) && s.size(2) == out.size(2) && s.scalar_type() == out.scalar_type() &&
                     s.device() == out.device(),
                 "source ", k, " must be [P, h, W] = [", out.size(0), ", h, ", out.size(2), "] ", out.scalar_type(),
                 " on ", out.device(), " like out, got ", s.sizes(), " ", s.scalar_type(), " on ", s.device());
-    check_upsample_taps(index, weight, k, out.size(1), s.size(1));
+    check_row_taps(index, weight, k, out.size(1), s.size(1));
     z.push_back(s.contiguous());
     index[k] = index[k].contiguous();
     weight[k] = weight[k].contiguous();
@@ -73,17 +73,17 @@ void upsample_accumulate(const Tensor& out, at::TensorList sources, at::TensorLi
   F(out, z, index, weight);
 }
 
-template <UpsampleBackwardCore F>
-std::vector<Tensor> upsample_accumulate_backward(const Tensor& grad, at::TensorList tap_index,
-                                                 at::TensorList tap_weight, at::IntArrayRef source_heights) {
-  check_upsample_map(grad, "grad");
+template <UpsampleRowsBackwardCore F>
+std::vector<Tensor> upsample_rows_accumulate_backward(const Tensor& grad, at::TensorList tap_index,
+                                                      at::TensorList tap_weight, at::IntArrayRef source_heights) {
+  check_row_map(grad, "grad");
   TORCH_CHECK(tap_index.size() == tap_weight.size() && source_heights.size() == tap_index.size(),
               "tap_index, tap_weight and source_heights must describe the same sources, got ", tap_index.size(),
               ", ", tap_weight.size(), " and ", source_heights.size());
   std::vector<Tensor> index(tap_index.begin(), tap_index.end()), weight(tap_weight.begin(), tap_weight.end());
   std::vector<int64_t> heights(source_heights.begin(), source_heights.end());
   for (size_t k = 0; k < index.size(); ++k) {
-    check_upsample_taps(index, weight, k, grad.size(1), heights[k]);
+    check_row_taps(index, weight, k, grad.size(1), heights[k]);
     index[k] = index[k].contiguous();
     weight[k] = weight[k].contiguous();
   }

@@ -155,14 +155,15 @@ std::tuple<Tensor, Tensor, Tensor> bn_rows_backward_cpu(const Tensor& grad, cons
   return current().kernels->bn_rows_backward(grad, x, mean, var, weight, eps);
 }
 
-void upsample_forward_cpu(const Tensor& out, const std::vector<Tensor>& sources, const std::vector<Tensor>& index,
-                          const std::vector<Tensor>& weight) {
+void upsample_rows_forward_cpu(const Tensor& out, const std::vector<Tensor>& sources,
+                               const std::vector<Tensor>& index, const std::vector<Tensor>& weight) {
   TORCH_CHECK(out.device().is_cpu(), "out must be a CPU tensor for the cpu kernels, got ", out.device());
   current().kernels->upsample_rows_forward(out, sources, index, weight);
 }
 
-std::vector<Tensor> upsample_backward_cpu(const Tensor& grad, const std::vector<Tensor>& index,
-                                          const std::vector<Tensor>& weight, const std::vector<int64_t>& heights) {
+std::vector<Tensor> upsample_rows_backward_cpu(const Tensor& grad, const std::vector<Tensor>& index,
+                                               const std::vector<Tensor>& weight,
+                                               const std::vector<int64_t>& heights) {
   TORCH_CHECK(grad.device().is_cpu(), "grad must be a CPU tensor for the cpu kernels, got ", grad.device());
   return current().kernels->upsample_rows_backward(grad, index, weight, heights);
 }
@@ -206,8 +207,8 @@ TORCH_LIBRARY_IMPL(fused_mtl_attn, CPU, m) {
   m.impl("window_attention_backward", &window_backward<window_backward_cpu>);
   m.impl("batch_norm_channels_last", &bn_rows_forward<bn_rows_forward_cpu>);
   m.impl("batch_norm_channels_last_backward", &bn_rows_backward<bn_rows_backward_cpu>);
-  m.impl("upsample_rows_accumulate", &upsample_accumulate<upsample_forward_cpu>);
-  m.impl("upsample_rows_accumulate_backward", &upsample_accumulate_backward<upsample_backward_cpu>);
+  m.impl("upsample_rows_accumulate", &upsample_rows_accumulate<upsample_rows_forward_cpu>);
+  m.impl("upsample_rows_accumulate_backward", &upsample_rows_accumulate_backward<upsample_rows_backward_cpu>);
 }
 
 }  // namespace fused_mtl_attn

@@ -26,8 +26,8 @@ struct CpuKernels {
   WindowBackwardCore window_backward;
   BnRowsForwardCore bn_rows_forward;
   BnRowsBackwardCore bn_rows_backward;
-  UpsampleForwardCore upsample_rows_forward;
-  UpsampleBackwardCore upsample_rows_backward;
+  UpsampleRowsForwardCore upsample_rows_forward;
+  UpsampleRowsBackwardCore upsample_rows_backward;
 };
 
 #if defined(__x86_64__) || defined(_M_X64)

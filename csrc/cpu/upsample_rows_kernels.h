@@ -13,7 +13,8 @@ template <typename T>
 struct RowTaps {
   std::vector<int64_t> index;  // [H, 2]
   std::vector<T> weight;       // [H, 2]
-  RowTaps(const Tensor& i, const Tensor& v) : index(i.const_data_ptr<int64_t>(), i.const_data_ptr<int64_t>() + i.numel()) {
+  RowTaps(const Tensor& i, const Tensor& v)
+      : index(i.const_data_ptr<int64_t>(), i.const_data_ptr<int64_t>() + i.numel()) {
     const double* vp = v.const_data_ptr<double>();
     for (int64_t j = 0; j < v.numel(); ++j) weight.push_back(static_cast<T>(vp[j]));
   }
@@ -83,7 +84,8 @@ std::vector<Tensor> upsample_rows_backward_typed(const Tensor& grad, const std::
   const T* gp = grad.const_data_ptr<T>();
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      for (size_t k = 0; k < taps.size(); ++k) std::fill(dzp[k] + p * heights[k] * W, dzp[k] + (p + 1) * heights[k] * W, T(0));
+      for (size_t k = 0; k < taps.size(); ++k)
+        std::fill(dzp[k] + p * heights[k] * W, dzp[k] + (p + 1) * heights[k] * W, T(0));
       for (int64_t y = 0; y < H; ++y) {
         const T* g = gp + (p * H + y) * W;
         for (size_t k = 0; k < taps.size(); ++k) {
