@@ -367,14 +367,18 @@ class _Aggregation(torch.autograd.Function):
 
 
 def _geometry(sizes, xs, taps: bool):
-    """Size of scale 0 and, per coarser scale, its size and how it is interpolated to scale 0: by a dense matrix
-    along the rows, or with `taps` (the C++ kernels) by 2-tap filters (index and weight [H, 2], as
-    upsample_rows_accumulate takes them), then by a dense matrix along the columns."""
+    """Size of scale 0; per coarser scale, its size and its dense interpolation matrices to scale 0 along the rows
+    (None with `taps`) and the columns; with `taps` (the C++ kernels), the rows' 2-tap filters of every scale as
+    upsample_rows_accumulate takes them (index list, weight list, heights), else None."""
     (height, width), scales = sizes[0], []
     for x, size in zip(xs[1:], sizes[1:]):
-        rows = _interpolation_taps(size[0], height) if taps else _interpolation_matrix(size[0], height, x)
+        rows = None if taps else _interpolation_matrix(size[0], height, x)
         scales.append((size, rows, _interpolation_matrix(size[1], width, x)))
-    return (height, width), scales, taps
+    row_taps = None
+    if taps:
+        filters = [_interpolation_taps(size[0], height) for size in sizes[1:]]
+        row_taps = ([f[0] for f in filters], [f[1] for f in filters], [size[0] for size in sizes[1:]])
+    return (height, width), scales, row_taps
 
 
 def _channel_block(batch: int, channels: int, positions: int, device) -> int:
@@ -406,8 +410,7 @@ def _build_block(xs, ws, sl, geometry):
             for b in range(batch):  # (torch.matmul of [c, C_k] and [B, C_k, n_k] would copy both transposed)
                 torch.mm(w[sl], x[b], out=z[b])
             ts.append(torch.mm(z.view(-1, wk), cols.t()).view(batch * c, hk, width))
-        torch.ops.fused_mtl_attn.upsample_rows_accumulate(h.view(batch * c, height, width), ts,
-                                                          [s[1][0] for s in scales], [s[1][1] for s in scales])
+        torch.ops.fused_mtl_attn.upsample_rows_accumulate(h.view(batch * c, height, width), ts, *taps[:2])
         return h
     for b in range(batch):
         plane = h[b].view(c, height, width)
@@ -422,9 +425,8 @@ def _block_backward(grad_h, xs, ws, sl, geometry, grad_xs, grad_ws):
     (height, width), scales, taps = geometry
     batch, c = grad_h.shape[:2]
     if taps:  # the adjoint of the rows' taps for every scale and sample in one pass over dL/dh
-        grad_ts = torch.ops.fused_mtl_attn.upsample_rows_accumulate_backward(
-            grad_h.view(batch * c, height, width), [s[1][0] for s in scales], [s[1][1] for s in scales],
-            [size[0] for size, _, _ in scales])
+        grad_ts = torch.ops.fused_mtl_attn.upsample_rows_accumulate_backward(grad_h.view(batch * c, height, width),
+                                                                             *taps)
     for b in range(batch):
         grad_xs[0][b].addmm_(ws[0][sl].t(), grad_h[b])
         grad_ws[0][sl].addmm_(grad_h[b], xs[0][b].t())
