@@ -16,13 +16,16 @@ cpp_backend = pytest.importorskip("fused_mtl_attn.cpp_backend") if CPU_BUILT els
 CPU_ISAS = cpp_backend.supported_cpu_isas() if CPU_BUILT else []
 needs_kernels = pytest.mark.skipif(not CPU_BUILT, reason="the C++ extension is not built")
 
-# (B, C, h, w, H, W): the network's deep-supervision ratios (x4 .. x32), non-integer ratios, the same size,
+# (B, C, h, w, H, W): the network's deep-supervision ratios (x4 .. x32), non-integer ratios, the same size (rows of
+# whole vectors, rows with a partial last vector, rows narrower than one vector: the kernels' no-resize path),
 # shrinking, one class, a 1x1 map
 SHAPES = [
     (2, 5, 8, 10, 32, 40),
     (1, 7, 2, 3, 64, 96),
     (2, 9, 7, 5, 23, 31),
     (1, 21, 16, 16, 16, 16),
+    (2, 7, 5, 19, 5, 19),
+    (1, 3, 2, 3, 2, 3),
     (2, 3, 20, 30, 9, 11),
     (1, 1, 4, 4, 8, 8),
     (1, 4, 1, 1, 5, 4),
@@ -98,14 +101,15 @@ def test_large_logits_of_ignored_pixels_stay_finite():
 
 @needs_kernels
 @pytest.mark.parametrize("isa", CPU_ISAS)
-def test_probabilities_below_the_normal_floats_flush_to_zero(isa):
+@pytest.mark.parametrize("label_size", [4, 2])  # resized, and the same size (the no-resize path)
+def test_probabilities_below_the_normal_floats_flush_to_zero(isa, label_size):
     """float32: a class whose softmax probability lies below exp(-87) (the smallest normal float is exp(-87.3)) gets
     a gradient of exactly 0, never a subnormal (on x86 every subnormal costs a microcode assist: the padding classes
     of the vector tiles made the backward 6x slower); the other classes match the float64 reference."""
     x = torch.zeros(1, 3, 2, 2)
     x[:, 1] = -95.0  # probability ~ exp(-95): subnormal in float32
     x[:, 2] = 4.0
-    label = torch.full((1, 4, 4), 2)
+    label = torch.full((1, label_size, label_size), 2)
     x.requires_grad_()
     with cpp_backend.use_cpu_isa(isa):
         _, grad = _loss_and_grad(upsampled_cross_entropy, x, label)
@@ -143,8 +147,9 @@ def test_label_out_of_range_raises(bad):
 
 
 @needs_kernels
-def test_bitwise_identical_for_any_thread_count():
-    x, label = _inputs(2, 6, 8, 10, 64, 80, dtype=torch.float32)
+@pytest.mark.parametrize("shape", [(2, 6, 8, 10, 64, 80), (2, 6, 64, 83, 64, 83)])
+def test_bitwise_identical_for_any_thread_count(shape):
+    x, label = _inputs(*shape, dtype=torch.float32)
     assert_same_for_any_thread_count(lambda: _loss_and_grad(upsampled_cross_entropy, x, label))
 
 

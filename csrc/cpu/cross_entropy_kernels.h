@@ -44,6 +44,8 @@ struct ResizeGeometry {
       : batch(logits.size(0)), classes(logits.size(1)), cp(round_up(logits.size(1), Vec<T>::W)), h(logits.size(2)),
         w(logits.size(3)), H(label.size(1)), W(label.size(2)), sb(logits.stride(0)), sc(logits.stride(1)),
         sy(logits.stride(2)), sx(logits.stride(3)), rows(h, H), cols(w, W) {}
+  // no resize, and each row's pixels contiguous in memory
+  bool same_size() const { return h == H && w == W && sx == 1; }
 };
 
 // padding classes: exp(pad - max) underflows, so they add nothing to a sum over classes
@@ -121,9 +123,133 @@ inline T log_sum_exp(const T* z, int64_t cp) {
   return mx + std::log(horizontal_sum<T>(s));
 }
 
+// Logits already at the label's size with their columns contiguous (the network's full-resolution outputs): no
+// resize, so the pixels of a row go in the vector lanes and the classes are read plane by plane, straight from the
+// logits (no transposed tile, no class padding). A row's last partial block is copied into a zero-padded tile first.
+template <typename T>
+struct PixelBlocks {
+  const T* x;         // logits of image b, row Y
+  int64_t sc, width;  // class stride, pixels in the row
+  T* tail;            // [C, W] scratch for the last partial block
+  PixelBlocks(const ResizeGeometry<T>& g, const T* logits, int64_t b, int64_t Y, T* tail_)
+      : x(logits + b * g.sb + Y * g.sy), sc(g.sc), width(g.W), tail(tail_) {}
+  // the block of pixels from X0: class c's W values at p[c * stride]
+  std::pair<const T*, int64_t> block(int64_t X0, int64_t classes) {
+    constexpr int W = Vec<T>::W;
+    if (X0 + W <= width) return {x + X0, sc};
+    std::fill(tail, tail + classes * W, T(0));
+    for (int64_t c = 0; c < classes; ++c)
+      for (int64_t l = 0; X0 + l < width; ++l) tail[c * W + l] = x[c * sc + X0 + l];
+    return {tail, W};
+  }
+};
+
+// lse of the W pixels of a block (class c's values at z[c * stride])
+template <typename T>
+inline V<T> block_lse(const T* z, int64_t stride, int64_t classes) {
+  constexpr int W = Vec<T>::W;
+  V<T> m = vload(z);
+  for (int64_t c = 1; c < classes; ++c) {
+    const V<T> v = vload(z + c * stride);
+    m = v > m ? v : m;
+  }
+  V<T> s = vsplat(T(0));
+  for (int64_t c = 0; c < classes; ++c) s += exp_shifted(vload(z + c * stride) - m);
+  T sl[W], ml[W];
+  vstore(sl, s);
+  vstore(ml, m);
+  for (int l = 0; l < W; ++l) sl[l] = ml[l] + std::log(sl[l]);
+  return vload(sl);
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor> same_size_ce_forward(const ResizeGeometry<T>& g, const Tensor& logits, const Tensor& label,
+                                                int64_t ignore) {
+  constexpr int W = Vec<T>::W;
+  Tensor lse = at::empty({g.batch, g.H, g.W}, logits.options().memory_format(at::MemoryFormat::Contiguous));
+  std::vector<double> row_sums(g.batch * g.H, 0.0);
+  std::atomic<bool> bad{false};
+  std::atomic<int64_t> bad_label{0};
+  const T* x = logits.const_data_ptr<T>();
+  const int64_t* lab = label.const_data_ptr<int64_t>();
+  T* out = lse.mutable_data_ptr<T>();
+  at::parallel_for(0, g.batch * g.H, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> tail(g.classes * W);
+    for (int64_t item = begin; item < end; ++item) {
+      PixelBlocks<T> row(g, x, item / g.H, item % g.H, tail.get());
+      const int64_t* t = lab + item * g.W;
+      T* l = out + item * g.W;
+      double sum = 0.0;
+      for (int64_t X0 = 0; X0 < g.W; X0 += W) {
+        const auto [z, stride] = row.block(X0, g.classes);
+        T lanes[W];
+        vstore(lanes, block_lse(z, stride, g.classes));
+        for (int64_t k = 0; k < W && X0 + k < g.W; ++k) {
+          l[X0 + k] = lanes[k];
+          const int64_t target = t[X0 + k];
+          if (target == ignore) continue;
+          if (target < 0 || target >= g.classes) {
+            bad_label = target;
+            bad = true;
+            continue;
+          }
+          sum += static_cast<double>(lanes[k] - z[target * stride + k]);
+        }
+      }
+      row_sums[item] = sum;
+    }
+  });
+  TORCH_CHECK(!bad.load(), "label holds class ", bad_label.load(), ", outside [0, ", g.classes, ") of the logits' ",
+              g.classes, " classes, and not ignore_index (", ignore, ")");
+  double total = 0.0;
+  for (double s : row_sums) total += s;
+  return {at::scalar_tensor(total, logits.options()), lse};
+}
+
+template <typename T>
+Tensor same_size_ce_backward(const ResizeGeometry<T>& g, T gsum, const Tensor& logits, const Tensor& label,
+                             const Tensor& lse, int64_t ignore) {
+  constexpr int W = Vec<T>::W;
+  const int64_t C = g.classes, plane = g.H * g.W;
+  Tensor dx = at::empty({g.batch, C, g.H, g.W}, logits.options().memory_format(at::MemoryFormat::Contiguous));
+  const T* x = logits.const_data_ptr<T>();
+  const int64_t* lab = label.const_data_ptr<int64_t>();
+  const T* lse_p = lse.const_data_ptr<T>();
+  T* dp = dx.mutable_data_ptr<T>();
+  at::parallel_for(0, g.batch * g.H, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> tail(C * W), tail_out(C * W);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / g.H, Y = item % g.H;
+      PixelBlocks<T> row(g, x, b, Y, tail.get());
+      const int64_t* t = lab + item * g.W;
+      T* d = dp + b * C * plane + Y * g.W;  // dx of image b, row Y, class 0
+      for (int64_t X0 = 0; X0 < g.W; X0 += W) {
+        const int64_t n = std::min<int64_t>(W, g.W - X0);
+        const auto [z, stride] = row.block(X0, C);
+        T l[W] = {}, scale[W] = {};  // dz = scale (softmax - onehot); 0 where unlabelled
+        for (int64_t k = 0; k < n; ++k) {
+          l[k] = lse_p[item * g.W + X0 + k];
+          scale[k] = t[X0 + k] == ignore ? T(0) : gsum;
+        }
+        const V<T> lv = vload(l), sv = vload(scale);
+        T* o = n == W ? d + X0 : tail_out.get();
+        const int64_t os = n == W ? plane : W;
+        for (int64_t c = 0; c < C; ++c) vstore(o + c * os, exp_shifted(vload(z + c * stride) - lv) * sv);
+        for (int64_t k = 0; k < n; ++k)
+          if (t[X0 + k] != ignore) o[t[X0 + k] * os + k] -= gsum;
+        if (n < W)
+          for (int64_t c = 0; c < C; ++c)
+            for (int64_t k = 0; k < n; ++k) d[c * plane + X0 + k] = o[c * W + k];
+      }
+    }
+  });
+  return dx;
+}
+
 template <typename T>
 std::tuple<Tensor, Tensor> upsampled_ce_forward_typed(const Tensor& logits, const Tensor& label, int64_t ignore) {
   const ResizeGeometry<T> g(logits, label);
+  if (g.same_size()) return same_size_ce_forward(g, logits, label, ignore);
   Tensor lse = at::empty({g.batch, g.H, g.W}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   std::vector<double> row_sums(g.batch * g.H, 0.0);
   std::atomic<bool> bad{false};  // a label outside [0, C) that is not ignore_index
@@ -167,6 +293,7 @@ Tensor upsampled_ce_backward_typed(const Tensor& grad, const Tensor& logits, con
   const ResizeGeometry<T> g(logits, label);
   const int64_t C = g.classes, cp = g.cp;
   const T gsum = grad.item<T>();
+  if (g.same_size()) return same_size_ce_backward(g, gsum, logits, label, lse, ignore);
   Tensor dx = at::empty({g.batch, C, g.h, g.w}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   const bool same_rows = g.h == g.H;  // the resize's rows are the identity: the row pass writes dx itself
   Tensor d = same_rows ? dx : at::empty({g.batch, C, g.H, g.w}, dx.options());
