@@ -138,12 +138,18 @@ def test_normalize_channels_is_f_normalize():
 
 
 @needs_kernels
+@pytest.mark.parametrize("label_size", [8, 4])  # resized, and the same size
 @pytest.mark.parametrize("bad", [5, -1, 256])
-def test_label_out_of_range_raises(bad):
-    x, label = _inputs(1, 5, 4, 4, 8, 8, dtype=torch.float32)
+def test_label_out_of_range_raises(bad, label_size):
+    """Forward raises; so does the backward op called directly (it never writes through a bad class index)."""
+    x, label = _inputs(1, 5, 4, 4, label_size, label_size, dtype=torch.float32)
     label[0, 3, 3] = bad
-    with pytest.raises(RuntimeError, match=f"label holds class {bad}, outside \\[0, 5\\)"):
+    message = f"label holds class {bad}, outside \\[0, 5\\)"
+    with pytest.raises(RuntimeError, match=message):
         upsampled_cross_entropy(x, label)
+    lse = torch.zeros(label.shape)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fused_mtl_attn.upsampled_cross_entropy_backward(torch.ones(()), x.detach(), label, lse, 255)
 
 
 @needs_kernels

@@ -123,6 +123,27 @@ inline T log_sum_exp(const T* z, int64_t cp) {
   return mx + std::log(horizontal_sum<T>(s));
 }
 
+// labels checked inside the parallel loops: a class outside [0, C) that is not ignore_index is remembered (one of
+// them) and raised after the loop; backward checks too (its op can be called directly), before writing through it
+struct LabelCheck {
+  int64_t classes, ignore;
+  std::atomic<bool> bad{false};
+  std::atomic<int64_t> value{0};
+  LabelCheck(int64_t classes_, int64_t ignore_) : classes(classes_), ignore(ignore_) {}
+  // true for a class index to use; false for ignore_index or an invalid one (remembered)
+  bool use(int64_t t) {
+    if (t == ignore) return false;
+    if (t >= 0 && t < classes) return true;
+    value = t;
+    bad = true;
+    return false;
+  }
+  void raise_if_bad() const {
+    TORCH_CHECK(!bad.load(), "label holds class ", value.load(), ", outside [0, ", classes, ") of the logits' ",
+                classes, " classes, and not ignore_index (", ignore, ")");
+  }
+};
+
 // Logits already at the label's size with their columns contiguous (the network's full-resolution outputs): no
 // resize, so the pixels of a row go in the vector lanes and the classes are read plane by plane, straight from the
 // logits (no transposed tile, no class padding). A row's last partial block is copied into a zero-padded tile first.
@@ -168,8 +189,7 @@ std::tuple<Tensor, Tensor> same_size_ce_forward(const ResizeGeometry<T>& g, cons
   constexpr int W = Vec<T>::W;
   Tensor lse = at::empty({g.batch, g.H, g.W}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   std::vector<double> row_sums(g.batch * g.H, 0.0);
-  std::atomic<bool> bad{false};
-  std::atomic<int64_t> bad_label{0};
+  LabelCheck labels(g.classes, ignore);
   const T* x = logits.const_data_ptr<T>();
   const int64_t* lab = label.const_data_ptr<int64_t>();
   T* out = lse.mutable_data_ptr<T>();
@@ -186,21 +206,13 @@ std::tuple<Tensor, Tensor> same_size_ce_forward(const ResizeGeometry<T>& g, cons
         vstore(lanes, block_lse(z, stride, g.classes));
         for (int64_t k = 0; k < W && X0 + k < g.W; ++k) {
           l[X0 + k] = lanes[k];
-          const int64_t target = t[X0 + k];
-          if (target == ignore) continue;
-          if (target < 0 || target >= g.classes) {
-            bad_label = target;
-            bad = true;
-            continue;
-          }
-          sum += static_cast<double>(lanes[k] - z[target * stride + k]);
+          if (labels.use(t[X0 + k])) sum += static_cast<double>(lanes[k] - z[t[X0 + k] * stride + k]);
         }
       }
       row_sums[item] = sum;
     }
   });
-  TORCH_CHECK(!bad.load(), "label holds class ", bad_label.load(), ", outside [0, ", g.classes, ") of the logits' ",
-              g.classes, " classes, and not ignore_index (", ignore, ")");
+  labels.raise_if_bad();
   double total = 0.0;
   for (double s : row_sums) total += s;
   return {at::scalar_tensor(total, logits.options()), lse};
@@ -216,6 +228,7 @@ Tensor same_size_ce_backward(const ResizeGeometry<T>& g, T gsum, const Tensor& l
   const int64_t* lab = label.const_data_ptr<int64_t>();
   const T* lse_p = lse.const_data_ptr<T>();
   T* dp = dx.mutable_data_ptr<T>();
+  LabelCheck labels(C, ignore);
   at::parallel_for(0, g.batch * g.H, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> tail(C * W), tail_out(C * W);
     for (int64_t item = begin; item < end; ++item) {
@@ -227,22 +240,25 @@ Tensor same_size_ce_backward(const ResizeGeometry<T>& g, T gsum, const Tensor& l
         const int64_t n = std::min<int64_t>(W, g.W - X0);
         const auto [z, stride] = row.block(X0, C);
         T l[W] = {}, scale[W] = {};  // dz = scale (softmax - onehot); 0 where unlabelled
+        bool used[W] = {};
         for (int64_t k = 0; k < n; ++k) {
           l[k] = lse_p[item * g.W + X0 + k];
-          scale[k] = t[X0 + k] == ignore ? T(0) : gsum;
+          used[k] = labels.use(t[X0 + k]);
+          scale[k] = used[k] ? gsum : T(0);
         }
         const V<T> lv = vload(l), sv = vload(scale);
         T* o = n == W ? d + X0 : tail_out.get();
         const int64_t os = n == W ? plane : W;
         for (int64_t c = 0; c < C; ++c) vstore(o + c * os, exp_shifted(vload(z + c * stride) - lv) * sv);
         for (int64_t k = 0; k < n; ++k)
-          if (t[X0 + k] != ignore) o[t[X0 + k] * os + k] -= gsum;
+          if (used[k]) o[t[X0 + k] * os + k] -= gsum;
         if (n < W)
           for (int64_t c = 0; c < C; ++c)
             for (int64_t k = 0; k < n; ++k) d[c * plane + X0 + k] = o[c * W + k];
       }
     }
   });
+  labels.raise_if_bad();
   return dx;
 }
 
@@ -252,8 +268,7 @@ std::tuple<Tensor, Tensor> upsampled_ce_forward_typed(const Tensor& logits, cons
   if (g.same_size()) return same_size_ce_forward(g, logits, label, ignore);
   Tensor lse = at::empty({g.batch, g.H, g.W}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   std::vector<double> row_sums(g.batch * g.H, 0.0);
-  std::atomic<bool> bad{false};  // a label outside [0, C) that is not ignore_index
-  std::atomic<int64_t> bad_label{0};
+  LabelCheck labels(g.classes, ignore);
   const T* x = logits.const_data_ptr<T>();
   const int64_t* lab = label.const_data_ptr<int64_t>();
   T* out = lse.mutable_data_ptr<T>();
@@ -268,19 +283,12 @@ std::tuple<Tensor, Tensor> upsampled_ce_forward_typed(const Tensor& logits, cons
       for (int64_t X = 0; X < g.W; ++X) {
         const T* zx = z.get() + X * g.cp;
         l[X] = log_sum_exp(zx, g.cp);
-        if (t[X] == ignore) continue;
-        if (t[X] < 0 || t[X] >= g.classes) {
-          bad_label = t[X];
-          bad = true;
-          continue;
-        }
-        sum += static_cast<double>(l[X] - zx[t[X]]);
+        if (labels.use(t[X])) sum += static_cast<double>(l[X] - zx[t[X]]);
       }
       row_sums[item] = sum;
     }
   });
-  TORCH_CHECK(!bad.load(), "label holds class ", bad_label.load(), ", outside [0, ", g.classes, ") of the logits' ",
-              g.classes, " classes, and not ignore_index (", ignore, ")");
+  labels.raise_if_bad();
   double total = 0.0;
   for (double s : row_sums) total += s;
   return {at::scalar_tensor(total, logits.options()), lse};
@@ -301,6 +309,7 @@ Tensor upsampled_ce_backward_typed(const Tensor& grad, const Tensor& logits, con
   const int64_t* lab = label.const_data_ptr<int64_t>();
   const T* lse_p = lse.const_data_ptr<T>();
   T* dp = d.mutable_data_ptr<T>();
+  LabelCheck labels(C, ignore);
   at::parallel_for(0, g.batch * g.H, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> r(g.w * cp), z(g.W * cp), t(g.w * cp);
     const int64_t* lo = g.cols.lo.data();
@@ -313,7 +322,7 @@ Tensor upsampled_ce_backward_typed(const Tensor& grad, const Tensor& logits, con
       resized_row(g, x + b * g.sb, Y, r.get(), z.get());
       std::fill(t.get(), t.get() + g.w * cp, T(0));
       for (int64_t X = 0; X < g.W; ++X) {
-        if (tl[X] == ignore) continue;  // dz = 0
+        if (!labels.use(tl[X])) continue;  // dz = 0 where unlabelled
         T* zx = z.get() + X * cp;
         const V<T> lx = vsplat(l[X]);
         for (int64_t c = 0; c < cp; c += W) vstore(zx + c, exp_shifted(vload(zx + c) - lx) * gsum);
@@ -332,6 +341,7 @@ Tensor upsampled_ce_backward_typed(const Tensor& grad, const Tensor& logits, con
         for (int64_t i = 0; i < g.w; ++i) out[c * g.H * g.w + i] = t.get()[i * cp + c];
     }
   });
+  labels.raise_if_bad();
   if (same_rows) return dx;
   // the height pass: logits row i sums the label rows reading it (as lo, then as hi), in row order
   T* dxp = dx.mutable_data_ptr<T>();
