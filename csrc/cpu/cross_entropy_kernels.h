@@ -144,6 +144,29 @@ struct LabelCheck {
   }
 };
 
+// The forward's frame, one label row (image b, row Y: item b * H + Y) at a time: row(item, scratch, l, t, labels)
+// writes the row's lse into l (every pixel's, labelled or not: backward's exp(z - lse) then never overflows) and
+// returns its loss sum over the labels t; `scratch` holds scratch_size values per thread. The row sums are added in
+// row order afterwards, so the result does not depend on the thread count.
+template <typename T, typename Row>
+std::tuple<Tensor, Tensor> ce_forward_by_rows(const ResizeGeometry<T>& g, const Tensor& logits, const Tensor& label,
+                                              int64_t ignore, int64_t scratch_size, Row row) {
+  Tensor lse = at::empty({g.batch, g.H, g.W}, logits.options().memory_format(at::MemoryFormat::Contiguous));
+  std::vector<double> row_sums(g.batch * g.H, 0.0);
+  LabelCheck labels(g.classes, ignore);
+  const int64_t* lab = label.const_data_ptr<int64_t>();
+  T* out = lse.mutable_data_ptr<T>();
+  at::parallel_for(0, g.batch * g.H, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> scratch(scratch_size);
+    for (int64_t item = begin; item < end; ++item)
+      row_sums[item] = row(item, scratch.get(), out + item * g.W, lab + item * g.W, labels);
+  });
+  labels.raise_if_bad();
+  double total = 0.0;
+  for (double s : row_sums) total += s;
+  return {at::scalar_tensor(total, logits.options()), lse};
+}
+
 // Logits already at the label's size with their columns contiguous (the network's full-resolution outputs): no
 // resize, so the pixels of a row go in the vector lanes and the classes are read plane by plane, straight from the
 // logits (no transposed tile, no class padding). A row's last partial block is copied into a zero-padded tile first.
@@ -187,35 +210,22 @@ template <typename T>
 std::tuple<Tensor, Tensor> same_size_ce_forward(const ResizeGeometry<T>& g, const Tensor& logits, const Tensor& label,
                                                 int64_t ignore) {
   constexpr int W = Vec<T>::W;
-  Tensor lse = at::empty({g.batch, g.H, g.W}, logits.options().memory_format(at::MemoryFormat::Contiguous));
-  std::vector<double> row_sums(g.batch * g.H, 0.0);
-  LabelCheck labels(g.classes, ignore);
   const T* x = logits.const_data_ptr<T>();
-  const int64_t* lab = label.const_data_ptr<int64_t>();
-  T* out = lse.mutable_data_ptr<T>();
-  at::parallel_for(0, g.batch * g.H, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> tail(g.classes * W);
-    for (int64_t item = begin; item < end; ++item) {
-      PixelBlocks<T> row(g, x, item / g.H, item % g.H, tail.get());
-      const int64_t* t = lab + item * g.W;
-      T* l = out + item * g.W;
-      double sum = 0.0;
-      for (int64_t X0 = 0; X0 < g.W; X0 += W) {
-        const auto [z, stride] = row.block(X0, g.classes);
-        T lanes[W];
-        vstore(lanes, block_lse(z, stride, g.classes));
-        for (int64_t k = 0; k < W && X0 + k < g.W; ++k) {
-          l[X0 + k] = lanes[k];
-          if (labels.use(t[X0 + k])) sum += static_cast<double>(lanes[k] - z[t[X0 + k] * stride + k]);
-        }
+  return ce_forward_by_rows(g, logits, label, ignore, g.classes * W,
+                            [&](int64_t item, T* tail, T* l, const int64_t* t, LabelCheck& labels) {
+    PixelBlocks<T> row(g, x, item / g.H, item % g.H, tail);
+    double sum = 0.0;
+    for (int64_t X0 = 0; X0 < g.W; X0 += W) {
+      const auto [z, stride] = row.block(X0, g.classes);
+      T lanes[W];
+      vstore(lanes, block_lse(z, stride, g.classes));
+      for (int64_t k = 0; k < W && X0 + k < g.W; ++k) {
+        l[X0 + k] = lanes[k];
+        if (labels.use(t[X0 + k])) sum += static_cast<double>(lanes[k] - z[t[X0 + k] * stride + k]);
       }
-      row_sums[item] = sum;
     }
+    return sum;
   });
-  labels.raise_if_bad();
-  double total = 0.0;
-  for (double s : row_sums) total += s;
-  return {at::scalar_tensor(total, logits.options()), lse};
 }
 
 template <typename T>
@@ -266,32 +276,20 @@ template <typename T>
 std::tuple<Tensor, Tensor> upsampled_ce_forward_typed(const Tensor& logits, const Tensor& label, int64_t ignore) {
   const ResizeGeometry<T> g(logits, label);
   if (g.same_size()) return same_size_ce_forward(g, logits, label, ignore);
-  Tensor lse = at::empty({g.batch, g.H, g.W}, logits.options().memory_format(at::MemoryFormat::Contiguous));
-  std::vector<double> row_sums(g.batch * g.H, 0.0);
-  LabelCheck labels(g.classes, ignore);
   const T* x = logits.const_data_ptr<T>();
-  const int64_t* lab = label.const_data_ptr<int64_t>();
-  T* out = lse.mutable_data_ptr<T>();
-  at::parallel_for(0, g.batch * g.H, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> r(g.w * g.cp), z(g.W * g.cp);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / g.H, Y = item % g.H;
-      resized_row(g, x + b * g.sb, Y, r.get(), z.get());
-      const int64_t* t = lab + item * g.W;
-      T* l = out + item * g.W;  // every pixel's, labelled or not: backward's exp(z - lse) then never overflows
-      double sum = 0.0;
-      for (int64_t X = 0; X < g.W; ++X) {
-        const T* zx = z.get() + X * g.cp;
-        l[X] = log_sum_exp(zx, g.cp);
-        if (labels.use(t[X])) sum += static_cast<double>(l[X] - zx[t[X]]);
-      }
-      row_sums[item] = sum;
+  return ce_forward_by_rows(g, logits, label, ignore, (g.w + g.W) * g.cp,
+                            [&](int64_t item, T* scratch, T* l, const int64_t* t, LabelCheck& labels) {
+    T* r = scratch;
+    T* z = scratch + g.w * g.cp;
+    resized_row(g, x + item / g.H * g.sb, item % g.H, r, z);
+    double sum = 0.0;
+    for (int64_t X = 0; X < g.W; ++X) {
+      const T* zx = z + X * g.cp;
+      l[X] = log_sum_exp(zx, g.cp);
+      if (labels.use(t[X])) sum += static_cast<double>(l[X] - zx[t[X]]);
     }
+    return sum;
   });
-  labels.raise_if_bad();
-  double total = 0.0;
-  for (double s : row_sums) total += s;
-  return {at::scalar_tensor(total, logits.options()), lse};
 }
 
 template <typename T>
