@@ -13,12 +13,18 @@ compiled variant the seconds its first step spent compiling; ratios are variant 
     python -m benchmarks.bench_train --head             # one task's head alone: reference vs fused
     python -m benchmarks.bench_train --regions          # every block regional compilation can compile: eager vs
                                                         # compiled, per path (what model.compile's choice rests on)
+    python -m benchmarks.bench_train --malloc keep      # glibc keeps freed memory, as model.train does on CPU
+    python -m benchmarks.bench_train --variants fused   # one variant alone in this process (no other's allocations)
+
+On CPU the rows also count the minor page faults of a step (memory the step touched fresh from the OS): with
+glibc's default allocator most of an eager step's activations fault in again every step.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import functools
+import resource
 import statistics
 import time
 from typing import NamedTuple
@@ -32,7 +38,7 @@ from model import TASK_SETS, build_model
 from model.compile import (COMPILE_MODES, DEFAULT_BACKEND, REGION_TYPES, Stopwatch, compile_block, compile_model,
                            regions)
 from model.losses import MultiTaskLoss
-from model.train import adam
+from model.train import adam, keep_freed_memory
 
 # task set and the paper's loss weights (None: equal weights)
 CONFIGS = {
@@ -102,6 +108,7 @@ class Runner:
         self.opt = adam(self.net.parameters(), **options) if variant.fused_adam else \
             torch.optim.Adam(self.net.parameters(), **options)
         self.amp = amp
+        self.faults = []  # minor page faults of each step
 
     def forward_loss(self):
         with torch.autocast(device_type=self.device, dtype=torch.bfloat16, enabled=self.amp):
@@ -114,7 +121,10 @@ class Runner:
         """Seconds of one step (forward, backward, optimizer)."""
         if self.device == "cuda":
             torch.cuda.synchronize()  # nothing earlier counted in
-        return seconds(self._step, self.device)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        elapsed = seconds(self._step, self.device)
+        self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        return elapsed
 
     def _step(self):
         self.opt.zero_grad(set_to_none=True)
@@ -173,7 +183,9 @@ def measure(variants: dict, loss_fn, batch, device, amp, repeats: int) -> dict:
         results[variant] = {"step_ms": median * 1e3, "steps_timed": repeats,
                             "step_ms_rounds": [t * 1e3 for t in times[variant]],
                             "fused_adam": variants[variant].fused_adam, "fused_loss": variants[variant].fused_loss,
-                            "images_per_s": batch["image"].shape[0] / median, **runner.memory()}
+                            "images_per_s": batch["image"].shape[0] / median,
+                            "faulted_bytes": statistics.median(runner.faults[-repeats:]) * resource.getpagesize(),
+                            **runner.memory()}
         if compile_s[variant]:
             results[variant]["compile_s"] = compile_s[variant]
     return {variant: results[variant] for variant in variants}
@@ -346,6 +358,12 @@ def _parser():
     parser.add_argument("--regions", action="store_true",
                         help="time every block regional compilation can compile, eager vs compiled (forward + "
                              "backward), per path, with its compile seconds, instead of the training step")
+    parser.add_argument("--variants", help="comma-separated: time only these variants (of reference, fused, "
+                        "reference_fused_adam, fused_reference_loss and those --layouts and --compile add); ratios "
+                        "need the reference among them")
+    parser.add_argument("--malloc", choices=["system", "keep"], default="system",
+                        help="system: glibc's allocator as it comes (freed memory goes back to the OS); keep: it keeps "
+                             "freed memory for the next step, as model.train sets it on CPU")
     parser.add_argument("--quick", action="store_true", help="3 timed steps per case")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="override the input size of every config")
     parser.add_argument("--widths", type=int, nargs=4, help="decoder widths C_k (default 36 72 144 288)")
@@ -374,7 +392,7 @@ def variants_of(reference, device, layouts: bool, compile_mode: str | None, comp
 
 def rows_of(results: dict, env: dict, **case) -> list:
     """One row per variant with the case's fields and its ratios to the reference."""
-    rows, base = [], results["reference"]
+    rows, base = [], results.get("reference", {"error": "not timed"})
     for variant, res in results.items():
         row = dict(env, **case, variant=variant, **res)
         if "error" not in res and "error" not in base:
@@ -389,19 +407,21 @@ def rows_of(results: dict, env: dict, **case) -> list:
 
 def print_table(rows, env, device):
     print(f"\n{env['device_name']} ({device}, {env['threads']} threads{cpu_note(env)}), torch {env['torch']}, "
-          f"commit {env['commit']}")
+          f"commit {env['commit']}, malloc {env['malloc']}")
     header = f"{'config':<8} {'dtype':<13} {'variant':<23} {'step ms':>9} {'x ref':>6} {'saved MiB':>10} {'x ref':>6}"
     if device == "cuda":
         header += f" {'peak MiB':>9} {'x ref':>6}"
-    print(header + f" {'compile s':>9}  x ref per round (min-max)")
+    print(header + f" {'faults MiB':>10} {'compile s':>9}  x ref per round (min-max)")
     for r in rows:
-        if "time_ratio" not in r:
-            print(f"{r['config']:<8} {r['dtype']:<13} {r['variant']:<23} {r.get('error', 'no reference to compare')}")
+        if "error" in r:
+            print(f"{r['config']:<8} {r['dtype']:<13} {r['variant']:<23} {r['error']}")
             continue
-        line = (f"{r['config']:<8} {r['dtype']:<13} {r['variant']:<23} {r['step_ms']:9.1f} {r['time_ratio']:6.2f} "
-                f"{r['saved_bytes'] / 2**20:10.1f} {r['saved_ratio']:6.2f}")
+        ratio = lambda key: f"{r[key]:6.2f}" if key in r else f"{'-':>6}"  # noqa: E731 (none without a reference)
+        line = (f"{r['config']:<8} {r['dtype']:<13} {r['variant']:<23} {r['step_ms']:9.1f} {ratio('time_ratio')} "
+                f"{r['saved_bytes'] / 2**20:10.1f} {ratio('saved_ratio')}")
         if "peak_bytes" in r:
-            line += f" {r['peak_bytes'] / 2**20:9.1f} {r['peak_ratio']:6.2f}"
+            line += f" {r['peak_bytes'] / 2**20:9.1f} {ratio('peak_ratio')}"
+        line += f" {r['faulted_bytes'] / 2**20:10.1f}"
         line += f" {r['compile_s']:9.1f}" if "compile_s" in r else " " * 10
         rounds = r.get("time_ratio_rounds")
         print(line + (f"  {min(rounds):.2f}-{max(rounds):.2f}" if rounds and r["variant"] != "reference" else ""))
@@ -411,16 +431,18 @@ def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
     parts = args.loss or args.head or args.regions
-    if parts and (args.compile or args.layouts or args.amp not in (None, "off")):
-        parser.error("--loss, --head and --regions time parts of the step alone, in fp32; --compile, --layouts and "
-                     "--amp apply to the whole step")
+    if parts and (args.compile or args.layouts or args.variants or args.amp not in (None, "off")):
+        parser.error("--loss, --head and --regions time parts of the step alone, in fp32; --compile, --layouts, "
+                     "--variants and --amp apply to the whole step")
     if args.compile_paths != "both" and not args.compile:
         parser.error("--compile-paths chooses the paths that --compile compiles: give --compile too")
     device = args.device
     batch_size = args.batch or (8 if device == "cuda" else 2)
     repeats = args.repeats or (3 if args.quick else (10 if device == "cuda" else 5))
     amp_modes = {"off": [False], "bf16": [True], "both": [False, True]}[args.amp or ("both" if device == "cuda" else "off")]
-    env = environment(device)
+    if args.malloc == "keep" and not keep_freed_memory():
+        parser.error("--malloc keep needs glibc's allocator")
+    env = dict(environment(device), malloc=args.malloc)
     rows = []
     for name in args.configs.split(","):
         if name not in CONFIGS:
@@ -444,8 +466,14 @@ def main(argv=None):
         for amp in amp_modes:
             torch.manual_seed(0)
             reference = build_model(tasks, **({"widths": tuple(args.widths)} if args.widths else {})).to(device).train()
-            results = measure(variants_of(reference, device, args.layouts, args.compile, args.compile_paths), loss_fn,
-                              batch, device, amp, repeats)
+            variants = variants_of(reference, device, args.layouts, args.compile, args.compile_paths)
+            if args.variants:
+                unknown = set(args.variants.split(",")) - set(variants)
+                if unknown:
+                    parser.error(f"--variants: unknown {sorted(unknown)}; with these options choose from "
+                                 f"{list(variants)}")
+                variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
+            results = measure(variants, loss_fn, batch, device, amp, repeats)
             dtype = "bf16-autocast" if amp else "fp32"
             for variant, res in results.items():
                 done = f"FAILED {res['error']}" if "error" in res else \

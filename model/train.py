@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import json
 import os
+import platform
 import random
 import sys
 import time
@@ -103,6 +105,19 @@ def setup_distributed():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = rank_and_world()
     return rank, world, local_rank, device
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's allocator keep the memory a training step frees for the next step (no blocks under 32 MiB mapped
+    on their own, no trimming of the heap) instead of handing it back to the OS: otherwise every CPU step faults
+    fresh pages in for most of its activations again, which on a VM (several microseconds a page) is a large part
+    of an eager step. Process-wide and for good; the price is that the process keeps its peak heap. Returns whether
+    it was applied (False off glibc)."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>; 32 MiB is the largest mmap threshold glibc accepts
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def wrap_model(net, cfg, device, world):
@@ -391,12 +406,17 @@ def parse_args(argv):
     p.add_argument("--time-limit", type=float, metavar="SECONDS",
                    help="stop (evaluate, checkpoint) after this much training time")
     p.add_argument("--out", help="run directory (default runs/<config>-<timestamp>)")
+    p.add_argument("--return-freed-memory", action="store_true",
+                   help="on CPU, let the C allocator hand freed memory back to the OS after every step (its default; "
+                        "by default the trainer keeps it, see keep_freed_memory)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank, world, _, device = setup_distributed()
+    if device.type == "cpu" and not args.return_freed_memory:
+        keep_freed_memory()
     try:
         cfg = load_config(args.config)
         out = run_dir(args, cfg, rank, world)

@@ -314,3 +314,19 @@ def test_layers_rows(tmp_path):
     assert (tmp_path / "layers.json").exists()
     with pytest.raises(SystemExit):
         bench_layers.main(["--rounds", "0"])
+
+
+def test_train_rows_count_page_faults_and_name_the_allocator(train_rows):
+    assert all(r["malloc"] == "system" and r["faulted_bytes"] >= 0 for r in train_rows)
+
+
+def test_train_variants_alone_without_reference_have_no_ratios(capsys):
+    rows = bench_train.main(["--device", "cpu", "--configs", "nyud2", "--size", "32", "32", "--widths", "12", "12",
+                             "12", "12", "--repeats", "1", "--variants", "fused"])
+    assert [r["variant"] for r in rows] == ["fused"]
+    assert "time_ratio" not in rows[0] and rows[0]["step_ms"] > 0
+    assert "fused" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_train.main(["--device", "cpu", "--configs", "nyud2", "--size", "32", "32", "--widths", "12", "12",
+                          "12", "12", "--repeats", "1", "--variants", "fused,fast"])
+    assert "--variants: unknown ['fast']" in capsys.readouterr().err

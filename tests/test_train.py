@@ -250,3 +250,32 @@ def test_ddp_two_processes_average_gradients_and_checkpoint_once(tmp_path):
     assert r1["writes"] == [] and r0["writes"] == [str(ckpts / "last.pt"), str(ckpts / "last.pt"),
                                                    str(ckpts / "best.pt")]
     assert len(train_losses(out)) == 2      # rank 0 logs, once per step
+
+
+FAULT_PROBE = """
+import resource, sys, torch
+from model.train import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "keep" else None
+faults = []
+for _ in range(8):  # a step's worth of activations: three 16 MiB blocks, freed together
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    blocks = [torch.empty(4 << 20).fill_(1.0) for _ in range(3)]
+    del blocks
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(applied, max(faults[2:]))
+"""
+
+
+@pytest.mark.skipif(os.uname().sysname != "Linux" or os.confstr("CS_GNU_LIBC_VERSION") is None,
+                    reason="glibc's mallopt")
+def test_keep_freed_memory_stops_fresh_page_faults():
+    """After keep_freed_memory (what model.train applies on CPU), memory a step frees is reused by the next step
+    without faulting its pages in from the OS again. In a fresh process, so that the test's own process keeps
+    glibc's defaults until then."""
+    import subprocess
+    import sys
+    pages = 3 * (16 << 20) // os.sysconf("SC_PAGE_SIZE")
+    out = subprocess.run([sys.executable, "-c", FAULT_PROBE, "keep"], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[1]).stdout.split()
+    assert out[0] == "True"
+    assert int(out[1]) < pages // 10, f"{out[1]} minor faults for {pages} pages reused"
