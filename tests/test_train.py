@@ -279,3 +279,14 @@ def test_keep_freed_memory_stops_fresh_page_faults():
                          cwd=Path(__file__).parents[1]).stdout.split()
     assert out[0] == "True"
     assert int(out[1]) < pages // 10, f"{out[1]} minor faults for {pages} pages reused"
+
+
+def test_cpu_training_keeps_freed_memory_unless_asked_not_to(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(train, "keep_freed_memory", lambda: calls.append(1) or True)
+    cfg = tiny_config(tmp_path)
+    assert train.main(["--config", cfg, "--out", str(tmp_path / "a"), "--max-steps", "1"]) == 0
+    assert calls == [1]
+    assert train.main(["--config", cfg, "--out", str(tmp_path / "b"), "--max-steps", "1",
+                       "--return-freed-memory"]) == 0
+    assert calls == [1]
