@@ -443,6 +443,7 @@ def main(argv=None):
     if args.malloc == "keep" and not keep_freed_memory():
         parser.error("--malloc keep needs glibc's allocator")
     env = dict(environment(device), malloc=args.malloc)
+    wanted = args.variants.split(",") if args.variants else None
     rows = []
     for name in args.configs.split(","):
         if name not in CONFIGS:
@@ -467,12 +468,12 @@ def main(argv=None):
             torch.manual_seed(0)
             reference = build_model(tasks, **({"widths": tuple(args.widths)} if args.widths else {})).to(device).train()
             variants = variants_of(reference, device, args.layouts, args.compile, args.compile_paths)
-            if args.variants:
-                unknown = set(args.variants.split(",")) - set(variants)
+            if wanted:
+                unknown = set(wanted) - set(variants)
                 if unknown:
                     parser.error(f"--variants: unknown {sorted(unknown)}; with these options choose from "
                                  f"{list(variants)}")
-                variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
+                variants = {k: v for k, v in variants.items() if k in wanted}
             results = measure(variants, loss_fn, batch, device, amp, repeats)
             dtype = "bf16-autocast" if amp else "fp32"
             for variant, res in results.items():

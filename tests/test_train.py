@@ -2,7 +2,10 @@
 non-finite-loss stop, atomic checkpoints, bad inputs, and 2-process DDP with gloo."""
 import json
 import os
+import platform
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -253,9 +256,9 @@ def test_ddp_two_processes_average_gradients_and_checkpoint_once(tmp_path):
 
 
 FAULT_PROBE = """
-import resource, sys, torch
+import resource, torch
 from model.train import keep_freed_memory
-applied = keep_freed_memory() if sys.argv[1] == "keep" else None
+applied = keep_freed_memory()
 faults = []
 for _ in range(12):  # a step's worth of activations: three 16 MiB blocks and a 64 MiB one, freed together
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -266,16 +269,13 @@ print(applied, max(faults[-4:]))  # once the heap has settled
 """
 
 
-@pytest.mark.skipif(os.uname().sysname != "Linux" or os.confstr("CS_GNU_LIBC_VERSION") is None,
-                    reason="glibc's mallopt")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_keep_freed_memory_stops_fresh_page_faults():
     """After keep_freed_memory (what model.train applies on CPU), memory a step frees is reused by the next step
     without faulting its pages in from the OS again. In a fresh process, so that the test's own process keeps
     glibc's defaults until then."""
-    import subprocess
-    import sys
     pages = (3 * 16 + 64 << 20) // os.sysconf("SC_PAGE_SIZE")
-    out = subprocess.run([sys.executable, "-c", FAULT_PROBE, "keep"], capture_output=True, text=True, check=True,
+    out = subprocess.run([sys.executable, "-c", FAULT_PROBE], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parents[1]).stdout.split()
     assert out[0] == "True"
     assert int(out[1]) < pages // 10, f"{out[1]} minor faults for {pages} pages reused"
