@@ -13,6 +13,8 @@ compiled variant the seconds its first step spent compiling; ratios are variant 
     python -m benchmarks.bench_train --head             # one task's head alone: reference vs fused
     python -m benchmarks.bench_train --regions          # every block regional compilation can compile: eager vs
                                                         # compiled, per path (what model.compile's choice rests on)
+    python -m benchmarks.bench_train --breakdown        # the step's time per part of the network, forward and
+                                                        # backward: reference vs fused
     python -m benchmarks.bench_train --malloc keep      # glibc keeps freed memory, as model.train does on CPU
     python -m benchmarks.bench_train --variants fused   # one variant alone in this process (no other's allocations)
 
@@ -34,6 +36,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from benchmarks.common import environment, error_text, saved_bytes, write_json
 from benchmarks.labels import cpu_note
+from benchmarks.step_breakdown import PARTS, measure_breakdown
 from model import TASK_SETS, build_model
 from model.compile import (COMPILE_MODES, DEFAULT_BACKEND, REGION_TYPES, Stopwatch, compile_block, compile_model,
                            regions)
@@ -331,6 +334,30 @@ def part_rows(name: str, results: dict, key: str, env: dict, **case) -> list:
     return rows
 
 
+def breakdown_rows(reference, loss_fn: MultiTaskLoss, data, device, repeats: int, env: dict, **case) -> list:
+    """One row per path and part of the step (StepTimeline): forward, backward and total ms, the fused part's
+    total / the reference's, and each part's share of its path's step; printed as a table."""
+    variants = variants_of(reference, device, False, None)
+    runners = {name: Runner(variants[name], loss_fn, data, device, False) for name in ("reference", "fused")}
+    parts = measure_breakdown(runners, device, repeats)
+    steps = {name: parts[name]["step"][2] for name in parts}
+    print(f"\n{case['config']} (ms; share: of the fused step) {'reference':>17} {'fused':>24}\n"
+          f"{case['config']}: {'part':<15}" + " {:>7} {:>7} {:>7}".format("fwd", "bwd", "total") * 2
+          + f" {'x ref':>6} {'share':>6}")
+    ms = lambda v: f"{v:7.1f}" if v is not None else f"{'-':>7}"  # noqa: E731
+    rows = []
+    for part in PARTS + ("step",):
+        ref, fused = (parts[n][part] for n in ("reference", "fused"))
+        ratio = fused[2] / ref[2] if ref[2] > 0 else float("nan")  # ("other" can be about 0)
+        print(f"{case['config']}: {part:<15} {ms(ref[0])} {ms(ref[1])} {ms(ref[2])} {ms(fused[0])} {ms(fused[1])} "
+              f"{ms(fused[2])} {ratio:6.2f} {fused[2] / steps['fused']:6.2f}", flush=True)
+        for name, (f, b, total), part_ratio in (("reference", ref, 1.0), ("fused", fused, ratio)):
+            rows.append(dict(env, **case, dtype="fp32", variant=f"breakdown_{name}", part=part, forward_ms=f,
+                             backward_ms=b, total_ms=total, share=total / steps[name], time_ratio=part_ratio,
+                             steps_timed=repeats))
+    return rows
+
+
 def _parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -358,6 +385,10 @@ def _parser():
     parser.add_argument("--regions", action="store_true",
                         help="time every block regional compilation can compile, eager vs compiled (forward + "
                              "backward), per path, with its compile seconds, instead of the training step")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="time the step per part of the network (backbone, Swin layers, initial predictions, "
+                             "CTAM, FPMA, heads, loss, optimizer), forward and backward, reference vs fused, "
+                             "instead of the step alone")
     parser.add_argument("--variants", help="comma-separated: time only these variants (of reference, fused, "
                         "reference_fused_adam, fused_reference_loss and those --layouts and --compile add); ratios "
                         "need the reference among them")
@@ -430,10 +461,10 @@ def print_table(rows, env, device):
 def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
-    parts = args.loss or args.head or args.regions
+    parts = args.loss or args.head or args.regions or args.breakdown
     if parts and (args.compile or args.layouts or args.variants or args.amp not in (None, "off")):
-        parser.error("--loss, --head and --regions time parts of the step alone, in fp32; --compile, --layouts, "
-                     "--variants and --amp apply to the whole step")
+        parser.error("--loss, --head, --regions and --breakdown time parts of the step, in fp32; --compile, "
+                     "--layouts, --variants and --amp apply to the whole step")
     if args.compile_paths != "both" and not args.compile:
         parser.error("--compile-paths chooses the paths that --compile compiles: give --compile too")
     device = args.device
@@ -463,6 +494,8 @@ def main(argv=None):
                 rows += part_rows("loss", measure_loss(net, loss_fn, batch, device, repeats), "loss_ms", env, **case)
             if args.head:
                 rows += part_rows("head", measure_head(net, batch, device, repeats), "head_ms", env, **case)
+            if args.breakdown:
+                rows += breakdown_rows(net.train(), loss_fn, batch, device, repeats, env, **case)
             continue
         for amp in amp_modes:
             torch.manual_seed(0)

@@ -3,6 +3,7 @@ plots and the GPU check's summary read, and plot.py turns those rows into PNGs a
 import copy
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -192,7 +193,7 @@ def test_region_rows(capsys):
     assert "FusedCrossTaskAttention" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("part", ["--head", "--loss", "--regions"])
+@pytest.mark.parametrize("part", ["--head", "--loss", "--regions", "--breakdown"])
 @pytest.mark.parametrize("extra", [["--compile"], ["--layouts"], ["--amp", "bf16"]])
 def test_part_modes_reject_step_options(part, extra, capsys):
     with pytest.raises(SystemExit):
@@ -330,3 +331,69 @@ def test_train_variants_alone_without_reference_have_no_ratios(capsys):
         bench_train.main(["--device", "cpu", "--configs", "nyud2", "--size", "32", "32", "--widths", "12", "12",
                           "12", "12", "--repeats", "1", "--variants", "fused,fast"])
     assert "--variants: unknown ['fast']" in capsys.readouterr().err
+
+
+def test_breakdown_rows(capsys):
+    """--breakdown: a row per path and part (and the whole step) with forward, backward and total ms; every part of
+    the network has a forward and a backward on both paths, and the parts add up to the step without overlapping
+    ("other", what is left, is not negative)."""
+    from benchmarks.step_breakdown import HOOKED, PARTS
+
+    rows = bench_train.main(["--device", "cpu", "--breakdown", "--configs", "nyud2", "--batch", "2", "--size", "64",
+                             "64", "--widths", "12", "12", "12", "12", "--repeats", "1"])
+    assert [(r["variant"], r["part"]) for r in rows] == [
+        (f"breakdown_{path}", part) for part in PARTS + ("step",) for path in ("reference", "fused")]
+    by = {(r["variant"][len("breakdown_"):], r["part"]): r for r in rows}
+    for path in ("reference", "fused"):
+        for part in ("backbone", "loss") + HOOKED:
+            assert by[path, part]["forward_ms"] > 0 and by[path, part]["backward_ms"] > 0, (path, part)
+        assert by[path, "optimizer"]["total_ms"] > 0 and by[path, "other"]["total_ms"] >= 0
+        assert sum(by[path, part]["total_ms"] for part in PARTS) == pytest.approx(by[path, "step"]["total_ms"])
+        assert ENV_FIELDS <= set(by[path, "step"]) and by[path, "step"]["share"] == 1
+    assert by["fused", "heads"]["time_ratio"] == by["fused", "heads"]["total_ms"] / by["reference", "heads"]["total_ms"]
+    assert "cross_task" in capsys.readouterr().out
+
+
+class _SlowBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(0.05)
+        return grad
+
+
+def test_step_timeline_attributes_time_to_its_part(monkeypatch):
+    """50 ms of sleep in each task head's forward and in its backward are counted to the heads (forward and
+    backward), not to the loss or the backbone; the hooks are gone afterwards. The fused path here recomputes its
+    Swin layers in backward (as where the C++ kernels do not run): a forward recomputed in backward is not a call."""
+    from benchmarks.step_breakdown import StepTimeline
+    from model import fused as model_fused
+
+    monkeypatch.setattr(model_fused, "cpu_kernels_run", lambda x: False)
+    torch.manual_seed(0)
+    tasks = TASK_SETS["nyud2"]
+    net = build_model(tasks, widths=(12, 12, 12, 12)).train().set_fused(True)
+    batch = bench_train.random_batch(tasks, 2, (64, 64), "cpu")
+    loss_fn = MultiTaskLoss(list(tasks))
+    for head in net.heads.values():
+        forward = head.forward
+
+        def slow(features, forward=forward):
+            time.sleep(0.05)
+            return _SlowBackward.apply(forward(features))
+        monkeypatch.setattr(head, "forward", slow)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    timeline = StepTimeline(net, "cpu")
+    with timeline:
+        parts = timeline.step(lambda: net(batch["image"]), lambda out: loss_fn(out, batch)[0], opt.step)
+    assert len(timeline.calls) == 4 + 8 + 4 + 3 + 2  # Swin layers, initial predictions, CTAM, FPMA, heads
+    assert all("grad_in" in c and "grad_out" in c for c in timeline.calls)
+    heads_forward, heads_backward, _ = parts["heads"]
+    assert heads_forward >= 100 and heads_backward >= 100
+    for part in ("backbone", "self_attention", "initial", "cross_task", "propagation", "loss"):
+        assert parts[part][0] < 50 and parts[part][1] < 50, part
+    assert parts["other"][2] >= 0
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for ms in timeline.modules.values() for m in ms)
