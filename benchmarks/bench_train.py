@@ -221,34 +221,38 @@ def measure_loss(net, loss_fn: MultiTaskLoss, batch, device, repeats: int) -> di
 
 
 def measure_head(net, batch, device, repeats: int) -> dict:
-    """{"reference": row, "fused_eager_bn_relu": row, "fused": row}: the first task's head (CSAM and the aggregation)
-    alone, forward and backward, on random decoder features of the network's shapes (NCHW for the reference, the
-    fused path's layout for the fused heads), interleaved medians; the bytes autograd saves (the features and
-    parameters excluded). "fused_eager_bn_relu" runs the aggregation's BatchNorm + ReLU as eager PyTorch instead of
-    the C++ op."""
+    """{"reference": row, "fused_eager_bn_relu": row, "fused_blocks": row, "fused": row}: the first task's head (CSAM
+    and the aggregation) alone, forward and backward, on random decoder features of the network's shapes (NCHW for
+    the reference, the fused path's layout for the fused heads), interleaved medians; the bytes autograd saves (the
+    features and parameters excluded). "fused_eager_bn_relu" runs the aggregation by [c, N] blocks with eager
+    PyTorch's BatchNorm + ReLU and dense interpolation products (as where the C++ kernels cannot run),
+    "fused_blocks" by [c, N] blocks with the C++ kernels (CHANNELS_LAST_AGGREGATION off: BLAS products), "fused"
+    as the fused path runs it on this device (on CPU channels-last, by 1x1 convolutions)."""
     from model import fused_ops
 
     task = next(iter(net.tasks))
     heads = {"reference": copy.deepcopy(net.heads[task]).train()}
     fused_net = copy.deepcopy(net).set_fused(True)
-    heads["fused_eager_bn_relu"] = heads["fused"] = fused_net.heads[task].train()
+    heads["fused_eager_bn_relu"] = heads["fused_blocks"] = heads["fused"] = fused_net.heads[task].train()
     g = torch.Generator(device=device).manual_seed(1)
     height, width = batch["image"].shape[-2:]
     features = [torch.randn(batch["image"].shape[0], c, height // (4 << k), width // (4 << k), generator=g,
                             device=device) for k, c in enumerate(heads["reference"].widths)]
     inputs = {"reference": [f.requires_grad_() for f in features]}
-    inputs["fused"] = inputs["fused_eager_bn_relu"] = [
+    inputs["fused"] = inputs["fused_eager_bn_relu"] = inputs["fused_blocks"] = [
         f.detach().contiguous(memory_format=fused_net.layout(f)).requires_grad_() for f in features]
-    kernel_check = fused_ops.cpu_kernels_run
+    kernel_check, channels_last = fused_ops.cpu_kernels_run, fused_ops.CHANNELS_LAST_AGGREGATION
 
     def step(name):
         if name == "fused_eager_bn_relu":
             fused_ops.cpu_kernels_run = lambda x: False
+        if name == "fused_blocks":
+            fused_ops.CHANNELS_LAST_AGGREGATION = False
         try:
             return seconds(lambda: torch.autograd.grad(heads[name](inputs[name]).square().mean(),
                                                        [*inputs[name], *heads[name].parameters()]), device)
         finally:
-            fused_ops.cpu_kernels_run = kernel_check
+            fused_ops.cpu_kernels_run, fused_ops.CHANNELS_LAST_AGGREGATION = kernel_check, channels_last
 
     steps = {name: functools.partial(step, name) for name in heads}
     for warm_up in steps.values():

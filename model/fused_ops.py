@@ -128,6 +128,9 @@ BATCH_NORM_KERNEL_MIN_ROWS = 512
 # Where the CPU kernels run, the aggregation head resamples rows by 2-tap filters (upsample_rows_accumulate); False:
 # by dense interpolation products as elsewhere (benchmarks/bench_layers.py compares the two)
 ROW_TAPS = True
+# Where the CPU kernels run and the finest map is channels-last, the aggregation head runs channels-last
+# (_AggregationChannelsLast); False: by [c, N] blocks and BLAS products (_Aggregation), as on a GPU
+CHANNELS_LAST_AGGREGATION = True
 
 
 def _kernels_take(x: torch.Tensor, weight, bias, min_rows: int) -> bool:
@@ -366,6 +369,116 @@ class _Aggregation(torch.autograd.Function):
                 grad_w_out, grad_b_out)
 
 
+def _conv1x1(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [B, C_in, H, W] through a 1x1 convolution of weight [C_out, C_in] (no bias), in x's memory layout."""
+    return F.conv2d(x, weight[:, :, None, None])
+
+
+def _conv1x1_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor):
+    """(dL/dx, dL/dweight [C_out, C_in]) of _conv1x1(x, weight) given dL/dout."""
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(grad, x, weight[:, :, None, None], None, [1, 1], [0, 0],
+                                                            [1, 1], False, [0, 0], 1, [True, True, False])
+    return grad_x, grad_w.flatten(1)
+
+
+class _AggregationChannelsLast(torch.autograd.Function):
+    """_Aggregation's function on CPU for a channels-last finest map, each block of h channels-last ([B, H, W, c] in
+    memory): every product is a 1x1 convolution of channels-last maps (oneDNN), which on CPU runs at up to twice the
+    speed of the BLAS products of [c, N] blocks (AMD Zen 5: 340 vs 150 GFLOP/s; benchmarks/RESULTS.md); the rows'
+    2-tap resampling reads a block's rows of W*c values; BatchNorm by the channels-last kernels. Keeps each block of
+    h for backward, like _Aggregation on CPU. Same arguments and outputs as _Aggregation (no keep_h)."""
+
+    @staticmethod
+    def forward(ctx, eps, sizes, running_mean, running_var, x0, x1, x2, x3, w0, w1, w2, w3, bias, gamma, beta,
+                w_out, b_out):
+        xs, ws = [x0, x1, x2, x3], [w0, w1, w2, w3]
+        batch, channels = x0.shape[0], w0.shape[0]
+        (height, width), scales, taps = geometry = _geometry(sizes, xs, True)
+        block = _channel_block(batch, channels, height * width, x0.device)
+        centre, var = (torch.empty(channels, dtype=x0.dtype) for _ in range(2))
+        if running_mean is not None:  # centre: the mean of the bias-less h (see _Aggregation)
+            torch.sub(running_mean, bias, out=centre)
+            var.copy_(running_var)
+        out, kept = None, []
+        for c0 in range(0, channels, block):
+            sl = slice(c0, min(c0 + block, channels))
+            h = _conv1x1(x0, ws[0][sl]).contiguous(memory_format=torch.channels_last)  # (float64: no oneDNN)
+            c = h.shape[1]
+            ts = []
+            for x, w, ((hk, wk), _, cols) in zip(xs[1:], ws[1:], scales):  # columns by a product, per scale
+                z = _conv1x1(x, w[sl]).permute(0, 2, 3, 1).reshape(batch * hk, wk, c)
+                ts.append(torch.matmul(cols, z).view(batch, hk, width * c))
+            torch.ops.fused_mtl_attn.upsample_rows_accumulate(_rows(h), ts, *taps[:2])
+            kept.append(h)
+            if running_mean is None:
+                act, centre[sl], var[sl] = torch.ops.fused_mtl_attn.batch_norm_channels_last(h, gamma[sl], beta[sl],
+                                                                                             eps)
+                act.relu_()
+            else:
+                act = _normalized(h, centre[sl], var[sl], gamma[sl], beta[sl], eps).clamp_(min=0)
+            part = _conv1x1(act, w_out[:, sl])
+            out = part if out is None else out.add_(part)
+        ctx.eps, ctx.batch_stats, ctx.geometry, ctx.block = eps, running_mean is None, geometry, block
+        ctx.save_for_backward(*xs, *ws, gamma, beta, w_out, centre, var, *kept)
+        # NCHW, as _Aggregation returns it (a few output channels: a small copy)
+        return out.add_(b_out[:, None, None]).contiguous(), centre + bias, var
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
+        saved = ctx.saved_tensors
+        xs, ws = list(saved[:4]), list(saved[4:8])
+        gamma, beta, w_out, centre, var = saved[8:13]
+        kept = saved[13:]
+        (height, width), scales, taps = ctx.geometry
+        batch, channels = xs[0].shape[0], ws[0].shape[0]
+        g = grad_out.contiguous(memory_format=torch.channels_last)
+        grad_xs, grad_ws = [None] * 4, [torch.empty_like(w) for w in ws]
+        grad_bias, grad_gamma, grad_beta = (torch.empty_like(gamma) for _ in range(3))
+        grad_w_out = torch.empty_like(w_out)
+        for i, c0 in enumerate(range(0, channels, ctx.block)):
+            sl = slice(c0, min(c0 + ctx.block, channels))
+            h = kept[i]
+            c = h.shape[1]
+            pre = _normalized(h, centre[sl], var[sl], gamma[sl], beta[sl], ctx.eps)
+            act = pre.clamp_(min=0)
+            grad_act, grad_w_out[:, sl] = _conv1x1_backward(g, act, w_out[:, sl])
+            grad_act = torch.ops.aten.threshold_backward(grad_act, act, 0)  # ReLU: act > 0 where pre > 0
+            if ctx.batch_stats:
+                grad_h, grad_gamma[sl], grad_beta[sl] = torch.ops.fused_mtl_attn.batch_norm_channels_last_backward(
+                    grad_act, h, centre[sl], var[sl], gamma[sl], ctx.eps)
+                grad_bias[sl] = 0  # the batch mean takes out any shift of h: dL/dbias = sum dL/dh = 0
+            else:
+                invstd = torch.rsqrt(var[sl] + ctx.eps)
+                grad_beta[sl] = grad_act.sum((0, 2, 3))
+                grad_gamma[sl] = ((grad_act * h).sum((0, 2, 3)) - centre[sl] * grad_beta[sl]) * invstd
+                grad_h = grad_act.mul_((gamma[sl] * invstd)[:, None, None])
+                grad_bias[sl] = grad_beta[sl] * gamma[sl] * invstd
+            grad_h = grad_h.contiguous(memory_format=torch.channels_last)
+            grad_ts = torch.ops.fused_mtl_attn.upsample_rows_accumulate_backward(_rows(grad_h), *taps)
+            grad_x, grad_ws[0][sl] = _conv1x1_backward(grad_h, xs[0], ws[0][sl])
+            grad_xs[0] = grad_x if grad_xs[0] is None else grad_xs[0].add_(grad_x)
+            for k, ((hk, wk), _, cols) in enumerate(scales, start=1):  # the adjoint of the columns' product
+                grad_z = torch.matmul(cols.t(), grad_ts[k - 1].view(batch * hk, width, c))
+                grad_x, grad_ws[k][sl] = _conv1x1_backward(grad_z.view(batch, hk, wk, c).permute(0, 3, 1, 2), xs[k],
+                                                           ws[k][sl])
+                grad_xs[k] = grad_x if grad_xs[k] is None else grad_xs[k].add_(grad_x)
+        grad_b_out = g.sum((0, 2, 3))
+        return (None, None, None, None, *grad_xs, *grad_ws, grad_bias, grad_gamma, grad_beta, grad_w_out,
+                grad_b_out)
+
+
+def _rows(h: torch.Tensor) -> torch.Tensor:
+    """A channels-last map [B, c, H, W] as [B, H, W*c]: rows of W*c values, as upsample_rows_accumulate takes them."""
+    b, c, height, width = h.shape
+    return h.permute(0, 2, 3, 1).view(b, height, width * c)
+
+
+def _normalized(h: torch.Tensor, centre, var, gamma, beta, eps: float) -> torch.Tensor:
+    """BatchNorm of h [B, c, H, W] with the given statistics, in h's memory layout (a new tensor)."""
+    scale = gamma * torch.rsqrt(var + eps)
+    return torch.addcmul((beta - centre * scale)[:, None, None], h, scale[:, None, None])
+
+
 def _geometry(sizes, xs, taps: bool):
     """Size of scale 0; per coarser scale, its size and its dense interpolation matrices to scale 0 along the rows
     (None with `taps`) and the columns; with `taps` (the C++ kernels), the rows' 2-tap filters of every scale as
@@ -458,8 +571,13 @@ def blocked_aggregation(xs: list, weights: list, bias: torch.Tensor, norm: nn.Ba
     batch_stats = _uses_batch_stats(norm)
     running = (None, None) if batch_stats else (norm.running_mean, norm.running_var)
     sizes = tuple(tuple(x.shape[-2:]) for x in xs)
-    out, mean, var = _Aggregation.apply(norm.eps, sizes, _keep_blocks(xs[0].device), *running, *xs, *weights, bias,
-                                        norm.weight, norm.bias, conv_out.weight.flatten(1), conv_out.bias)
+    params = (bias, norm.weight, norm.bias, conv_out.weight.flatten(1), conv_out.bias)
+    if CHANNELS_LAST_AGGREGATION and ROW_TAPS and _keep_blocks(xs[0].device) and cpu_kernels_run(xs[0]):
+        xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]  # (the head's pieces come NCHW)
+        out, mean, var = _AggregationChannelsLast.apply(norm.eps, sizes, *running, *xs, *weights, *params)
+    else:
+        out, mean, var = _Aggregation.apply(norm.eps, sizes, _keep_blocks(xs[0].device), *running, *xs, *weights,
+                                            *params)
     if batch_stats and norm.track_running_stats:
         n = out.shape[0] * out.shape[2] * out.shape[3]
         with torch.no_grad():

@@ -421,6 +421,28 @@ def test_aggregation_interpolates_rows_by_the_kernel(monkeypatch):
     assert calls["upsample_rows_accumulate"] >= 2 and calls["upsample_rows_accumulate_backward"] >= 2, calls
 
 
+@pytest.mark.skipif(not fused_mtl_attn.available_backends()["cpu"][0], reason="the C++ extension is not built")
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_aggregation_in_either_layout_matches_reference(channels_last, monkeypatch):
+    """Where the CPU kernels run, the aggregation heads run channels-last (1x1 convolutions, _AggregationChannelsLast)
+    by default, by [c, N] blocks and BLAS products (_Aggregation, the GPU's way) with CHANNELS_LAST_AGGREGATION off:
+    the same function either way, in training (two steps) and in eval mode, with uneven blocks of channels."""
+    import model.fused_ops
+
+    monkeypatch.setattr(model.fused_ops, "CHANNELS_LAST_AGGREGATION", channels_last)
+    monkeypatch.setattr(model.fused_ops, "_channel_block", lambda batch, channels, positions, device: 11)
+    calls = {"_Aggregation": 0, "_AggregationChannelsLast": 0}
+    for name in calls:
+        def counted(*args, name=name, apply=getattr(model.fused_ops, name).apply):
+            calls[name] += 1
+            return apply(*args)
+        monkeypatch.setattr(getattr(model.fused_ops, name), "apply", counted)
+    _parity("nyud2", True, torch.float64, 2)
+    _parity("pascal3", False, torch.float64, 1)
+    used, unused = ("_AggregationChannelsLast", "_Aggregation")[::1 if channels_last else -1]
+    assert calls[used] >= 2 * 2 + 3 and calls[unused] == 0, calls
+
+
 def test_aggregation_without_the_batch_norm_relu_kernel_matches_reference(monkeypatch):
     """Kept blocks normalised by eager PyTorch and interpolated by dense products, as where the extension's CPU
     kernels cannot run."""
