@@ -93,10 +93,10 @@ class StepTimeline:
 
     def passed(self, call, side):
         t, record = self.clock(), self.calls[call]
-        if side == "out":
-            record["grad_in"] = min(record.get("grad_in", t), t)
-        else:
-            record["grad_out"] = max(record.get("grad_out", t), t)
+        if side == "out":  # a gradient reached the call's outputs: its backward has begun
+            record["backward_start"] = min(record.get("backward_start", t), t)
+        else:  # a gradient left through its inputs
+            record["backward_end"] = max(record.get("backward_end", t), t)
 
     def step(self, forward, loss, optimizer) -> dict:
         """One step: out = forward(), loss(out).backward(), optimizer(); returns {part: (forward ms, backward ms,
@@ -115,16 +115,16 @@ class StepTimeline:
         optimizer()
         end = self.clock()
         calls = self.calls
-        parts = {part: [0.0, 0.0] for part in PARTS[:-2]}
+        parts = {part: [0.0, 0.0] for part in ("backbone",) + HOOKED}
         for c in calls:
             parts[c["part"]][0] += c["end"] - c["start"]
-            if "grad_in" in c:  # (a call whose outputs got no gradient had no backward)
+            if "backward_start" in c:  # (a call whose outputs got no gradient had no backward)
                 # a call whose inputs need no gradient ends its backward with the step's
-                parts[c["part"]][1] += c.get("grad_out", backward_end) - c["grad_in"]
+                parts[c["part"]][1] += c.get("backward_end", backward_end) - c["backward_start"]
         parts["backbone"][0] = min(c["start"] for c in calls) - start
-        parts["backbone"][1] = backward_end - max((c["grad_out"] for c in calls if "grad_out" in c),
+        parts["backbone"][1] = backward_end - max((c["backward_end"] for c in calls if "backward_end" in c),
                                                   default=backward_end)
-        reached = min((c["grad_in"] for c in calls if "grad_in" in c), default=backward_end)
+        reached = min((c["backward_start"] for c in calls if "backward_start" in c), default=backward_end)
         parts["loss"] = [loss_end - forward_end, reached - loss_end]
         out = {part: (f * 1e3, b * 1e3, (f + b) * 1e3) for part, (f, b) in parts.items()}
         out["optimizer"] = (None, None, (end - backward_end) * 1e3)
@@ -134,8 +134,9 @@ class StepTimeline:
 
 
 def measure_breakdown(runners: dict, device, repeats: int) -> dict:
-    """{name: {part: (forward ms, backward ms, total ms)}} (PARTS and "step") of bench_train Runners (fp32): medians over `repeats`
-    rounds of one timed step of every runner in turn (the order rotating), after a warm-up step each."""
+    """{name: {part: (forward ms, backward ms, total ms)}} (PARTS and "step") of bench_train Runners (fp32): medians
+    over `repeats` rounds of one timed step of every runner in turn (the order rotating), after a warm-up step
+    each."""
     names, steps = list(runners), {name: [] for name in runners}
     timelines = {name: StepTimeline(r.net, device) for name, r in runners.items()}
     for r in range(repeats + 1):
