@@ -36,7 +36,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from benchmarks.common import environment, error_text, saved_bytes, write_json
 from benchmarks.labels import cpu_note
-from benchmarks.step_breakdown import PARTS, measure_breakdown
+from benchmarks.step_breakdown import PARTS, StepTimeline, median_parts
 from model import TASK_SETS, build_model
 from model.compile import (COMPILE_MODES, DEFAULT_BACKEND, REGION_TYPES, Stopwatch, compile_block, compile_model,
                            regions)
@@ -146,8 +146,8 @@ class Runner:
 
 
 def interleaved_times(steps: dict, repeats: int) -> dict:
-    """{name: seconds of each round} of `repeats` rounds of one call of every step(), in turn (interleaved, so the
-    machine's drifts hit all alike); each step returns its own seconds. The order rotates from round to round: a
+    """{name: what each round measured} of `repeats` rounds of one call of every step(), in turn (interleaved, so
+    the machine's drifts hit all alike); each step returns what it measured (its own seconds, or a step's parts). The order rotates from round to round: a
     step is slowed or sped up by the one before it (on CPU, by the memory the allocator kept or gave back, which
     decides how many fresh pages fault), so no variant always follows the same one."""
     names = list(steps)
@@ -343,7 +343,19 @@ def breakdown_rows(reference, loss_fn: MultiTaskLoss, data, device, repeats: int
     total / the reference's, and each part's share of its path's step; printed as a table."""
     variants = variants_of(reference, device, False, None)
     runners = {name: Runner(variants[name], loss_fn, data, device, False) for name in ("reference", "fused")}
-    parts = measure_breakdown(runners, device, repeats)
+    timelines = {name: StepTimeline(r.net, device) for name, r in runners.items()}
+
+    def timed_step(name):
+        runner, timeline = runners[name], timelines[name]
+        runner.opt.zero_grad(set_to_none=True)
+        with timeline:
+            return timeline.step(lambda: runner.net(runner.batch["image"]),
+                                 lambda out: runner.loss_fn(out, runner.batch)[0], runner.opt.step)
+
+    steps = {name: functools.partial(timed_step, name) for name in runners}
+    for warm_up in steps.values():
+        warm_up()
+    parts = {name: median_parts(rounds) for name, rounds in interleaved_times(steps, repeats).items()}
     steps = {name: parts[name]["step"][2] for name in parts}
     print(f"\n{case['config']} (ms; share: of the fused step) {'reference':>17} {'fused':>24}\n"
           f"{case['config']}: {'part':<15}" + " {:>7} {:>7} {:>7}".format("fwd", "bwd", "total") * 2

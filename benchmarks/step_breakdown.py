@@ -126,29 +126,15 @@ class StepTimeline:
                                                   default=backward_end)
         reached = min((c["backward_start"] for c in calls if "backward_start" in c), default=backward_end)
         parts["loss"] = [loss_end - forward_end, reached - loss_end]
-        out = {part: (f * 1e3, b * 1e3, (f + b) * 1e3) for part, (f, b) in parts.items()}
-        out["optimizer"] = (None, None, (end - backward_end) * 1e3)
-        out["other"] = (None, None, (end - start) * 1e3 - sum(v[2] for v in out.values()))
-        out["step"] = (None, None, (end - start) * 1e3)
-        return out
+        times = {part: (f * 1e3, b * 1e3, (f + b) * 1e3) for part, (f, b) in parts.items()}
+        times["optimizer"] = (None, None, (end - backward_end) * 1e3)
+        times["other"] = (None, None, (end - start) * 1e3 - sum(v[2] for v in times.values()))
+        times["step"] = (None, None, (end - start) * 1e3)
+        return times
 
 
-def measure_breakdown(runners: dict, device, repeats: int) -> dict:
-    """{name: {part: (forward ms, backward ms, total ms)}} (PARTS and "step") of bench_train Runners (fp32): medians
-    over `repeats` rounds of one timed step of every runner in turn (the order rotating), after a warm-up step
-    each."""
-    names, steps = list(runners), {name: [] for name in runners}
-    timelines = {name: StepTimeline(r.net, device) for name, r in runners.items()}
-    for r in range(repeats + 1):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            runner = runners[name]
-            runner.opt.zero_grad(set_to_none=True)
-            with timelines[name] as timeline:
-                parts = timeline.step(lambda: runner.net(runner.batch["image"]),
-                                      lambda out: runner.loss_fn(out, runner.batch)[0], runner.opt.step)
-            if r:
-                steps[name].append(parts)
+def median_parts(steps: list) -> dict:
+    """{part: (forward ms, backward ms, total ms)}: per part and field, the median over `steps` (StepTimeline.step
+    results; None stays None)."""
     median = lambda values: None if values[0] is None else statistics.median(values)  # noqa: E731
-    return {name: {part: tuple(median([s[part][i] for s in steps[name]]) for i in range(3))
-                   for part in PARTS + ("step",)} for name in names}
+    return {part: tuple(median([s[part][i] for s in steps]) for i in range(3)) for part in PARTS + ("step",)}

@@ -288,10 +288,7 @@ class _Aggregation(torch.autograd.Function):
         block = ctx.block = _channel_block(batch, channels, n0, xs[0].device)
         # the blocks of h are built without the conv's bias (no pass that writes it over every position): BatchNorm
         # subtracts it again, so each block is centred on `centre`, its own batch mean or the running mean - bias
-        centre, var = (torch.empty(channels, dtype=xs[0].dtype, device=xs[0].device) for _ in range(2))
-        if running is not None:
-            torch.sub(running[0], bias, out=centre)
-            var.copy_(running[1])
+        centre, var = _block_statistics(channels, running, bias)
         out = b_out[None, :, None].expand(batch, -1, n0).contiguous()
         # the kept blocks are separate tensors, not views of one [B, 1080, N0] map: each stays under the size
         # from which the C allocator maps fresh pages on every call (32 MB in glibc), whose first touch costs more
@@ -310,9 +307,7 @@ class _Aggregation(torch.autograd.Function):
             else:
                 if running is None:
                     centre[sl], var[sl] = _channel_stats(h)
-                scale = gamma[sl] * torch.rsqrt(var[sl] + eps)
-                shift = (beta[sl] - centre[sl] * scale)[:, None]
-                act = (h.mul_(scale[:, None]).add_(shift) if kept is None else torch.addcmul(shift, h, scale[:, None]))
+                act = _normalized(h, centre[sl], var[sl], gamma[sl], beta[sl], eps, in_place=kept is None)
                 act.clamp_(min=0)
             for b in range(batch):
                 out[b].addmm_(w_out[:, sl], act[b])
@@ -395,10 +390,7 @@ class _AggregationChannelsLast(torch.autograd.Function):
         batch, channels = x0.shape[0], w0.shape[0]
         (height, width), scales, taps = geometry = _geometry(sizes, xs, True)
         block = _channel_block(batch, channels, height * width, x0.device)
-        centre, var = (torch.empty(channels, dtype=x0.dtype) for _ in range(2))
-        if running_mean is not None:  # centre: the mean of the bias-less h (see _Aggregation)
-            torch.sub(running_mean, bias, out=centre)
-            var.copy_(running_var)
+        centre, var = _block_statistics(channels, None if running_mean is None else (running_mean, running_var), bias)
         out, kept = None, []
         for c0 in range(0, channels, block):
             sl = slice(c0, min(c0 + block, channels))
@@ -473,10 +465,23 @@ def _rows(h: torch.Tensor) -> torch.Tensor:
     return h.permute(0, 2, 3, 1).view(b, height, width * c)
 
 
-def _normalized(h: torch.Tensor, centre, var, gamma, beta, eps: float) -> torch.Tensor:
-    """BatchNorm of h [B, c, H, W] with the given statistics, in h's memory layout (a new tensor)."""
+def _normalized(h: torch.Tensor, centre, var, gamma, beta, eps: float, in_place: bool = False) -> torch.Tensor:
+    """BatchNorm of h [B, c, ...] with the given statistics, in h's memory layout (into h with `in_place`)."""
     scale = gamma * torch.rsqrt(var + eps)
-    return torch.addcmul((beta - centre * scale)[:, None, None], h, scale[:, None, None])
+    per_channel = (-1,) + (1,) * (h.dim() - 2)
+    return torch.addcmul((beta - centre * scale).view(per_channel), h, scale.view(per_channel),
+                         out=h if in_place else None)
+
+
+def _block_statistics(channels: int, running, bias):
+    """(centre, var) [channels] for the aggregation's blocks of the bias-less h: with running statistics (mean,
+    var), the running mean less the conv's bias and the running variance; else empty, for each block's batch
+    statistics."""
+    centre, var = (torch.empty(channels, dtype=bias.dtype, device=bias.device) for _ in range(2))
+    if running is not None:
+        torch.sub(running[0], bias, out=centre)
+        var.copy_(running[1])
+    return centre, var
 
 
 def _geometry(sizes, xs, taps: bool):
