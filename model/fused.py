@@ -96,35 +96,44 @@ class FusedSCAMTL(SCAMTL):
 
 
 def _projections_stacked(x: torch.Tensor, projections: list, groups: int) -> torch.Tensor:
-    """Many Projections at once on x [B, groups*C, N]: stage by stage, every projection's conv as one grouped
-    product (group g of x feeds its share of `projections`, listed group by group; later stages are grouped by
-    projection) and its BatchNorm over the stacked channels, each with its own parameters and statistics."""
+    """Many Projections at once on x [B, groups*C, H, W]: stage by stage, every projection's conv as one grouped
+    1x1 convolution (group g of x feeds its share of `projections`, listed group by group; later stages are grouped
+    by projection) and its BatchNorm over the stacked channels, each with its own parameters and statistics."""
     for stage in zip(*(p.stages() for p in projections)):
         convs, norms, relus = zip(*stage)
-        x = batch_norm_stacked(conv1x1_stacked(x, convs, groups), norms, relu=relus[0])
+        y = conv1x1_stacked(x, convs, groups)
+        x = batch_norm_stacked(y.flatten(2), norms, relu=relus[0]).view(y.shape)  # as [B, C, N]: the kernels' layout
         groups = len(projections)
     return x
 
 
+# CTAM's pair projections store about ten activations of every pair's size for backward: with `recompute`, maps of
+# at least this many positions recompute them in backward instead. Below it they are kept: at 256x256 with PASCAL's
+# 5 tasks (20 pairs), batch 2, the 1/16 and 1/32 scales' about 90 MB (4.5 % of the reference's saved activations)
+# against 19 ms each of recomputation per step (Zen 5, AVX-512); the 1/8 scale would add 120 MB for 26 ms.
+RECOMPUTE_PROJECTIONS_MIN_POSITIONS = 1024
+
+
 class FusedCrossTaskAttention(CrossTaskAttention):
     """CTAM at one scale with every ordered pair in one `cross_task_attention` call. With `recompute`, the pair
-    projections (cheap batched products, but ten activations of every pair's size) are recomputed in backward."""
+    projections (cheap grouped products, but ten activations of every pair's size) are recomputed in backward on
+    maps of at least RECOMPUTE_PROJECTIONS_MIN_POSITIONS positions."""
 
-    def pair_projections(self, x3: torch.Tensor, by_source: list):
-        """q, k, v [B, P, C, N] of every ordered pair (in `by_source` order) from the task-stacked x3 [B, M*C, N]:
+    def pair_projections(self, x: torch.Tensor, by_source: list):
+        """q, k, v [B, P, C, N] of every ordered pair (in `by_source` order) from the task-stacked x [B, M*C, H, W]:
         the first convs grouped by the task they read (target for q, source for k and v), the rest by pair."""
         m, n_pairs = len(self.tasks), len(by_source)
-        b, mc, n = x3.shape
+        b, mc, h, w = x.shape
         by_target = [(t, a) for t in self.tasks for a in self.sources(t)]
         gca = {pair: self.attention[from_key(*pair)] for pair in by_target}
-        q = _projections_stacked(x3, [gca[pair].query for pair in by_target], m)
+        q = _projections_stacked(x, [gca[pair].query for pair in by_target], m)
         # reordered by unbind and stack, not index_select: no index tensor copied to the device on every call (a
         # host sync on a GPU), a backward without index_add's atomics; and not by slices, whose backward fills and
         # adds a zero tensor of q's full size per pair
-        per_pair = q.view(b, n_pairs, mc // m, n).unbind(1)
+        per_pair = q.view(b, n_pairs, mc // m, h * w).unbind(1)
         q = torch.stack([per_pair[by_target.index(pair)] for pair in by_source], dim=1)
-        k = _projections_stacked(x3, [gca[pair].key for pair in by_source], m)
-        v = _projections_stacked(x3, [gca[pair].value for pair in by_source], m)
+        k = _projections_stacked(x, [gca[pair].key for pair in by_source], m)
+        v = _projections_stacked(x, [gca[pair].value for pair in by_source], m)
         return q, k.view(q.shape), v.view(q.shape)
 
     def forward(self, features: dict) -> dict:
@@ -135,10 +144,9 @@ class FusedCrossTaskAttention(CrossTaskAttention):
         c = mc // m
         # pairs in "by source" order: the source-side projections then come out of the grouped products in that order
         by_source = [(t, a) for a in tasks for t in self.sources(a)]
-        project = lambda x3: self.pair_projections(x3, by_source)  # noqa: E731
-        x3 = x.view(b, mc, h * w)
-        recompute = self.recompute and torch.is_grad_enabled()
-        q, k, v = recompute_in_backward(project, x3, modules=(self.attention,)) if recompute else project(x3)
+        project = lambda x: self.pair_projections(x, by_source)  # noqa: E731
+        recompute = self.recompute and torch.is_grad_enabled() and h * w >= RECOMPUTE_PROJECTIONS_MIN_POSITIONS
+        q, k, v = recompute_in_backward(project, x, modules=(self.attention,)) if recompute else project(x)
         attended = cross_task_attention(q, k, v, backend=self.backend)
         if is_channels_last(x):  # lay the pairs out [B, H, W, P, C] so that the block's input stays channels-last
             attended = attended.permute(0, 3, 1, 2).contiguous().view(b, h, w, -1, c).permute(0, 3, 4, 1, 2)

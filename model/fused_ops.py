@@ -131,6 +131,11 @@ ROW_TAPS = True
 # Where the CPU kernels run and the finest map is channels-last, the aggregation head runs channels-last
 # (_AggregationChannelsLast); False: by [c, N] blocks and BLAS products (_Aggregation), as on a GPU
 CHANNELS_LAST_AGGREGATION = True
+# On CPU the CTAM projections' grouped 1x1 convolutions of maps with fewer positions than this run as oneDNN
+# convolutions, else as MKL batched products: [2, 5*C, H, W] -> 4 pairs' C channels per task, forward + backward,
+# on a Zen 5 (AVX-512): 8x8 (C 288) 5.1 vs 9.3 ms, 16x16 (C 144) 4.9 vs 7.9, 32x32 (C 72) 9.0 vs 8.0, 64x64 (C 36)
+# 18 vs 11; channels-last convolutions of the larger maps would need their outputs copied for the attention op
+CONV_PROJECTIONS_MAX_POSITIONS = 1024
 
 
 def _kernels_take(x: torch.Tensor, weight, bias, min_rows: int) -> bool:
@@ -246,12 +251,21 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
 
 
+def _convolution_runs(x: torch.Tensor) -> bool:
+    """conv1x1_stacked takes x as a oneDNN convolution (else as a batched product)."""
+    return x.device.type == "cpu" and x.shape[-2] * x.shape[-1] < CONV_PROJECTIONS_MAX_POSITIONS
+
+
 def conv1x1_stacked(x: torch.Tensor, convs: Sequence[nn.Conv2d], groups: int) -> torch.Tensor:
-    """Grouped 1x1 convolution of x [B, G*Cin, N] as one batched matrix product (much faster than a grouped
-    convolution on CPU, forward and backward): group g goes through its share of `convs`, listed group by group."""
-    weight = cat_stacked([c.weight.flatten(1) for c in convs]).view(groups, -1, x.shape[1] // groups)
-    b, _, n = x.shape
-    return torch.matmul(weight, x.view(b, groups, -1, n)).view(b, -1, n)
+    """Grouped 1x1 convolution of x [B, G*Cin, H, W] (either layout) into an NCHW map: group g goes through its
+    share of `convs`, listed group by group. One batched matrix product (BLAS), or on CPU for maps of fewer than
+    CONV_PROJECTIONS_MAX_POSITIONS positions one oneDNN grouped convolution."""
+    weight = cat_stacked([c.weight for c in convs])
+    b, _, h, w = x.shape
+    if _convolution_runs(x):
+        return F.conv2d(x.contiguous(), weight, groups=groups)
+    out = torch.matmul(weight.view(groups, -1, x.shape[1] // groups), x.view(b, groups, -1, h * w))
+    return out.view(b, -1, h, w)
 
 
 def batch_norm_per_sample_group(x: torch.Tensor, norm: nn.BatchNorm2d, groups: int) -> torch.Tensor:

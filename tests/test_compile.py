@@ -13,6 +13,7 @@ import copy
 import pytest
 import torch
 
+import model.fused
 from model import TASK_SETS, build_model
 from model.compile import (CPU_EAGER_REGIONS, CPU_REGION_TYPES, REGION_TYPES, compile_model, compile_regions,
                            region_types, regions)
@@ -23,8 +24,10 @@ RTOL = 1e-9  # float64
 
 
 @pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "no-recompute"])
-def test_compiled_fused_matches_eager(recompute):
-    """Two optimizer steps in train mode, then (one compiled network, recompiled for the mode) a step in eval mode."""
+def test_compiled_fused_matches_eager(recompute, monkeypatch):
+    """Two optimizer steps in train mode, then (one compiled network, recompiled for the mode) a step in eval mode.
+    With recomputation, CTAM recomputes its projections at every scale (by default only on larger maps)."""
+    monkeypatch.setattr(model.fused, "RECOMPUTE_PROJECTIONS_MIN_POSITIONS", 1)
     tasks = TASK_SETS["nyud2"]
     torch.manual_seed(0)
     eager = build_model(tasks, widths=SMALL).double().set_fused(True, recompute=recompute)

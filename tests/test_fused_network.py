@@ -175,6 +175,30 @@ def test_fused_without_recomputation_matches_reference():
     _parity("nyud4", True, torch.float64, 2, recompute=False)
 
 
+@pytest.mark.parametrize("products, recompute_from", [("batched", 1), ("convolution", 10 ** 9)],
+                         ids=["batched-recomputed", "convolution-kept"])
+def test_ctam_projection_paths_match_reference(products, recompute_from, monkeypatch):
+    """CTAM's pair projections as batched matrix products or as grouped convolutions (the CPU default below
+    CONV_PROJECTIONS_MAX_POSITIONS positions: every scale here), recomputed in backward at every scale or kept at
+    every one (the default from RECOMPUTE_PROJECTIONS_MIN_POSITIONS on): float64 parity, with the path counted."""
+    import model.fused
+    import model.fused_ops
+    from model.fused import FusedCrossTaskAttention
+
+    monkeypatch.setattr(model.fused_ops, "CONV_PROJECTIONS_MAX_POSITIONS", 10 ** 9 if products == "convolution" else 0)
+    monkeypatch.setattr(model.fused, "RECOMPUTE_PROJECTIONS_MIN_POSITIONS", recompute_from)
+    taken, calls = [], []
+    decide = model.fused_ops._convolution_runs
+    monkeypatch.setattr(model.fused_ops, "_convolution_runs", lambda x: taken.append(decide(x)) or taken[-1])
+    project = FusedCrossTaskAttention.pair_projections
+    monkeypatch.setattr(FusedCrossTaskAttention, "pair_projections",
+                        lambda self, *a: calls.append(torch.is_grad_enabled()) or project(self, *a))
+    _parity("pascal3", True, torch.float64, 2)
+    assert set(taken) == {products == "convolution"}
+    # per step one call per scale in forward, and one more in backward where recomputed
+    assert len(calls) == 2 * 4 * (2 if recompute_from == 1 else 1), calls
+
+
 def test_checkpoint_moves_between_paths():
     tasks = CONFIGS["nyud2"]
     torch.manual_seed(0)
@@ -350,10 +374,10 @@ def test_batch_norm_kernels_in_the_network_match_reference(config, monkeypatch):
         monkeypatch.setattr(torch.ops.fused_mtl_attn, name, counted)
     _parity(config, True, torch.float64, 2)
     assert calls["batch_norm_channels_last"] > 50, calls
-    # the CTAM projections q, k and v have one BatchNorm + ReLU and one BatchNorm each (all pairs stacked): 3 of
-    # each per scale and step
+    # the CTAM projections (all pairs stacked): q, k and v one BatchNorm + ReLU each, q and k one BatchNorm alone
+    # each, per scale and step in forward (and again where recomputed in backward)
     assert calls["batch_norm_relu"] >= 3 * 4 * 2, calls
-    assert calls["batch_norm_relu(relu=False)"] >= 3 * 4 * 2, calls
+    assert calls["batch_norm_relu(relu=False)"] >= 2 * 4 * 2, calls
 
 
 def _decoder_layouts(net, x) -> list:
