@@ -1,8 +1,10 @@
-"""The network's Swin layers, BatchNorm layers and one task head (CSAM + aggregation) alone, forward + backward,
-eager PyTorch vs the fused path's ops (fused_mtl_attn.window_attention, the channels-last BatchNorm kernel, the
-fused head, and that head again with dense row-interpolation products instead of its 2-tap row kernel), at the
-shapes of one NYUD training step on CPU (256x320, batch 2: the backbone's maps at strides 4-32, channels-last as
-the fused path runs them; the head's inputs NCHW). The variants of each case run interleaved, one call of each in
+"""The network's Swin layers, BatchNorm layers, one task head (CSAM + aggregation) and CTAM alone, forward +
+backward, eager PyTorch vs the fused path's ops (fused_mtl_attn.window_attention, the channels-last BatchNorm
+kernel, the fused head, and that head again with dense row-interpolation products instead of its 2-tap row kernel;
+the fused CTAM, and again with its projections all as batched products and all as grouped convolutions, the choice
+model.fused_ops.CONV_PROJECTIONS_MAX_POSITIONS makes per machine), at the shapes of one NYUD training step on CPU
+(256x320, batch 2: the backbone's maps at strides 4-32, channels-last as the fused path runs them; the head's inputs
+NCHW) and for CTAM of a PASCAL one (5 tasks, 256x256, batch 2). The variants of each case run interleaved, one call of each in
 turn, and the medians are reported. Example:
 
     python -m benchmarks.bench_layers                      # CPU, every case, 15 rounds
@@ -20,10 +22,10 @@ import torch.nn as nn
 
 from benchmarks.common import environment, write_json
 from benchmarks.labels import cpu_note
-from model import fused_ops
-from model.fused import select_path
+from model import TASK_SETS, fused_ops
+from model.fused import CHANNELS_LAST_MIN_POSITIONS, select_path
 from model.modules import SwinLayer
-from model.network import DEFAULT_WIDTHS, TaskHead
+from model.network import DEFAULT_WIDTHS, CrossTaskAttention, TaskHead
 
 # (name, channels, heads, Swin blocks, map size): the encoder's self-attention at each scale (18-144 channels, 6
 # heads, 2 blocks) and FPMA's (M x C_k channels, 4 heads, 1 block) for NYUD's 2 tasks at 256x320
@@ -55,18 +57,27 @@ def interleaved_ms(fns: dict, rounds: int) -> dict:
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
-def forward_backward(module: nn.Module, x, row_taps: bool = True):
+def forward_backward(module: nn.Module, x, **settings):
     """One forward and backward with a dense gradient of the output's layout (`.sum().backward()` would hand
-    backward an expanded zero-stride gradient, a slow path of some kernels that the network never sees);
-    `row_taps` False: the aggregation head's rows by dense products (fused_ops.ROW_TAPS)."""
-    grad = torch.randn_like(module(x))
+    backward an expanded zero-stride gradient, a slow path of some kernels that the network never sees); x and the
+    output a tensor or a dict of them (CTAM). `settings`: model.fused_ops switches set during the call (e.g.
+    ROW_TAPS=False: the aggregation head's rows by dense products), put back after it."""
+    out = module(x)
+    grad = {k: torch.randn_like(v) for k, v in out.items()} if isinstance(out, dict) else torch.randn_like(out)
 
     def run():
-        default, fused_ops.ROW_TAPS = fused_ops.ROW_TAPS, row_taps
+        defaults = {name: getattr(fused_ops, name) for name in settings}
+        for name, value in settings.items():
+            setattr(fused_ops, name, value)
         try:
-            module(x).backward(grad)
+            out = module(x)
+            if isinstance(out, dict):
+                torch.autograd.backward([out[k] for k in grad], [grad[k] for k in grad])
+            else:
+                out.backward(grad)
         finally:
-            fused_ops.ROW_TAPS = default
+            for name, value in defaults.items():
+                setattr(fused_ops, name, value)
     return run
 
 
@@ -79,6 +90,29 @@ def cases():
     # NYUD semseg's head: Y_k of C_k channels at 64x80 >> k
     yield ("head", "semseg 64x80", TaskHead(DEFAULT_WIDTHS, 40),
            [torch.randn(2, c, 64 >> k, 80 >> k) for k, c in enumerate(DEFAULT_WIDTHS)])
+    # PASCAL's CTAM (5 tasks, 20 ordered pairs) at 256x256: the task features at 64x64 >> k
+    tasks = list(TASK_SETS["pascal5"])
+    for k, c in enumerate(DEFAULT_WIDTHS):
+        size = (64 >> k, 64 >> k)
+        yield ("ctam", f"pascal5 {size[0]}x{size[1]}", CrossTaskAttention(tasks, c),
+               {t: torch.randn(2, c, *size) for t in tasks})
+
+
+# the fused path's own alternatives, timed next to it: {kind: {variant: model.fused_ops switches}}
+ALTERNATIVES = {"head": {"fused_dense_rows": {"ROW_TAPS": False}},
+                "ctam": {"fused_batched_products": {"CONV_PROJECTIONS_MAX_POSITIONS": 0},
+                         "fused_convolutions": {"CONV_PROJECTIONS_MAX_POSITIONS": 1 << 30}}}
+
+
+def _layout(x, fused: bool):
+    """x as the network hands it over: the head's inputs NCHW; CTAM's in the path's layout (the reference NCHW, the
+    fused path channels-last from model.fused.CHANNELS_LAST_MIN_POSITIONS positions on); other maps channels-last."""
+    if isinstance(x, list):
+        return [t.requires_grad_() for t in x]
+    if isinstance(x, dict):
+        return {t: _layout(f, fused) if fused and f.shape[-2] * f.shape[-1] >= CHANNELS_LAST_MIN_POSITIONS
+                else f.clone().requires_grad_() for t, f in x.items()}
+    return x.contiguous(memory_format=torch.channels_last).requires_grad_()
 
 
 def main(argv=None):
@@ -102,20 +136,17 @@ def _measure(args) -> list:
     rows = []
     print(f"{env['cpu']} ({env['threads']} threads{cpu_note(env)}), torch {env['torch']}")
     for kind, name, module, x in cases():
-        if kind == "head":
-            x = [t.requires_grad_() for t in x]
-        else:
-            x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
         module.train()
         fused = _fused(module)
-        variants = {"eager": forward_backward(module, x), "fused": forward_backward(fused, x)}
-        if kind == "head":
-            variants["fused_dense_rows"] = forward_backward(fused, x, row_taps=False)
+        x_eager, x_fused = _layout(x, False), _layout(x, True)
+        variants = {"eager": forward_backward(module, x_eager), "fused": forward_backward(fused, x_fused)}
+        for variant, settings in ALTERNATIVES.get(kind, {}).items():
+            variants[variant] = forward_backward(fused, x_fused, **settings)
         medians = interleaved_ms(variants, args.rounds)
         ratio = medians["fused"] / medians["eager"]
-        dense = f"  fused with dense rows {medians['fused_dense_rows']:8.2f} ms" if kind == "head" else ""
+        others = "".join(f"  {v} {ms:8.2f} ms" for v, ms in medians.items() if v not in ("eager", "fused"))
         print(f"{kind:10s} {name:22s} eager {medians['eager']:8.2f} ms  fused {medians['fused']:8.2f} ms  "
-              f"x{ratio:.2f}{dense}", flush=True)
+              f"x{ratio:.2f}{others}", flush=True)
         rows.append({"kind": kind, "case": name, **{f"{v}_ms": ms for v, ms in medians.items()},
                      "time_ratio": ratio, "rounds": args.rounds, **env})
     if args.json:

@@ -131,11 +131,12 @@ ROW_TAPS = True
 # Where the CPU kernels run and the finest map is channels-last, the aggregation head runs channels-last
 # (_AggregationChannelsLast); False: by [c, N] blocks and BLAS products (_Aggregation), as on a GPU
 CHANNELS_LAST_AGGREGATION = True
-# On CPU the CTAM projections' grouped 1x1 convolutions of maps with fewer positions than this run as oneDNN
-# convolutions, else as MKL batched products: [2, 5*C, H, W] -> 4 pairs' C channels per task, forward + backward,
-# on a Zen 5 (AVX-512): 8x8 (C 288) 5.1 vs 9.3 ms, 16x16 (C 144) 4.9 vs 7.9, 32x32 (C 72) 9.0 vs 8.0, 64x64 (C 36)
-# 18 vs 11; channels-last convolutions of the larger maps would need their outputs copied for the attention op
-CONV_PROJECTIONS_MAX_POSITIONS = 1024
+# On CPU with AVX-512 the CTAM projections' grouped 1x1 convolutions of maps with fewer positions than this run as
+# oneDNN convolutions, else as MKL batched products. [2, 5*C, H, W] -> 4 pairs' C channels per task, forward +
+# backward, convolution vs batched product, on a Zen 5: 8x8 (C 288) 5.1 vs 9.3 ms, 16x16 (C 144) 4.9 vs 7.9, 32x32
+# (C 72) 9.0 vs 8.0, 64x64 (C 36) 18 vs 11; with AVX2 code oneDNN's grouped convolutions lose everywhere (8x8 21 vs
+# 13 ms), so there 0: never. (benchmarks/bench_layers.py times both at PASCAL's CTAM.)
+CONV_PROJECTIONS_MAX_POSITIONS = 1024 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 0
 
 
 def _kernels_take(x: torch.Tensor, weight, bias, min_rows: int) -> bool:

@@ -305,14 +305,18 @@ def test_layers_rows(tmp_path):
     import model.fused_ops
 
     switched = model.fused_ops.CHANNELS_LAST_BATCH_NORM_MIN_ROWS
+    conv_projections = model.fused_ops.CONV_PROJECTIONS_MAX_POSITIONS
     rows = bench_layers.main(["--rounds", "1", "--json", str(tmp_path / "layers.json")])
     assert model.fused_ops.CHANNELS_LAST_BATCH_NORM_MIN_ROWS == switched  # the network's default is left as it was
-    assert model.fused_ops.ROW_TAPS  # (put back after the head's dense-rows variant)
-    assert {r["kind"] for r in rows} == {"swin", "batch_norm", "head"}
-    assert len(rows) == len(bench_layers.SWIN) + len(bench_layers.BATCH_NORM) + 1
+    # (switches put back after the head's dense-rows variant and CTAM's projection variants)
+    assert model.fused_ops.ROW_TAPS and model.fused_ops.CONV_PROJECTIONS_MAX_POSITIONS == conv_projections
+    assert {r["kind"] for r in rows} == {"swin", "batch_norm", "head", "ctam"}
+    assert len(rows) == len(bench_layers.SWIN) + len(bench_layers.BATCH_NORM) + 1 + 4
     for r in rows:
         assert r["eager_ms"] > 0 and r["fused_ms"] > 0 and r["time_ratio"] == r["fused_ms"] / r["eager_ms"]
-    assert [r["fused_dense_rows_ms"] > 0 for r in rows if r["kind"] == "head"] == [True]
+        for variant in bench_layers.ALTERNATIVES.get(r["kind"], {}):
+            assert r[f"{variant}_ms"] > 0, (r, variant)
+    assert [r["case"] for r in rows if r["kind"] == "ctam"] == [f"pascal5 {s}x{s}" for s in (64, 32, 16, 8)]
     assert (tmp_path / "layers.json").exists()
     with pytest.raises(SystemExit):
         bench_layers.main(["--rounds", "0"])
