@@ -6,9 +6,9 @@ and state-dict key stays as it is. Each override reads its module's named layers
 
 - Encoder: optionally recomputed in backward (activation checkpointing: the stem, and the Swin layers where their
   window attention runs eagerly); on CPU the network runs channels-last, but for its coarsest maps.
-- CTAM: the projections of all ordered pairs run as a few batched matrix products, one `cross_task_attention`
-  call attends every pair, and the shared BasicBlock runs for all targets at once, reading each target's feature
-  once (the weight columns of its repeated copies summed).
+- CTAM: the projections of all ordered pairs run as a few grouped products (fused_ops.conv1x1_stacked), one
+  `cross_task_attention` call attends every pair, and the shared BasicBlock runs for all targets at once, reading
+  each target's feature once (the weight columns of its repeated copies summed).
 - FPMA: the reference computation, kept in the input's memory layout.
 - Swin blocks (the encoder's self-attention and FPMA's): each block's window attention in one fused op that reads
   q, k, v from the qkv Linear's output and stores no per-head [L, L] map (fused_mtl_attn.window_attention).
@@ -109,8 +109,9 @@ def _projections_stacked(x: torch.Tensor, projections: list, groups: int) -> tor
 
 # CTAM's pair projections store about ten activations of every pair's size for backward: with `recompute`, maps of
 # at least this many positions recompute them in backward instead. Below it they are kept: at 256x256 with PASCAL's
-# 5 tasks (20 pairs), batch 2, the 1/16 and 1/32 scales' about 90 MB (4.5 % of the reference's saved activations)
-# against 19 ms each of recomputation per step (Zen 5, AVX-512); the 1/8 scale would add 120 MB for 26 ms.
+# 5 tasks (20 pairs), batch 2, the 1/16 and 1/32 scales' 102 MiB (the step's saved activations 0.49 -> 0.55 of the
+# reference's) against 19 ms each of recomputation per step (Zen 5, AVX-512); keeping the 1/8 scale's too would
+# take 0.59 for 26 ms more.
 RECOMPUTE_PROJECTIONS_MIN_POSITIONS = 1024
 
 
