@@ -11,7 +11,8 @@ and state-dict key stays as it is. Each override reads its module's named layers
   each target's feature once (the weight columns of its repeated copies summed).
 - FPMA: the reference computation, kept in the input's memory layout.
 - Swin blocks (the encoder's self-attention and FPMA's): each block's window attention in one fused op that reads
-  q, k, v from the qkv Linear's output and stores no per-head [L, L] map (fused_mtl_attn.window_attention).
+  q, k, v from the qkv Linear's output and stores no per-head [L, L] map (fused_mtl_attn.window_attention); on CPUs
+  where oneDNN outpaces MKL, the large Linear products as 1x1 convolutions (fused_ops.linear).
 - CSAM: the query projection runs once per target scale, the sources are gathered along positions and attended by
   one `cross_scale_attention` call.
 - Aggregation: the 1x1 conv commutes with bilinear upsampling, so it runs per scale at the scale's own resolution
@@ -31,7 +32,7 @@ from fused_mtl_attn import cross_scale_attention, cross_task_attention, window_a
 from fused_mtl_attn.backends import cpu_kernels_run
 
 from .fused_ops import (batch_norm_per_sample_group, batch_norm_repeated, batch_norm_segments, batch_norm_stacked,
-                        blocked_aggregation, channels_last_kernel_runs, conv1x1_stacked, is_channels_last,
+                        blocked_aggregation, channels_last_kernel_runs, conv1x1_stacked, is_channels_last, linear,
                         recompute_in_backward, upsample)
 from .modules import GlobalContextAttention, WindowAttention, from_key
 from .network import AGGREGATION_INPUTS, SCAMTL, CrossTaskAttention, FeaturePropagation, TaskHead
@@ -206,6 +207,14 @@ class FusedFeaturePropagation(FeaturePropagation):
         return weights.permute(0, 3, 4, 1, 2)
 
 
+class FusedLinear(nn.Linear):
+    """nn.Linear whose large products run as oneDNN 1x1 convolutions on CPUs where oneDNN outpaces MKL
+    (fused_ops.linear: the Swin blocks' qkv and proj)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class FusedBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d that, in training on a large channels-last CPU map, runs the extension's channels-last kernel
     (through `batch_norm_stacked`: the same function and running statistics) instead of PyTorch's slower one."""
@@ -273,7 +282,7 @@ class FusedTaskHead(TaskHead):
 
 FUSED = {SCAMTL: FusedSCAMTL, CrossTaskAttention: FusedCrossTaskAttention, FeaturePropagation: FusedFeaturePropagation,
          GlobalContextAttention: FusedGlobalContextAttention, TaskHead: FusedTaskHead,
-         WindowAttention: FusedWindowAttention, nn.BatchNorm2d: FusedBatchNorm2d}
+         WindowAttention: FusedWindowAttention, nn.BatchNorm2d: FusedBatchNorm2d, nn.Linear: FusedLinear}
 REFERENCE = {fused: reference for reference, fused in FUSED.items()}
 
 

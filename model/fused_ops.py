@@ -131,12 +131,33 @@ ROW_TAPS = True
 # Where the CPU kernels run and the finest map is channels-last, the aggregation head runs channels-last
 # (_AggregationChannelsLast); False: by [c, N] blocks and BLAS products (_Aggregation), as on a GPU
 CHANNELS_LAST_AGGREGATION = True
-# On CPU with AVX-512 the CTAM projections' grouped 1x1 convolutions of maps with fewer positions than this run as
-# oneDNN convolutions, else as MKL batched products. [2, 5*C, H, W] -> 4 pairs' C channels per task, forward +
-# backward, convolution vs batched product, on a Zen 5: 8x8 (C 288) 5.1 vs 9.3 ms, 16x16 (C 144) 4.9 vs 7.9, 32x32
-# (C 72) 9.0 vs 8.0, 64x64 (C 36) 18 vs 11; with AVX2 code oneDNN's grouped convolutions lose everywhere (8x8 21 vs
-# 13 ms), so there 0: never. (benchmarks/bench_layers.py times both at PASCAL's CTAM.)
-CONV_PROJECTIONS_MAX_POSITIONS = 1024 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 0
+
+
+def _onednn_outpaces_mkl() -> bool:
+    """oneDNN runs AVX-512 code on this CPU and MKL (PyTorch's BLAS) does not: MKL takes its AVX2 code on CPUs other
+    than Intel's. On a Zen 5 MKL's float32 products run at 140-160 GFLOP/s with AVX-512 allowed or not, oneDNN's 1x1
+    convolutions at 220-355; with AVX2 code oneDNN's lose to MKL's (benchmarks/RESULTS.md). On an Intel CPU with
+    AVX-512 both run AVX-512 code: not measured there, so products stay with MKL."""
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "GenuineIntel" not in f.read(1 << 16)
+    except OSError:  # not Linux: keep MKL
+        return False
+
+
+# Where oneDNN outpaces MKL (read once), matrix products of the fused path run as oneDNN 1x1 convolutions:
+ONEDNN_PRODUCTS = _onednn_outpaces_mkl()
+# - CTAM's grouped projections on maps of fewer positions than this (as NCHW grouped convolutions; else batched
+#   products). [2, 5*C, H, W] -> 4 pairs' C channels per task, forward + backward, convolution vs product, Zen 5
+#   with AVX-512: 8x8 (C 288) 5.1 vs 9.3 ms, 16x16 (C 144) 4.9 vs 7.9, 32x32 (C 72) 9.0 vs 8.0, 64x64 (C 36) 18 vs 11
+#   (on larger maps channels-last convolutions would be faster, but their outputs need copying for the attention op).
+CONV_PROJECTIONS_MAX_POSITIONS = 1024 if ONEDNN_PRODUCTS else 0
+# - Linear layers (the Swin blocks' qkv and proj) of at least this many multiply-adds per call (None: never): their
+#   rows as a channels-last map. Forward + backward on the Zen 5, 0.51-0.66x of F.linear from 2^24 multiply-adds on
+#   (FPMA's [2450, 360] -> 1080: 18.4 vs 34.9 ms; [392, 1440] -> 4320: 50 vs 88), 0.9-1.6x below.
+LINEAR_CONVOLUTION_MIN_MACS = 1 << 24 if ONEDNN_PRODUCTS else None
 
 
 def _kernels_take(x: torch.Tensor, weight, bias, min_rows: int) -> bool:
@@ -250,6 +271,23 @@ def recompute_in_backward(fn, *args, modules):
 
 def is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _linear_convolution_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """`linear` takes x as a oneDNN convolution (else as F.linear)."""
+    return (LINEAR_CONVOLUTION_MIN_MACS is not None and x.device.type == "cpu" and x.dtype == torch.float32
+            and x.numel() * weight.shape[0] >= LINEAR_CONVOLUTION_MIN_MACS)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """F.linear(x, weight, bias); where oneDNN outpaces MKL, a large product as a 1x1 convolution of x's rows viewed
+    as a channels-last [1, C_in, rows, 1] map (no copy of a contiguous x; the output comes back as rows)."""
+    if not _linear_convolution_runs(x, weight):
+        return F.linear(x, weight, bias)
+    cin, cout = weight.shape[1], weight.shape[0]
+    rows = x.reshape(1, -1, 1, cin).permute(0, 3, 1, 2)
+    out = F.conv2d(rows, weight[:, :, None, None], bias)
+    return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], cout)
 
 
 def _convolution_runs(x: torch.Tensor) -> bool:

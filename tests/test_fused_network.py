@@ -175,6 +175,54 @@ def test_fused_without_recomputation_matches_reference():
     _parity("nyud4", True, torch.float64, 2, recompute=False)
 
 
+def test_linear_as_convolution_matches_reference(monkeypatch):
+    """The fused path's Linear layers (the Swin blocks' qkv and proj) as 1x1 convolutions of their rows (the default
+    for large products where oneDNN outpaces MKL), forced here on every call: float64 parity, the calls counted."""
+    import model.fused_ops
+
+    calls = []
+    monkeypatch.setattr(model.fused_ops, "_linear_convolution_runs", lambda x, w: calls.append(x.shape) or True)
+    _parity("nyud2", True, torch.float64, 2)
+    assert len(calls) >= 2 * (4 * 2 + 3) * 2  # qkv and proj of every Swin block (2 per encoder scale, 1 per FPMA)
+    assert any(len(shape) == 3 for shape in calls)
+
+
+@pytest.mark.parametrize("shape, bias", [((7, 12), True), ((2, 5, 3, 12), False)], ids=["rows", "strided-4d"])
+def test_linear_as_convolution_float32(shape, bias, monkeypatch):
+    """fused_ops.linear's convolution path in float32 against F.linear: any leading shape, a strided input, no
+    bias; output and gradients within float32 rounding."""
+    import model.fused_ops
+    from model.fused_ops import linear
+
+    monkeypatch.setattr(model.fused_ops, "LINEAR_CONVOLUTION_MIN_MACS", 0)
+    torch.manual_seed(0)
+    x = torch.randn(shape).transpose(0, -2) if len(shape) > 2 else torch.randn(shape)
+    weight = torch.randn(20, 12)
+    b = torch.randn(20) if bias else None
+    assert model.fused_ops._linear_convolution_runs(x, weight)
+    got = [t.clone().requires_grad_() for t in (x, weight)] + ([b.clone().requires_grad_()] if bias else [])
+    want = [t.clone().requires_grad_() for t in (x, weight)] + ([b.clone().requires_grad_()] if bias else [])
+    out_got = linear(got[0], got[1], got[2] if bias else None)
+    out_want = torch.nn.functional.linear(want[0], want[1], want[2] if bias else None)
+    assert out_got.shape == out_want.shape
+    torch.testing.assert_close(out_got, out_want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out_want)
+    for g, w in zip(torch.autograd.grad(out_got, got, grad), torch.autograd.grad(out_want, want, grad)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("capability, vendor, want", [("AVX2", "AuthenticAMD", False), ("AVX512", "AuthenticAMD", True),
+                                                      ("AVX512", "GenuineIntel", False)])
+def test_products_go_to_onednn_only_where_mkl_runs_no_avx512(capability, vendor, want, monkeypatch):
+    import io
+
+    import model.fused_ops
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(model.fused_ops, "open", lambda *a: io.StringIO(f"vendor_id\t: {vendor}\n"), raising=False)
+    assert model.fused_ops._onednn_outpaces_mkl() is want
+
+
 @pytest.mark.parametrize("products, recompute_from", [("batched", 1), ("convolution", 10 ** 9)],
                          ids=["batched-recomputed", "convolution-kept"])
 def test_ctam_projection_paths_match_reference(products, recompute_from, monkeypatch):
