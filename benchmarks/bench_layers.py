@@ -4,8 +4,8 @@ kernel, the fused head, and that head again with dense row-interpolation product
 the fused CTAM, and again with its projections all as batched products and all as grouped convolutions, the choice
 model.fused_ops.CONV_PROJECTIONS_MAX_POSITIONS makes per machine), at the shapes of one NYUD training step on CPU
 (256x320, batch 2: the backbone's maps at strides 4-32, channels-last as the fused path runs them; the head's inputs
-NCHW) and for CTAM of a PASCAL one (5 tasks, 256x256, batch 2). The variants of each case run interleaved, one call of each in
-turn, and the medians are reported. Example:
+NCHW) and for CTAM of a PASCAL one (5 tasks, 256x256, batch 2). The variants of each case run interleaved, one
+call of each in turn, and the medians are reported. Example:
 
     python -m benchmarks.bench_layers                      # CPU, every case, 15 rounds
     python -m benchmarks.bench_layers --json results/layers_cpu.json

@@ -1,7 +1,7 @@
 """The machinery of the fused path (model/fused.py), independent of the SCA-MTL modules: BatchNorm that gives
 several reference calls' outputs and running statistics in one pass, recomputation in backward, grouped 1x1
-convolutions as matrix products, the aggregation head computed by blocks of channels, and bilinear resizing as
-matrix products. Every function accepts both memory layouts (NCHW and channels-last).
+convolutions as matrix products (or oneDNN convolutions) and Linear layers as oneDNN convolutions where those are
+faster, the aggregation head computed by blocks of channels, and bilinear resizing as matrix products. Every function accepts both memory layouts (NCHW and channels-last).
 """
 from __future__ import annotations
 

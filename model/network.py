@@ -252,8 +252,8 @@ class SCAMTL(nn.Module):
         attention kernels of the fused path (see fused_mtl_attn.available_backends()). `recompute` lets the
         fused path recompute in backward what is large to store and cheap to compute (the backbone's stem and
         first stage, the Swin layers where their window attention runs eagerly, the CTAM projections of the larger
-        maps) instead of saving it: same results and running statistics, much less memory, a little more compute. `channels_last`
-        runs the fused path's convolutions in the channels-last layout (None: on CPU, on maps of at least
+        maps) instead of saving it: same results and running statistics, much less memory, a little more compute.
+        `channels_last` runs the fused path's convolutions in the channels-last layout (None: on CPU, on maps of at least
         model.fused.CHANNELS_LAST_MIN_POSITIONS positions, where oneDNN's 3x3 convolutions are faster in it; the
         coarsest maps and the GPU default stay NCHW)."""
         if backend != "auto" and backend not in BACKENDS:
