@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn as nn
 
-from benchmarks.common import environment, write_json
+from benchmarks.common import environment, switched, write_json
 from benchmarks.labels import cpu_note
 from model import TASK_SETS, fused_ops
 from model.fused import CHANNELS_LAST_MIN_POSITIONS, select_path
@@ -66,18 +66,12 @@ def forward_backward(module: nn.Module, x, **settings):
     grad = {k: torch.randn_like(v) for k, v in out.items()} if isinstance(out, dict) else torch.randn_like(out)
 
     def run():
-        defaults = {name: getattr(fused_ops, name) for name in settings}
-        for name, value in settings.items():
-            setattr(fused_ops, name, value)
-        try:
+        with switched(fused_ops, **settings):
             out = module(x)
             if isinstance(out, dict):
                 torch.autograd.backward([out[k] for k in grad], [grad[k] for k in grad])
             else:
                 out.backward(grad)
-        finally:
-            for name, value in defaults.items():
-                setattr(fused_ops, name, value)
     return run
 
 

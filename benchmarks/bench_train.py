@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
-from benchmarks.common import environment, error_text, saved_bytes, write_json
+from benchmarks.common import environment, error_text, saved_bytes, switched, write_json
 from benchmarks.labels import cpu_note
 from benchmarks.step_breakdown import PARTS, StepTimeline, median_parts
 from model import TASK_SETS, build_model
@@ -147,9 +147,10 @@ class Runner:
 
 def interleaved_times(steps: dict, repeats: int) -> dict:
     """{name: what each round measured} of `repeats` rounds of one call of every step(), in turn (interleaved, so
-    the machine's drifts hit all alike); each step returns what it measured (its own seconds, or a step's parts). The order rotates from round to round: a
-    step is slowed or sped up by the one before it (on CPU, by the memory the allocator kept or gave back, which
-    decides how many fresh pages fault), so no variant always follows the same one."""
+    the machine's drifts hit all alike); each step returns what it measured (its own seconds, or a step's parts).
+    The order rotates from round to round: a step is slowed or sped up by the one before it (on CPU, by the memory
+    the allocator kept or gave back, which decides how many fresh pages fault), so no variant always follows the
+    same one."""
     names = list(steps)
     times = {name: [] for name in names}
     for r in range(repeats):
@@ -241,18 +242,13 @@ def measure_head(net, batch, device, repeats: int) -> dict:
     inputs = {"reference": [f.requires_grad_() for f in features]}
     inputs["fused"] = inputs["fused_eager_bn_relu"] = inputs["fused_blocks"] = [
         f.detach().contiguous(memory_format=fused_net.layout(f)).requires_grad_() for f in features]
-    kernel_check, channels_last = fused_ops.cpu_kernels_run, fused_ops.CHANNELS_LAST_AGGREGATION
+    settings = {"fused_eager_bn_relu": {"cpu_kernels_run": lambda x: False},
+                "fused_blocks": {"CHANNELS_LAST_AGGREGATION": False}}
 
     def step(name):
-        if name == "fused_eager_bn_relu":
-            fused_ops.cpu_kernels_run = lambda x: False
-        if name == "fused_blocks":
-            fused_ops.CHANNELS_LAST_AGGREGATION = False
-        try:
+        with switched(fused_ops, **settings.get(name, {})):
             return seconds(lambda: torch.autograd.grad(heads[name](inputs[name]).square().mean(),
                                                        [*inputs[name], *heads[name].parameters()]), device)
-        finally:
-            fused_ops.cpu_kernels_run, fused_ops.CHANNELS_LAST_AGGREGATION = kernel_check, channels_last
 
     steps = {name: functools.partial(step, name) for name in heads}
     for warm_up in steps.values():

@@ -2,6 +2,7 @@
 memory saved for backward, and the environment fields every result row carries."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -88,6 +89,19 @@ def median_ms(fn, device: str, min_run_time: float) -> float:
     # Timer runs on one thread unless told otherwise: time with the threads the process uses
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+@contextlib.contextmanager
+def switched(module, **values):
+    """Inside the block, `module`'s attributes (e.g. model.fused_ops' switches) set to `values`; put back after it."""
+    defaults = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in defaults.items():
+            setattr(module, name, value)
 
 
 def saved_bytes(forward, exclude=()) -> int:

@@ -1,7 +1,8 @@
 """The machinery of the fused path (model/fused.py), independent of the SCA-MTL modules: BatchNorm that gives
 several reference calls' outputs and running statistics in one pass, recomputation in backward, grouped 1x1
 convolutions as matrix products (or oneDNN convolutions) and Linear layers as oneDNN convolutions where those are
-faster, the aggregation head computed by blocks of channels, and bilinear resizing as matrix products. Every function accepts both memory layouts (NCHW and channels-last).
+faster, the aggregation head computed by blocks of channels, and bilinear resizing as matrix products. Every
+function accepts both memory layouts (NCHW and channels-last).
 """
 from __future__ import annotations
 
@@ -273,6 +274,18 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
 
 
+def _conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [B, C_in, H, W] through a 1x1 convolution of weight [C_out, C_in], in x's memory layout."""
+    return F.conv2d(x, weight[:, :, None, None], bias)
+
+
+def _conv1x1_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor):
+    """(dL/dx, dL/dweight [C_out, C_in]) of _conv1x1(x, weight) given dL/dout."""
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(grad, x, weight[:, :, None, None], None, [1, 1], [0, 0],
+                                                            [1, 1], False, [0, 0], 1, [True, True, False])
+    return grad_x, grad_w.flatten(1)
+
+
 def _linear_convolution_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """`linear` takes x as a oneDNN convolution (else as F.linear)."""
     return (LINEAR_CONVOLUTION_MIN_MACS is not None and x.device.type == "cpu" and x.dtype == torch.float32
@@ -284,10 +297,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) 
     as a channels-last [1, C_in, rows, 1] map (no copy of a contiguous x; the output comes back as rows)."""
     if not _linear_convolution_runs(x, weight):
         return F.linear(x, weight, bias)
-    cin, cout = weight.shape[1], weight.shape[0]
-    rows = x.reshape(1, -1, 1, cin).permute(0, 3, 1, 2)
-    out = F.conv2d(rows, weight[:, :, None, None], bias)
-    return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], cout)
+    rows = x.reshape(1, -1, 1, weight.shape[1]).permute(0, 3, 1, 2)
+    return _conv1x1(rows, weight, bias).permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
 
 
 def _convolution_runs(x: torch.Tensor) -> bool:
@@ -415,18 +426,6 @@ class _Aggregation(torch.autograd.Function):
         grad_xs = [gx.view(shape) for gx, shape in zip(grad_xs, ctx.input_shapes)]
         return (None, None, None, None, None, *grad_xs, *grad_ws, grad_bias, grad_gamma, grad_beta,
                 grad_w_out, grad_b_out)
-
-
-def _conv1x1(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [B, C_in, H, W] through a 1x1 convolution of weight [C_out, C_in] (no bias), in x's memory layout."""
-    return F.conv2d(x, weight[:, :, None, None])
-
-
-def _conv1x1_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor):
-    """(dL/dx, dL/dweight [C_out, C_in]) of _conv1x1(x, weight) given dL/dout."""
-    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(grad, x, weight[:, :, None, None], None, [1, 1], [0, 0],
-                                                            [1, 1], False, [0, 0], 1, [True, True, False])
-    return grad_x, grad_w.flatten(1)
 
 
 class _AggregationChannelsLast(torch.autograd.Function):

@@ -253,9 +253,9 @@ class SCAMTL(nn.Module):
         fused path recompute in backward what is large to store and cheap to compute (the backbone's stem and
         first stage, the Swin layers where their window attention runs eagerly, the CTAM projections of the larger
         maps) instead of saving it: same results and running statistics, much less memory, a little more compute.
-        `channels_last` runs the fused path's convolutions in the channels-last layout (None: on CPU, on maps of at least
-        model.fused.CHANNELS_LAST_MIN_POSITIONS positions, where oneDNN's 3x3 convolutions are faster in it; the
-        coarsest maps and the GPU default stay NCHW)."""
+        `channels_last` runs the fused path's convolutions in the channels-last layout (None: on CPU, on maps of at
+        least model.fused.CHANNELS_LAST_MIN_POSITIONS positions, where oneDNN's 3x3 convolutions are faster in it;
+        the coarsest maps and the GPU default stay NCHW)."""
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
         for name, value, allowed in (("flag", flag, (bool,)), ("recompute", recompute, (bool,)),
