@@ -1,11 +1,13 @@
 """The network's Swin layers, BatchNorm layers, one task head (CSAM + aggregation) and CTAM alone, forward +
 backward, eager PyTorch vs the fused path's ops (fused_mtl_attn.window_attention, the channels-last BatchNorm
-kernel, the fused head, and that head again with dense row-interpolation products instead of its 2-tap row kernel;
-the fused CTAM, and again with its projections all as batched products and all as grouped convolutions, the choice
-model.fused_ops.CONV_PROJECTIONS_MAX_POSITIONS makes per machine), at the shapes of one NYUD training step on CPU
-(256x320, batch 2: the backbone's maps at strides 4-32, channels-last as the fused path runs them; the head's inputs
-NCHW) and for CTAM of a PASCAL one (5 tasks, 256x256, batch 2). The variants of each case run interleaved, one
-call of each in turn, and the medians are reported. Example:
+kernel, the fused head, the fused CTAM), at the shapes of one NYUD training step on CPU (256x320, batch 2: the
+backbone's maps at strides 4-32, channels-last as the fused path runs them; the head's inputs NCHW) and for CTAM of
+a PASCAL one (5 tasks, 256x256, batch 2). Next to the fused path as this machine runs it, each of its per-machine
+choices both ways (ALTERNATIVES, model.fused_ops switches): the Swin layers' Linear products by MKL or as oneDNN
+convolutions (LINEAR_CONVOLUTION_MIN_MACS), the head channels-last or by [c, N] blocks (CHANNELS_LAST_AGGREGATION)
+and its rows by dense products instead of 2-tap filters (ROW_TAPS), CTAM's projections all as batched products or
+all as grouped convolutions (CONV_PROJECTIONS_MAX_POSITIONS). The variants of each case run interleaved, one call
+of each in turn, and the medians are reported. Example:
 
     python -m benchmarks.bench_layers                      # CPU, every case, 15 rounds
     python -m benchmarks.bench_layers --json results/layers_cpu.json
@@ -93,7 +95,11 @@ def cases():
 
 
 # the fused path's own alternatives, timed next to it: {kind: {variant: model.fused_ops switches}}
-ALTERNATIVES = {"head": {"fused_dense_rows": {"ROW_TAPS": False}},
+ALTERNATIVES = {"swin": {"fused_linear_products": {"LINEAR_CONVOLUTION_MIN_MACS": None},
+                         "fused_linear_convolutions": {"LINEAR_CONVOLUTION_MIN_MACS": 1 << 24}},
+                "head": {"fused_channels_last": {"CHANNELS_LAST_AGGREGATION": True},
+                         "fused_blocks": {"CHANNELS_LAST_AGGREGATION": False},
+                         "fused_dense_rows": {"ROW_TAPS": False}},
                 "ctam": {"fused_batched_products": {"CONV_PROJECTIONS_MAX_POSITIONS": 0},
                          "fused_convolutions": {"CONV_PROJECTIONS_MAX_POSITIONS": 1 << 30}}}
 

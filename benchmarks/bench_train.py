@@ -222,28 +222,31 @@ def measure_loss(net, loss_fn: MultiTaskLoss, batch, device, repeats: int) -> di
 
 
 def measure_head(net, batch, device, repeats: int) -> dict:
-    """{"reference": row, "fused_eager_bn_relu": row, "fused_blocks": row, "fused": row}: the first task's head (CSAM
-    and the aggregation) alone, forward and backward, on random decoder features of the network's shapes (NCHW for
-    the reference, the fused path's layout for the fused heads), interleaved medians; the bytes autograd saves (the
-    features and parameters excluded). "fused_eager_bn_relu" runs the aggregation by [c, N] blocks with eager
-    PyTorch's BatchNorm + ReLU and dense interpolation products (as where the C++ kernels cannot run),
-    "fused_blocks" by [c, N] blocks with the C++ kernels (CHANNELS_LAST_AGGREGATION off: BLAS products), "fused"
-    as the fused path runs it on this device (on CPU channels-last, by 1x1 convolutions)."""
+    """{"reference": row, "fused_eager_bn_relu": row, "fused_blocks": row, "fused_channels_last": row, "fused": row}:
+    the first task's head (CSAM and the aggregation) alone, forward and backward, on random decoder features of the
+    network's shapes (NCHW for the reference, the fused path's layout for the fused heads), interleaved medians; the
+    bytes autograd saves (the features and parameters excluded). "fused_eager_bn_relu" runs the aggregation by
+    [c, N] blocks with eager PyTorch's BatchNorm + ReLU and dense interpolation products (as where the C++ kernels
+    cannot run), "fused_blocks" by [c, N] blocks with the C++ kernels (CHANNELS_LAST_AGGREGATION off: BLAS
+    products), "fused_channels_last" channels-last by 1x1 convolutions (CHANNELS_LAST_AGGREGATION on), "fused" as the
+    fused path runs it on this device (on CPU one of the two, by the vendor: model.fused_ops)."""
     from model import fused_ops
 
     task = next(iter(net.tasks))
     heads = {"reference": copy.deepcopy(net.heads[task]).train()}
     fused_net = copy.deepcopy(net).set_fused(True)
-    heads["fused_eager_bn_relu"] = heads["fused_blocks"] = heads["fused"] = fused_net.heads[task].train()
+    for name in ("fused_eager_bn_relu", "fused_blocks", "fused_channels_last", "fused"):
+        heads[name] = fused_net.heads[task].train()
     g = torch.Generator(device=device).manual_seed(1)
     height, width = batch["image"].shape[-2:]
     features = [torch.randn(batch["image"].shape[0], c, height // (4 << k), width // (4 << k), generator=g,
                             device=device) for k, c in enumerate(heads["reference"].widths)]
     inputs = {"reference": [f.requires_grad_() for f in features]}
-    inputs["fused"] = inputs["fused_eager_bn_relu"] = inputs["fused_blocks"] = [
-        f.detach().contiguous(memory_format=fused_net.layout(f)).requires_grad_() for f in features]
+    fused_inputs = [f.detach().contiguous(memory_format=fused_net.layout(f)).requires_grad_() for f in features]
+    inputs.update({name: fused_inputs for name in heads if name != "reference"})
     settings = {"fused_eager_bn_relu": {"cpu_kernels_run": lambda x: False},
-                "fused_blocks": {"CHANNELS_LAST_AGGREGATION": False}}
+                "fused_blocks": {"CHANNELS_LAST_AGGREGATION": False},
+                "fused_channels_last": {"CHANNELS_LAST_AGGREGATION": True}}
 
     def step(name):
         with switched(fused_ops, **settings.get(name, {})):

@@ -17,8 +17,8 @@ and state-dict key stays as it is. Each override reads its module's named layers
   one `cross_scale_attention` call.
 - Aggregation: the 1x1 conv commutes with bilinear upsampling, so it runs per scale at the scale's own resolution
   with the weights of the repeated Y_k copies summed; BN-ReLU-conv runs by blocks of channels, so no 1080-channel
-  full-resolution concatenation exists (fused_ops._Aggregation; on CPU channels-last blocks and 1x1 convolutions,
-  fused_ops._AggregationChannelsLast).
+  full-resolution concatenation exists (fused_ops._Aggregation; on CPUs other than Intel's channels-last blocks and
+  1x1 convolutions, fused_ops._AggregationChannelsLast).
 BatchNorm sees the same statistics as each reference call and updates running statistics call by call; in training
 on CPU, large channels-last maps go to the extension's channels-last kernel
 (fused_ops.CHANNELS_LAST_BATCH_NORM_MIN_ROWS) and the CTAM projections' BatchNorm (+ ReLU) to its [B, C, N] kernel.

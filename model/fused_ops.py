@@ -129,27 +129,49 @@ BATCH_NORM_KERNEL_MIN_ROWS = 512
 # Where the CPU kernels run, the aggregation head resamples rows by 2-tap filters (upsample_rows_accumulate); False:
 # by dense interpolation products as elsewhere (benchmarks/bench_layers.py compares the two)
 ROW_TAPS = True
-# Where the CPU kernels run and the finest map is channels-last, the aggregation head runs channels-last
-# (_AggregationChannelsLast); False: by [c, N] blocks and BLAS products (_Aggregation), as on a GPU
-CHANNELS_LAST_AGGREGATION = True
 
 
-def _onednn_outpaces_mkl() -> bool:
-    """oneDNN runs AVX-512 code on this CPU and MKL (PyTorch's BLAS) does not: MKL takes its AVX2 code on CPUs other
-    than Intel's. On a Zen 5 MKL's float32 products run at 140-160 GFLOP/s with AVX-512 allowed or not, oneDNN's 1x1
-    convolutions at 220-355; with AVX2 code oneDNN's lose to MKL's (benchmarks/RESULTS.md). On an Intel CPU with
-    AVX-512 both run AVX-512 code: not measured there, so products stay with MKL."""
-    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
-        return False
+def _cpu_vendor() -> str | None:
+    """The CPU's vendor_id from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD", ...); None where it cannot be read
+    (not Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return "GenuineIntel" not in f.read(1 << 16)
-    except OSError:  # not Linux: keep MKL
-        return False
+            info = f.read(1 << 16)
+    except OSError:
+        return None
+    vendor = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("vendor_id")]
+    return vendor[0] if vendor else None
+
+
+# MKL (PyTorch's BLAS on x86) runs its best code only on Intel's CPUs: elsewhere it takes its AVX2 code, slower than
+# oneDNN's convolutions of the same products (benchmarks/RESULTS.md, twenty-third and twenty-fourth sessions). The
+# product rules below follow the vendor (read once); None (unknown) keeps each rule's default of before.
+CPU_VENDOR = _cpu_vendor()
+
+
+def _onednn_outpaces_mkl(vendor: str | None, capability: str) -> bool:
+    """oneDNN runs AVX-512 code on this CPU and MKL does not. On a Zen 5 MKL's float32 products run at 140-160
+    GFLOP/s with AVX-512 allowed or not, oneDNN's 1x1 convolutions at 220-355; with AVX2 code oneDNN's lose to MKL's.
+    On an Intel Xeon with AVX-512 MKL's products win in both places below (FPMA's Swin layers 1.08-1.18x, CTAM's
+    projections 1.02-1.20x of the products' time as convolutions)."""
+    return capability.startswith("AVX512") and vendor is not None and vendor != "GenuineIntel"
+
+
+def _channels_last_aggregation_wins(vendor: str | None) -> bool:
+    """The aggregation head by channels-last 1x1 convolutions beats its [c, N] blocks of MKL products on CPUs other
+    than Intel's, with AVX-512 or AVX2 code alike (Zen 5: one head 0.70-0.73x of the blocks' time with AVX-512, the
+    aggregation 0.83x with AVX2 code); on an Intel Xeon the blocks win (one head as channels-last convolutions:
+    NYUD 390 vs 308 ms, PASCAL 341 vs 282 with AVX-512; 1.17-1.21x with AVX2 code)."""
+    return vendor != "GenuineIntel"
+
+
+# Where the CPU kernels run and the finest map is channels-last, the aggregation head runs channels-last
+# (_AggregationChannelsLast) if True; else by [c, N] blocks and BLAS products (_Aggregation), as on a GPU
+CHANNELS_LAST_AGGREGATION = _channels_last_aggregation_wins(CPU_VENDOR)
 
 
 # Where oneDNN outpaces MKL (read once), matrix products of the fused path run as oneDNN 1x1 convolutions:
-ONEDNN_PRODUCTS = _onednn_outpaces_mkl()
+ONEDNN_PRODUCTS = _onednn_outpaces_mkl(CPU_VENDOR, torch.backends.cpu.get_cpu_capability())
 # - CTAM's grouped projections on maps of fewer positions than this (as NCHW grouped convolutions; else batched
 #   products). [2, 5*C, H, W] -> 4 pairs' C channels per task, forward + backward, convolution vs product, Zen 5
 #   with AVX-512: 8x8 (C 288) 5.1 vs 9.3 ms, 16x16 (C 144) 4.9 vs 7.9, 32x32 (C 72) 9.0 vs 8.0, 64x64 (C 36) 18 vs 11

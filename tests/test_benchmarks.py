@@ -150,7 +150,7 @@ def test_loss_rows():
 
 def test_head_rows():
     """--head times one task's head alone: the reference, the fused head with eager BatchNorm + ReLU, by [c, N] blocks,
-    the fused head (the switches are restored afterwards); the fused heads save less (no 1080-channel
+    channels-last, as chosen (the switches are restored afterwards); the fused heads save less (no 1080-channel
     concatenation)."""
     from model import fused_ops
 
@@ -159,7 +159,7 @@ def test_head_rows():
                              "--widths", "12", "12", "12", "12", "--repeats", "1"])
     assert fused_ops.cpu_kernels_run is kernel_check and fused_ops.CHANNELS_LAST_AGGREGATION is channels_last
     assert [r["variant"] for r in rows] == ["head_reference", "head_fused_eager_bn_relu", "head_fused_blocks",
-                                            "head_fused"]
+                                            "head_fused_channels_last", "head_fused"]
     for r in rows:
         assert ENV_FIELDS <= set(r) and r["head_ms"] > 0 and r["saved_bytes"] > 0
     assert rows[0]["time_ratio"] == 1 and all(r["saved_ratio"] < 1 for r in rows[1:])

@@ -211,16 +211,33 @@ def test_linear_as_convolution_float32(shape, bias, monkeypatch):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("capability, vendor, want", [("AVX2", "AuthenticAMD", False), ("AVX512", "AuthenticAMD", True),
-                                                      ("AVX512", "GenuineIntel", False)])
-def test_products_go_to_onednn_only_where_mkl_runs_no_avx512(capability, vendor, want, monkeypatch):
+@pytest.mark.parametrize("capability, vendor, onednn_products, channels_last_aggregation",
+                         [("AVX2", "AuthenticAMD", False, True), ("AVX512", "AuthenticAMD", True, True),
+                          ("AVX512", "GenuineIntel", False, False), ("AVX2", "GenuineIntel", False, False),
+                          ("AVX512", None, False, True)])
+def test_product_rules_follow_the_cpu_vendor(capability, vendor, onednn_products, channels_last_aggregation,
+                                             monkeypatch):
+    """Products go to oneDNN convolutions only where MKL runs no AVX-512 code (AVX-512 on a CPU not Intel's), the
+    aggregation head runs channels-last except on Intel's CPUs (where MKL's blocks win), and the vendor is read
+    from /proc/cpuinfo (None, unknown, keeps MKL and the channels-last head)."""
     import io
 
     import model.fused_ops
 
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    monkeypatch.setattr(model.fused_ops, "open", lambda *a: io.StringIO(f"vendor_id\t: {vendor}\n"), raising=False)
-    assert model.fused_ops._onednn_outpaces_mkl() is want
+    assert model.fused_ops._onednn_outpaces_mkl(vendor, capability) is onednn_products
+    assert model.fused_ops._channels_last_aggregation_wins(vendor) is channels_last_aggregation
+    info = "processor\t: 0\n" + (f"vendor_id\t: {vendor}\n" if vendor else "") + "flags\t\t: fpu\n"
+    monkeypatch.setattr(model.fused_ops, "open", lambda *a: io.StringIO(info), raising=False)
+    assert model.fused_ops._cpu_vendor() == vendor
+
+
+def test_cpu_vendor_unreadable(monkeypatch):
+    import model.fused_ops
+
+    def missing(*args):
+        raise FileNotFoundError("/proc/cpuinfo")
+    monkeypatch.setattr(model.fused_ops, "open", missing, raising=False)
+    assert model.fused_ops._cpu_vendor() is None
 
 
 @pytest.mark.parametrize("products, recompute_from", [("batched", 1), ("convolution", 10 ** 9)],
@@ -497,7 +514,8 @@ def test_aggregation_interpolates_rows_by_the_kernel(monkeypatch):
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_aggregation_in_either_layout_matches_reference(channels_last, monkeypatch):
     """Where the CPU kernels run, the aggregation heads run channels-last (1x1 convolutions, _AggregationChannelsLast)
-    by default, by [c, N] blocks and BLAS products (_Aggregation, the GPU's way) with CHANNELS_LAST_AGGREGATION off:
+    with CHANNELS_LAST_AGGREGATION on (CPUs other than Intel's), by [c, N] blocks and BLAS products (_Aggregation,
+    the GPU's way) with it off:
     the same function either way, in training (two steps) and in eval mode, with uneven blocks of channels."""
     import model.fused_ops
 
