@@ -10,6 +10,8 @@ import subprocess
 
 import torch
 
+from fused_mtl_attn.cpuinfo import first_processor
+
 
 # environment variables that cap the instruction set of PyTorch's, oneDNN's, MKL's and this extension's CPU kernels:
 # all four set to AVX2 run an AVX2 machine's code paths on an AVX-512 one (its caches and memory stay this machine's)
@@ -39,16 +41,7 @@ def environment(device: str) -> dict:
 def cpu_name() -> str:
     """The processor's model name with its family and model numbers (/proc/cpuinfo on Linux: a cloud VM's name,
     e.g. "Intel(R) Xeon(R) Processor", can hide which generation it is), else what platform knows."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if not key.strip():  # the first processor's block ends
-                    break
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
+    fields = first_processor()
     if "model name" not in fields:
         return platform.processor() or platform.machine()
     ids = [f"{key} {fields[key]}" for key in ("cpu family", "model") if key in fields]

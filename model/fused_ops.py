@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fused_mtl_attn.backends import cpu_kernels_run
+from fused_mtl_attn.cpuinfo import first_processor
 
 # ------------------------------------------------------------------------------ bookkeeping under torch.compile
 # The stacked projections of CTAM read 20-120 modules' parameters and update as many BatchNorms' running statistics
@@ -131,22 +132,11 @@ BATCH_NORM_KERNEL_MIN_ROWS = 512
 ROW_TAPS = True
 
 
-def _cpu_vendor() -> str | None:
-    """The CPU's vendor_id from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD", ...); None where it cannot be read
-    (not Linux)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read(1 << 16)
-    except OSError:
-        return None
-    vendor = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("vendor_id")]
-    return vendor[0] if vendor else None
-
-
 # MKL (PyTorch's BLAS on x86) runs its best code only on Intel's CPUs: elsewhere it takes its AVX2 code, slower than
 # oneDNN's convolutions of the same products (benchmarks/RESULTS.md, twenty-third and twenty-fourth sessions). The
-# product rules below follow the vendor (read once); None (unknown) keeps each rule's default of before.
-CPU_VENDOR = _cpu_vendor()
+# product rules below follow the vendor (read once; None where unknown, e.g. not Linux: MKL's products and the
+# channels-last head, the defaults of before).
+CPU_VENDOR = first_processor().get("vendor_id")
 
 
 def _onednn_outpaces_mkl(vendor: str | None, capability: str) -> bool:

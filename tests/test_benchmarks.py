@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import fused_mtl_attn
-
 from benchmarks import bench_ops, bench_train, common, plot
 from benchmarks.labels import cpu_note
+from fused_mtl_attn.cpuinfo import first_processor
 from model import TASK_SETS, build_model
 from model import compile as model_compile
 from model.losses import MultiTaskLoss
@@ -118,12 +118,12 @@ def test_cpu_name_says_family_and_model(monkeypatch, tmp_path):
     block = ("processor\t: {}\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: {}\n"
              "model name\t: Intel(R) Xeon(R) Processor\n\n")
     info.write_text(block.format(0, 207) + block.format(1, 143))
-    real_open = open
-    monkeypatch.setattr(common, "open", lambda path, *a, **k: real_open(info if path == "/proc/cpuinfo" else path,
-                                                                      *a, **k), raising=False)
+    monkeypatch.setattr(common, "first_processor", lambda: first_processor(str(info)))
+    assert first_processor(str(info))["vendor_id"] == "GenuineIntel"
     assert common.cpu_name() == "Intel(R) Xeon(R) Processor (cpu family 6, model 207)"
     info.write_text("processor\t: 0\nmodel name\t: Some CPU\n")
     assert common.cpu_name() == "Some CPU"
+    assert first_processor(str(tmp_path / "missing")) == {}  # unreadable (not Linux): nothing known
 
 
 def test_interleaved_rounds_rotate_the_order():

@@ -18,17 +18,14 @@ if not fused_mtl_attn.available_backends()["cpu"][0] and not os.environ.get("FUS
     pytest.skip("the C++ extension is not built", allow_module_level=True)
 
 from fused_mtl_attn import cpp_backend  # noqa: E402
+from fused_mtl_attn.cpuinfo import first_processor  # noqa: E402
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 ISA_VARIABLE = "FUSED_MTL_ATTN_CPU_ISA"
 
 
 def _cpu_flags() -> set:
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    return set()
+    return set(first_processor().get("flags", "").split())
 
 
 def test_compiled_sets():
