@@ -397,14 +397,13 @@ class _Aggregation(torch.autograd.Function):
         xs, ws = list(saved[:4]), list(saved[4:8])
         gamma, beta, w_out, centre, var = saved[8:13]
         kept = saved[13:] or None
-        batch, n0 = xs[0].shape[0], xs[0].shape[2]
+        batch = xs[0].shape[0]
         channels, geometry = ws[0].shape[0], ctx.geometry
         g = grad_out.flatten(2)
         grad_xs = [torch.zeros_like(x) for x in xs]
         grad_ws = [torch.zeros_like(w) for w in ws]
         grad_bias, grad_gamma, grad_beta = (torch.zeros_like(gamma) for _ in range(3))
         grad_w_out = torch.zeros_like(w_out)
-        n = batch * n0
         for i, c0 in enumerate(range(0, channels, ctx.block)):
             sl = slice(c0, min(c0 + ctx.block, channels))
             if ctx.kernel:
@@ -427,11 +426,8 @@ class _Aggregation(torch.autograd.Function):
                     grad, h, centre[sl], var[sl], gamma[sl], beta[sl], ctx.eps, ctx.batch_stats)
             else:
                 grad.masked_fill_(inactive, 0)
-                grad_beta[sl] = grad.sum(2).sum(0)
-                grad_gamma[sl] = torch.linalg.vecdot(grad, xhat, dim=2).sum(0)
-                if ctx.batch_stats:  # the batch mean and variance depend on h too
-                    grad.sub_((grad_beta[sl] / n)[:, None]).addcmul_(xhat, -(grad_gamma[sl] / n)[:, None])
-                grad.mul_((gamma[sl] * invstd)[:, None])  # dL/dh of this block
+                grad, grad_gamma[sl], grad_beta[sl] = _batch_norm_backward(grad, xhat, gamma[sl], invstd,
+                                                                           ctx.batch_stats)
                 grad_bias[sl] = grad.sum(2).sum(0)
             _block_backward(grad, xs, ws, sl, geometry, grad_xs, grad_ws)
         grad_b_out = g.sum(2).sum(0)
@@ -503,11 +499,10 @@ class _AggregationChannelsLast(torch.autograd.Function):
                 grad_h, grad_gamma[sl], grad_beta[sl] = torch.ops.fused_mtl_attn.batch_norm_channels_last_backward(
                     grad_act, h, centre[sl], var[sl], gamma[sl], ctx.eps)
                 grad_bias[sl] = 0  # the batch mean takes out any shift of h: dL/dbias = sum dL/dh = 0
-            else:
+            else:  # running statistics (the kernel takes batch statistics only)
                 invstd = torch.rsqrt(var[sl] + ctx.eps)
-                grad_beta[sl] = grad_act.sum((0, 2, 3))
-                grad_gamma[sl] = ((grad_act * h).sum((0, 2, 3)) - centre[sl] * grad_beta[sl]) * invstd
-                grad_h = grad_act.mul_((gamma[sl] * invstd)[:, None, None])
+                xhat = (h - centre[sl, None, None]).mul_(invstd[:, None, None])
+                grad_h, grad_gamma[sl], grad_beta[sl] = _batch_norm_backward(grad_act, xhat, gamma[sl], invstd, False)
                 grad_bias[sl] = grad_beta[sl] * gamma[sl] * invstd
             grad_h = grad_h.contiguous(memory_format=torch.channels_last)
             grad_ts = torch.ops.fused_mtl_attn.upsample_rows_accumulate_backward(_rows(grad_h), *taps)
@@ -521,6 +516,19 @@ class _AggregationChannelsLast(torch.autograd.Function):
         grad_b_out = g.sum((0, 2, 3))
         return (None, None, None, None, *grad_xs, *grad_ws, grad_bias, grad_gamma, grad_beta, grad_w_out,
                 grad_b_out)
+
+
+def _batch_norm_backward(grad: torch.Tensor, xhat: torch.Tensor, gamma, invstd, batch_stats: bool):
+    """(dL/dh, dL/dgamma, dL/dbeta) of BatchNorm over h [B, c, ...] from dL/d(its output) `grad` (overwritten by
+    dL/dh) and the normalised h, xhat; with `batch_stats` the batch mean and variance depend on h too."""
+    spatial, per_channel = tuple(range(2, grad.dim())), (-1,) + (1,) * (grad.dim() - 2)
+    # (per sample first: one reduction over (0, 2) of [B, c, N] is several times slower on CPU)
+    grad_beta = grad.sum(spatial).sum(0)
+    grad_gamma = (torch.linalg.vecdot(grad, xhat, dim=2) if grad.dim() == 3 else (grad * xhat).sum(spatial)).sum(0)
+    if batch_stats:
+        n = grad.numel() // grad.shape[1]
+        grad.sub_((grad_beta / n).view(per_channel)).addcmul_(xhat, -(grad_gamma / n).view(per_channel))
+    return grad.mul_((gamma * invstd).view(per_channel)), grad_gamma, grad_beta
 
 
 def _rows(h: torch.Tensor) -> torch.Tensor:
