@@ -4,9 +4,9 @@ forgives), on shared memory above the target's limit, on more registers than REG
 memory, read from the cubin by cuobjdump; fp64 may spill up to SPILL_BOUND), and on a contraction that does not
 run on tensor cores (no mma/wgmma in the PTX). Prints a table of registers / shared memory / spills / MMA.
 
-The compiles run in two worker processes (one per arch; this file run as a script) without TRITON_INTERPRET:
-with the interpreter on when triton is imported, triton's own jit helpers (tl.cdiv, tl.sum) are interpreted
-functions and nothing compiles. ASTSource's signature/constexprs API is the same in Triton 3.6 and 3.8: this runs
+The compiles run in two worker processes (this file run as a script, each taking half of the jobs) without
+TRITON_INTERPRET: with the interpreter on when triton is imported, triton's own jit helpers (tl.cdiv, tl.sum) are
+interpreted functions and nothing compiles. ASTSource's signature/constexprs API is the same in Triton 3.6 and 3.8: this runs
 on the pinned 3.8 and, through test_triton36.py, on the GPU machine's 3.6.
 """
 import itertools
@@ -30,6 +30,10 @@ SPILL_BOUND = {"fp32": 0, "fp16": 8, "bf16": 8, "fp64": 64}
 STRIDED_SPILL_BOUND = 16
 DTYPES = ("fp32", "fp16", "bf16", "fp64")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the compiles split evenly over this many worker processes (each compile is one thread's work)
+WORKERS = 2
+# the archs to compile for, comma-separated (default sm_80 and sm_90; test_triton36.py: the GPU machine's sm_90)
+ARCHS_VARIABLE = "FUSED_MTL_ATTN_AOT_ARCHS"
 
 
 # ------------------------------------------------------------------------------ worker (no interpreter)
@@ -90,23 +94,29 @@ def _ships(tk, name, flags, dtype):
     return not (name == "query_grad" and flags["FUSE_DS"] and not tk.fuses_ds(torch_dtype))
 
 
-def compile_all(arch: int) -> list:
-    """One row per compile: every kernel variant x GPU config x dtype (contiguous positions), and on sm_90 also
-    fp32 with a runtime position stride (the variant a non-contiguous input compiles) and fp32 with every integer
-    argument 1 (sizes, strides and offsets specialized to constants, as a launch with them equal to 1 compiles)."""
-    import triton
-
-    from fused_mtl_attn import triton_kernels as tk
-
-    assert not tk.INTERPRETED, "kernels are interpreted: unset TRITON_INTERPRET to compile them"
+def _jobs(tk, arch: int) -> list:
+    """Every kernel variant x GPU config x dtype (contiguous positions), and on sm_90 also fp32 with a runtime
+    position stride (the variant a non-contiguous input compiles) and fp32 with every integer argument 1 (sizes,
+    strides and offsets specialized to constants, as a launch with them equal to 1 compiles)."""
     jobs = [(v, cfg, dtype, "contiguous") for v in _variants(tk.KERNELS) for cfg in tk.GPU_CONFIGS for dtype in DTYPES
             if _ships(tk, *v, dtype)]
     if arch == 90:
         jobs += [(v, cfg, "fp32", layout) for v in _variants(tk.KERNELS) for cfg in tk.GPU_CONFIGS
                  for layout in ("strided", "ones") if _ships(tk, *v, "fp32")]
         jobs += [(v, cfg, "bf16", "aligned") for v in _variants(tk.KERNELS) for cfg in tk.GPU_CONFIGS]
+    return [(arch, *job) for job in jobs]
+
+
+def compile_all(archs, shard: int, shards: int) -> list:
+    """One row per compile, of every arch's jobs the shard-th of every `shards` (the workers split them evenly)."""
+    import triton
+
+    from fused_mtl_attn import triton_kernels as tk
+
+    assert not tk.INTERPRETED, "kernels are interpreted: unset TRITON_INTERPRET to compile them"
+    jobs = [job for arch in archs for job in _jobs(tk, arch)][shard::shards]
     rows = []
-    for (name, flags), cfg, dtype, layout in jobs:
+    for arch, (name, flags), cfg, dtype, layout in jobs:
         row = {"kernel": name, "flags": flags, "config": list(cfg), "dtype": dtype, "arch": arch, "layout": layout}
         try:
             row.update(_compile_one(triton, tk, name, flags, cfg, dtype, arch, layout))
@@ -117,7 +127,7 @@ def compile_all(arch: int) -> list:
 
 
 if __name__ == "__main__":
-    print(json.dumps(compile_all(int(sys.argv[1]))))
+    print(json.dumps(compile_all([int(a) for a in sys.argv[1].split(",")], int(sys.argv[2]), int(sys.argv[3]))))
     sys.exit(0)
 
 
@@ -130,15 +140,17 @@ pytest.importorskip("triton")
 def rows():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
-    workers = {arch: subprocess.Popen([sys.executable, os.path.abspath(__file__), str(arch)], env=env, cwd=REPO,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for arch in SHARED_LIMIT}
+    archs = ",".join(os.environ.get(ARCHS_VARIABLE, ",".join(map(str, SHARED_LIMIT))).split(","))
+    workers = [subprocess.Popen([sys.executable, os.path.abspath(__file__), archs, str(shard), str(WORKERS)], env=env,
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for shard in range(WORKERS)]
     out = []
-    for arch, proc in workers.items():
+    for shard, proc in enumerate(workers):
         stdout, stderr = proc.communicate(timeout=600)
         if proc.returncode != 0:
-            pytest.fail(f"compile worker for sm_{arch} failed:\n{stderr[-4000:]}")
+            pytest.fail(f"compile worker {shard} ({archs}) failed:\n{stderr[-4000:]}")
         out += json.loads(stdout.strip().splitlines()[-1])
+    assert {r["arch"] for r in out} == {int(a) for a in archs.split(",")}
     return out
 
 
