@@ -144,7 +144,7 @@ def _onednn_outpaces_mkl(vendor: str | None, capability: str) -> bool:
     GFLOP/s with AVX-512 allowed or not, oneDNN's 1x1 convolutions at 220-355; with AVX2 code oneDNN's lose to MKL's.
     On an Intel Xeon with AVX-512 MKL's products win in both places below (FPMA's Swin layers 1.08-1.18x, CTAM's
     projections 1.02-1.20x of the products' time as convolutions)."""
-    return capability.startswith("AVX512") and vendor is not None and vendor != "GenuineIntel"
+    return capability.startswith("AVX512") and vendor not in (None, "GenuineIntel")
 
 
 def _channels_last_aggregation_wins(vendor: str | None) -> bool:

@@ -2,8 +2,8 @@
 
 `make setup` installs that Triton alone (requirements-triton36.txt) into <venv>/triton36; a subprocess puts it first
 on the path, on the pinned torch, and runs the kernel tests of test_triton.py (interpreter) and
-test_triton_compile.py (AOT compile for sm_90, the GPU machines' arch, with 3.6's compiler, the one they run). That pairing
-reproduces what the real stack (torch 2.11 + Triton 3.6) hit: the fp64 tl.dot that did not compile and the
+test_triton_compile.py (AOT compile for sm_90, the GPU machines' arch, with 3.6's compiler, the one they run). That
+pairing reproduces what the real stack (torch 2.11 + Triton 3.6) hit: the fp64 tl.dot that did not compile and the
 interpreter that failed every launch.
 """
 import os

@@ -6,8 +6,8 @@ run on tensor cores (no mma/wgmma in the PTX). Prints a table of registers / sha
 
 The compiles run in two worker processes (this file run as a script, each taking half of the jobs) without
 TRITON_INTERPRET: with the interpreter on when triton is imported, triton's own jit helpers (tl.cdiv, tl.sum) are
-interpreted functions and nothing compiles. ASTSource's signature/constexprs API is the same in Triton 3.6 and 3.8: this runs
-on the pinned 3.8 and, through test_triton36.py, on the GPU machine's 3.6.
+interpreted functions and nothing compiles. ASTSource's signature/constexprs API is the same in Triton 3.6 and
+3.8: this runs on the pinned 3.8 and, through test_triton36.py, on the GPU machine's 3.6.
 """
 import itertools
 import json
@@ -140,7 +140,7 @@ pytest.importorskip("triton")
 def rows():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
-    archs = ",".join(os.environ.get(ARCHS_VARIABLE, ",".join(map(str, SHARED_LIMIT))).split(","))
+    archs = os.environ.get(ARCHS_VARIABLE) or ",".join(map(str, SHARED_LIMIT))
     workers = [subprocess.Popen([sys.executable, os.path.abspath(__file__), archs, str(shard), str(WORKERS)], env=env,
                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for shard in range(WORKERS)]
