@@ -13,6 +13,11 @@ HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# `make test` runs the suite on pytest-xdist workers, one per core: each worker gets its share of the cores for
+# torch's intra-op threads (tests that need a thread count set their own), so the workers do not oversubscribe them
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def pytest_sessionstart(session):
     """FUSED_MTL_ATTN_REQUIRE_GPU=1 (benchmarks/gpu_check.sh): no GPU, or a GPU backend that cannot run, is an
