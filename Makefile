@@ -27,7 +27,7 @@ $(TRITON36)/.installed: requirements-triton36.txt | $(STAMP)
 demo: $(STAMP)
 	$(PY) -m model.demo
 
-# one pytest-xdist worker per core, tests handed out as workers free up (the suite's longest tests, Dynamo and
+# one pytest-xdist worker per logical CPU, tests handed out as workers free up (the suite's longest tests, Dynamo and
 # Triton compiles, are single-threaded Python); TEST_WORKERS=0 runs them in this process
 TEST_WORKERS ?= logical
 test: setup

@@ -13,10 +13,10 @@ HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# `make test` runs the suite on pytest-xdist workers, one per core: each worker gets its share of the cores for
-# torch's intra-op threads (tests that need a thread count set their own), so the workers do not oversubscribe them
+# `make test` runs the suite on pytest-xdist workers, one per logical CPU: each worker gets its share of torch's
+# intra-op threads (tests that need a thread count set their own), so the workers do not oversubscribe the cores
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def pytest_sessionstart(session):
