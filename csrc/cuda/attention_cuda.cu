@@ -793,6 +793,37 @@ __global__ void __launch_bounds__(THREADS) source_kernel(Pieces tiles, Pieces qw
   }
 }
 
+// The variants a dtype has: fp64 has no cached and no one-pass ones (kCachesSums). The choice is made inside templates
+// so that those names are never instantiated for fp64: named in a non-template's discarded branch, they make nvcc warn
+// (20280) of kernels without device code.
+template <typename scalar_t>
+auto apply_variant(bool cached) {
+  if constexpr (kCachesSums<scalar_t>) {
+    if (cached) return apply_kernel<scalar_t, true>;
+  }
+  return apply_kernel<scalar_t, false>;
+}
+
+template <typename scalar_t>
+auto source_variant(bool cached) {
+  if constexpr (kCachesSums<scalar_t>) {
+    if (cached) return source_kernel<scalar_t, true>;
+  }
+  return source_kernel<scalar_t, false>;
+}
+
+template <typename scalar_t>
+auto fused_query_variant() {  // nullptr for fp64, which never takes the one-pass query side
+  using T = accumulation_t<scalar_t>;
+  using Kernel = void (*)(Pieces, const scalar_t*, const scalar_t*, const T*, int64_t, int64_t, int64_t, int64_t,
+                          int64_t, T*, scalar_t*);
+  if constexpr (kCachesSums<scalar_t>) {
+    return Kernel(fused_query_kernel<scalar_t>);
+  } else {
+    return Kernel(nullptr);
+  }
+}
+
 // ---------------------------------------------------------------- host side
 std::tuple<Tensor, Tensor> forward_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
                                         const std::vector<int64_t>& offsets) {
@@ -821,11 +852,9 @@ std::tuple<Tensor, Tensor> forward_cuda(const Tensor& q, const Tensor& k, const 
                partial.mutable_data_ptr<T>());
       }
       // also without positions: its first span stores the context
-      auto kernel = apply_kernel<scalar_t, false>;
-      if constexpr (kCachesSums<scalar_t>) kernel = cached ? apply_kernel<scalar_t, true> : kernel;
-      launch(kernel, dim3(cdiv(std::max<int64_t>(cdiv(nq, BC), 1), span) * w.n, row_blocks, G), dim3(THREADS), 0,
-             stream, w, partial.const_data_ptr<T>(), q.const_data_ptr<scalar_t>(), G, J, d, m, nq, span,
-             ctx.mutable_data_ptr<T>(), out.mutable_data_ptr<scalar_t>());
+      launch(apply_variant<scalar_t>(cached), dim3(cdiv(std::max<int64_t>(cdiv(nq, BC), 1), span) * w.n, row_blocks, G),
+             dim3(THREADS), 0, stream, w, partial.const_data_ptr<T>(), q.const_data_ptr<scalar_t>(), G, J, d, m, nq,
+             span, ctx.mutable_data_ptr<T>(), out.mutable_data_ptr<scalar_t>());
     }
   });
   return {out, ctx};
@@ -864,12 +893,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tenso
     const std::vector<Pieces> qws = windows(query_offsets, size);
     Tensor partial = at::empty({total_pieces(qws), G, m + 1, d}, ctx.options());
     if (one_pass) {
-      if constexpr (kCachesSums<scalar_t>) {
-        if (qws[0].first[1] > 0) {
-          launch(fused_query_kernel<scalar_t>, dim3(qws[0].first[1], 1, G), dim3(THREADS), smem, stream, qws[0],
-                 grad.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(), G, J, d, m,
-                 nq, partial.mutable_data_ptr<T>(), dq.mutable_data_ptr<scalar_t>());
-        }
+      if (qws[0].first[1] > 0) {
+        launch(fused_query_variant<scalar_t>(), dim3(qws[0].first[1], 1, G), dim3(THREADS), smem, stream, qws[0],
+               grad.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), ctx.const_data_ptr<T>(), G, J, d, m, nq,
+               partial.mutable_data_ptr<T>(), dq.mutable_data_ptr<scalar_t>());
       }
     } else {
       Tensor rden = at::empty({G, J, nq}, ctx.options()), b = at::empty({G, J, nq}, ctx.options());
@@ -889,8 +916,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tenso
         }
       }
     }
-    auto kernel = source_kernel<scalar_t, false>;
-    if constexpr (kCachesSums<scalar_t>) kernel = cached ? source_kernel<scalar_t, true> : kernel;
+    const auto kernel = source_variant<scalar_t>(cached);
     for (size_t wi = 0; wi < sws.size(); ++wi) {
       if (sws[wi].count() > 0 && row_blocks > 0) {
         launch(kernel, dim3(sws[wi].count(), row_blocks, G), dim3(THREADS), 0, stream, sws[wi], qws[wi],
