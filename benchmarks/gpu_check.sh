@@ -31,7 +31,7 @@
 # Through the device tool (which returns at most 8 files from $OUT, so the folder comes back as one archive, written
 # on exit whatever happened; the summary is the output's tail):
 #   GPU_CHECK_ARCHIVE=$OUT/gpu_check.tgz bash benchmarks/gpu_check.sh /tmp/gpu_check      (timeout_s 600)
-# Environment: PYTHON (default .venv/bin/python if present, else python, else python3), GPU_CHECK_BUDGET,
+# Environment: PYTHON (default: the first of .venv/bin/python, python3, python that imports torch), GPU_CHECK_BUDGET,
 # GPU_CHECK_ARCHIVE (a .tgz of OUTDIR written on exit),
 # TRAIN_REPEATS (5), OPS_ARGS (extra bench_ops arguments, e.g. "--batch 1 8"), CUDA_HOME (default: /usr/local/cuda if
 # it has nvcc, else the toolkit of the nvcc on PATH), TORCH_CUDA_ARCH_LIST (default: this GPU's), MAX_JOBS (nproc).
@@ -52,10 +52,11 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-}
-if [ -z "$PY" ]; then
-    if [ -x .venv/bin/python ]; then PY=.venv/bin/python
-    elif command -v python >/dev/null 2>&1; then PY=python
-    else PY=python3; fi
+if [ -z "$PY" ]; then  # the first interpreter that has torch (on the GPU machine that is python3, not always python)
+    for candidate in .venv/bin/python python3 python; do
+        if "$candidate" -c 'import torch' >/dev/null 2>&1; then PY=$candidate; break; fi
+    done
+    PY=${PY:-python3}
 fi
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET:-$([ "$DRY" = 1 ] && echo 2400 || echo 540)}
