@@ -5,12 +5,12 @@ PYTHON ?= python3
 # nvcc on PATH may be a wrapper script; point the build at the toolkit itself
 export CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda) $(CUDA_PATH))
 STAMP := $(VENV)/.installed
-TRITON36 := $(VENV)/triton36
+GPU_STACK := $(VENV)/gpu-stack
 BUILD_INPUTS := requirements.txt setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
 .PHONY: setup demo test clean check-aarch64
 
-setup: $(STAMP) $(TRITON36)/.installed
+setup: $(STAMP) $(GPU_STACK)/.built
 
 $(STAMP): $(BUILD_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,10 +18,17 @@ $(STAMP): $(BUILD_INPUTS)
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
 
-# the GPU machine's Triton beside the pinned one (requirements-triton36.txt says why)
-$(TRITON36)/.installed: requirements-triton36.txt | $(STAMP)
-	rm -rf $(TRITON36)
-	$(PY) -m pip install -q --no-deps --target $(TRITON36) -r requirements-triton36.txt
+# the GPU machine's torch and Triton beside the pinned ones (requirements-gpu-stack.txt says why), and the
+# extension's CPU kernels built against that torch (a build for one torch does not load under another)
+$(GPU_STACK)/.installed: requirements-gpu-stack.txt | $(STAMP)
+	rm -rf $(GPU_STACK)
+	$(PY) -m pip install -q --target $(GPU_STACK)/site -r requirements-gpu-stack.txt
+	touch $@
+
+$(GPU_STACK)/.built: $(BUILD_INPUTS) $(GPU_STACK)/.installed
+	rm -rf $(GPU_STACK)/ext $(GPU_STACK)/build
+	PYTHONPATH=$(GPU_STACK)/site FORCE_CPU=1 $(PY) setup.py -q build_ext --build-lib $(GPU_STACK)/ext \
+		--build-temp $(GPU_STACK)/build
 	touch $@
 
 demo: $(STAMP)

@@ -472,8 +472,10 @@ class _AggregationChannelsLast(torch.autograd.Function):
             out = part if out is None else out.add_(part)
         ctx.eps, ctx.batch_stats, ctx.geometry, ctx.block = eps, running_mean is None, geometry, block
         ctx.save_for_backward(*xs, *ws, gamma, beta, w_out, centre, var, *kept)
-        # NCHW, as _Aggregation returns it (a few output channels: a small copy)
-        return out.add_(b_out[:, None, None]).contiguous(), centre + bias, var
+        # NCHW, as _Aggregation returns it (a few output channels: a small copy). A copy always, not .contiguous():
+        # under torch 2.11's compiler an output that .contiguous() handed back as itself (one output channel, as
+        # depth's) gets a zero gradient
+        return out.add_(b_out[:, None, None]).clone(memory_format=torch.contiguous_format), centre + bias, var
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var):

@@ -325,8 +325,9 @@ class SCAMTL(nn.Module):
             out[t] = self.resize(pred, x.shape[-2:])[..., :height, :width]
         # NCHW maps, as the reference hands back (a loss's log_softmax would copy channels-last ones)
         out["deep_supervision"] = {
-            k: {t: p.contiguous()[..., : -(-height // STRIDES[k]), : -(-width // STRIDES[k])] for t, p in preds.items()}
-            for k, preds in sorted(supervision.items())
+            k: {t: p.contiguous()[..., : -(-height // STRIDES[k]), : -(-width // STRIDES[k])]
+                for t, p in supervision[k].items()}
+            for k in sorted(supervision)  # by key alone: torch 2.11's dynamo cannot sort (key, dict) pairs
         }
         return out
 

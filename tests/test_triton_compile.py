@@ -7,7 +7,7 @@ run on tensor cores (no mma/wgmma in the PTX). Prints a table of registers / sha
 The compiles run in two worker processes (this file run as a script, each taking half of the jobs) without
 TRITON_INTERPRET: with the interpreter on when triton is imported, triton's own jit helpers (tl.cdiv, tl.sum) are
 interpreted functions and nothing compiles. ASTSource's signature/constexprs API is the same in Triton 3.6 and
-3.8: this runs on the pinned 3.8 and, through test_triton36.py, on the GPU machine's 3.6.
+3.8: this runs on the pinned 3.8 and, through test_gpu_stack.py, on the GPU machine's 3.6.
 """
 import itertools
 import json
@@ -32,7 +32,7 @@ DTYPES = ("fp32", "fp16", "bf16", "fp64")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the compiles split evenly over this many worker processes (each compile is one thread's work)
 WORKERS = 2
-# the archs to compile for, comma-separated (default sm_80 and sm_90; test_triton36.py: the GPU machine's sm_90)
+# the archs to compile for, comma-separated (default sm_80 and sm_90; test_gpu_stack.py: the GPU machine's sm_90)
 ARCHS_VARIABLE = "FUSED_MTL_ATTN_AOT_ARCHS"
 
 
