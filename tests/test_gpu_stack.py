@@ -35,7 +35,7 @@ NOT_COPIED = (".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", "*.
 
 def _pinned() -> dict:
     with open(os.path.join(REPO, "requirements-gpu-stack.txt")) as f:
-        return dict(re.findall(r"^(torch|triton)==(\S+)$", f.read(), re.M))
+        return dict(re.findall(r"^(torch|torchvision|triton)==(\S+)$", f.read(), re.M))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the tests run on its own stack")
@@ -54,21 +54,19 @@ def test_version_sensitive_tests_pass_under_the_gpu_machines_stack(tmp_path):
     env["FUSED_MTL_ATTN_AOT_ARCHS"] = "90"  # the GPU machines' arch (H100, H200): 3.6 compiles for no other
 
     found = subprocess.run(
-        [sys.executable, "-c", "import torch, triton, fused_mtl_attn as f; "
-         "print(torch.__version__, triton.__version__, f.available_backends()['cpu'][0], torch.__file__)"],
+        [sys.executable, "-c", "import torch, torchvision, triton, fused_mtl_attn as f; print(torch.__version__, "
+         "torchvision.__version__, triton.__version__, f.available_backends()['cpu'][0], torch.__file__)"],
         env=env, cwd=copy, capture_output=True, text=True, timeout=300)
     assert found.returncode == 0, found.stderr[-4000:]
-    torch_version, triton_version, cpu_kernels, path = found.stdout.split()
-    pinned = _pinned()
-    assert torch_version.split("+")[0] == pinned["torch"] and triton_version == pinned["triton"] \
-        and path.startswith(SITE), f"the subprocess runs torch {torch_version} from {path} and triton " \
-        f"{triton_version}, not {pinned} from {SITE}"
+    *versions, cpu_kernels, path = found.stdout.split()
+    ran = dict(zip(("torch", "torchvision", "triton"), (v.split("+")[0] for v in versions)))
+    assert ran == _pinned() and path.startswith(SITE), f"the subprocess runs {ran} with torch from {path}, not " \
+        f"{_pinned()} from {SITE}"
     assert cpu_kernels == "True", "the extension built against the GPU machine's torch does not load"
 
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS],
                          env=env, cwd=copy, capture_output=True, text=True, timeout=2400)
-    assert run.returncode == 0, f"torch {torch_version}, Triton {triton_version}:\n{run.stdout[-8000:]}\n" \
-        f"{run.stderr[-2000:]}"
+    assert run.returncode == 0, f"{ran}:\n{run.stdout[-8000:]}\n{run.stderr[-2000:]}"
     # skipped tests check nothing: only the GPU-only ones may skip
     skips = [line for line in run.stdout.splitlines() if line.startswith("SKIPPED") and "needs a CUDA GPU" not in line]
     assert " passed" in run.stdout.splitlines()[-1] and not skips, run.stdout[-4000:]
