@@ -31,6 +31,7 @@ import torch.nn as nn
 from fused_mtl_attn import cross_scale_attention, cross_task_attention, window_attention
 from fused_mtl_attn.backends import cpu_kernels_run
 
+from . import fused_ops
 from .fused_ops import (batch_norm_per_sample_group, batch_norm_repeated, batch_norm_segments, batch_norm_stacked,
                         blocked_aggregation, channels_last_kernel_runs, conv1x1_stacked, is_channels_last, linear,
                         recompute_in_backward, upsample)
@@ -72,7 +73,8 @@ class FusedSCAMTL(SCAMTL):
         if self.channels_last is not None:
             channels_last = self.channels_last
         else:
-            channels_last = x.device.type == "cpu" and x.shape[-2] * x.shape[-1] >= CHANNELS_LAST_MIN_POSITIONS
+            positions = x.shape[-2] * x.shape[-1]
+            channels_last = fused_ops.cpu_tuned(x.device) and positions >= CHANNELS_LAST_MIN_POSITIONS
         return torch.channels_last if channels_last else torch.contiguous_format
 
     def encode(self, x: torch.Tensor) -> list:

@@ -173,6 +173,13 @@ CONV_PROJECTIONS_MAX_POSITIONS = 1024 if ONEDNN_PRODUCTS else 0
 LINEAR_CONVOLUTION_MIN_MACS = 1 << 24 if ONEDNN_PRODUCTS else None
 
 
+def cpu_tuned(device: torch.device) -> bool:
+    """The fused network makes the choices tuned for CPUs on `device` (oneDNN convolutions, channels-last maps, kept
+    pre-BN blocks, small channel blocks, the matrix upsample): on the CPU. The one test of the device behind those
+    choices, so that the tests can run a GPU's choices on a CPU."""
+    return device.type == "cpu"
+
+
 def _kernels_take(x: torch.Tensor, weight, bias, min_rows: int) -> bool:
     """A training-mode BatchNorm call the extension's kernels can take: a CPU map in float32/float64 with at least
     `min_rows` values per channel (more than one in any case), affine parameters of its dtype, no autocast."""
@@ -300,7 +307,7 @@ def _conv1x1_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor)
 
 def _linear_convolution_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """`linear` takes x as a oneDNN convolution (else as F.linear)."""
-    return (LINEAR_CONVOLUTION_MIN_MACS is not None and x.device.type == "cpu" and x.dtype == torch.float32
+    return (LINEAR_CONVOLUTION_MIN_MACS is not None and cpu_tuned(x.device) and x.dtype == torch.float32
             and x.numel() * weight.shape[0] >= LINEAR_CONVOLUTION_MIN_MACS)
 
 
@@ -315,7 +322,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) 
 
 def _convolution_runs(x: torch.Tensor) -> bool:
     """conv1x1_stacked takes x as a oneDNN convolution (else as a batched product)."""
-    return x.device.type == "cpu" and x.shape[-2] * x.shape[-1] < CONV_PROJECTIONS_MAX_POSITIONS
+    return cpu_tuned(x.device) and x.shape[-2] * x.shape[-1] < CONV_PROJECTIONS_MAX_POSITIONS
 
 
 def conv1x1_stacked(x: torch.Tensor, convs: Sequence[nn.Conv2d], groups: int) -> torch.Tensor:
@@ -576,7 +583,7 @@ def _geometry(sizes, xs, taps: bool):
 def _channel_block(batch: int, channels: int, positions: int, device) -> int:
     """Channels per block: about 16 MB of activations on a CPU (large enough for efficient matrix products, small
     enough to stay out of fresh page-faulting allocations), a few hundred MB on a GPU."""
-    budget = (1 << 22) if device.type == "cpu" else (1 << 27)
+    budget = (1 << 22) if cpu_tuned(device) else (1 << 27)
     return int(max(8, min(channels, budget // max(batch * positions, 1))))
 
 
@@ -584,7 +591,7 @@ def _keep_blocks(device) -> bool:
     """Keep the pre-BN blocks of h for backward (one [B, 1080, N0] map per task) instead of rebuilding them: on
     CPU, where memory is plentiful and the rebuild costs about 90 ms per task at 256x320; not on a GPU, where
     peak memory is the scarce resource."""
-    return device.type == "cpu"
+    return cpu_tuned(device)
 
 
 def _build_block(xs, ws, sl, geometry):
@@ -730,7 +737,7 @@ def upsample(x: torch.Tensor, size) -> torch.Tensor:
     """Same function as F.interpolate(x, size, mode="bilinear", align_corners=False), faster on CPU."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    if x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+    if not cpu_tuned(x.device) or torch.is_autocast_enabled(x.device.type):
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     rows = _interpolation_matrix(x.shape[-2], size[0], x)
     cols = _interpolation_matrix(x.shape[-1], size[1], x)

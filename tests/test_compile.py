@@ -18,16 +18,20 @@ from model import TASK_SETS, build_model
 from model.compile import (CPU_EAGER_REGIONS, CPU_REGION_TYPES, REGION_TYPES, compile_model, compile_regions,
                            region_types, regions)
 
-from .test_fused_network import SMALL, _assert_same_buffers, _assert_same_step
+from .test_fused_network import SMALL, _assert_same_buffers, _assert_same_step, take_gpu_choices
 
 RTOL = 1e-9  # float64
 
 
-@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "no-recompute"])
-def test_compiled_fused_matches_eager(recompute, monkeypatch):
+@pytest.mark.parametrize("recompute, gpu_choices", [(True, False), (False, False), (True, True)],
+                         ids=["recompute", "no-recompute", "recompute-gpu-choices"])
+def test_compiled_fused_matches_eager(recompute, gpu_choices, monkeypatch):
     """Two optimizer steps in train mode, then (one compiled network, recompiled for the mode) a step in eval mode.
-    With recomputation, CTAM recomputes its projections at every scale (by default only on larger maps)."""
+    With recomputation, CTAM recomputes its projections at every scale (by default only on larger maps). With
+    gpu_choices, the branches a GPU takes (see take_gpu_choices), so that a compiler defect there shows on a CPU."""
     monkeypatch.setattr(model.fused, "RECOMPUTE_PROJECTIONS_MIN_POSITIONS", 1)
+    if gpu_choices:
+        calls = take_gpu_choices(monkeypatch)
     tasks = TASK_SETS["nyud2"]
     torch.manual_seed(0)
     eager = build_model(tasks, widths=SMALL).double().set_fused(True, recompute=recompute)
@@ -40,6 +44,8 @@ def test_compiled_fused_matches_eager(recompute, monkeypatch):
         for opt in opts:
             opt.step()
         _assert_same_buffers(eager, compiled_net, RTOL)
+    if gpu_choices:
+        assert calls["_Aggregation"] and calls["_AggregationChannelsLast"] == calls["_Upsample"] == 0, calls
 
 
 def test_compile_model_rejects_bad_arguments():

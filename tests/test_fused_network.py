@@ -2,6 +2,7 @@
 deep supervision), gradients of every parameter and of the input, and BatchNorm running statistics after two
 optimizer steps, in train and eval mode."""
 import copy
+import sys
 
 import pytest
 import torch
@@ -125,7 +126,9 @@ def test_float32_accuracy(config, channels_last):
     _float32_accuracy(config, channels_last)
 
 
-def _float32_accuracy(config, channels_last, device="cpu", backend="auto"):
+def _float32_accuracy(config, channels_last, device="cpu", backend="auto", expect_channels_last=None):
+    """channels_last: the fused path's setting (None: its default choice, which must then be
+    expect_channels_last)."""
     tasks = CONFIGS[config]
     torch.manual_seed(0)
     ref = build_model(tasks, widths=SMALL).to(device)
@@ -137,7 +140,8 @@ def _float32_accuracy(config, channels_last, device="cpu", backend="auto"):
         lambda mod, inp: layouts.append(inp[0].is_contiguous(memory_format=torch.channels_last)))
     outs, grads_x = _run_step((fused, oracle), x, tasks, 0, True)
     grads = [[p.grad for p in net.parameters()] for net in (fused, oracle)]
-    assert layouts == [channels_last], f"the decoder's convolutions did not run with channels_last={channels_last}"
+    expected = channels_last if channels_last is not None else expect_channels_last
+    assert layouts == [expected], f"the decoder's convolutions did not run with channels_last={expected}"
     assert all(o.is_contiguous() for o in outs[0].values()), "outputs must come back NCHW-contiguous"
     for name, want in outs[1].items():
         _assert_close(f"output {name}", outs[0][name].detach().double(), want.detach(), want.abs().max(), 1e-4)
@@ -393,13 +397,35 @@ def test_aggregation_by_channel_blocks_matches_reference(monkeypatch):
     _parity("nyud2", True, torch.float64, 2)
 
 
-def test_aggregation_rebuilding_blocks_matches_reference(monkeypatch):
-    """The GPU's way (backward rebuilds each block of h instead of keeping it), here on CPU, in NCHW as on a GPU."""
+def take_gpu_choices(monkeypatch):
+    """Make the fused network choose on this CPU what it chooses on a GPU (fused_ops.cpu_tuned false: NCHW maps,
+    batched products, the aggregation by [c, N] blocks rebuilt in backward, F.interpolate), with the extension's
+    CPU kernels outside the attention ops unused (every module's cpu_kernels_run false, as for CUDA tensors). Returns
+    the count of calls of each aggregation, to show which one ran."""
     import model.fused_ops
 
-    monkeypatch.setattr(model.fused_ops, "_keep_blocks", lambda device: False)
+    monkeypatch.setattr(model.fused_ops, "cpu_tuned", lambda device: False)
+    original = fused_mtl_attn.backends.cpu_kernels_run
+    for module in list(sys.modules.values()):
+        if getattr(module, "cpu_kernels_run", None) is original:
+            monkeypatch.setattr(module, "cpu_kernels_run", lambda x: False)
+    calls = {"_Aggregation": 0, "_AggregationChannelsLast": 0, "_Upsample": 0}
+    for name in calls:
+        def counted(*args, name=name, apply=getattr(model.fused_ops, name).apply):
+            calls[name] += 1
+            return apply(*args)
+        monkeypatch.setattr(getattr(model.fused_ops, name), "apply", counted)
+    return calls
+
+
+def test_fused_matches_reference_with_a_gpus_choices(monkeypatch):
+    """The branches only a GPU takes, here on a CPU: float64 parity (two training steps, eval mode) and float32
+    accuracy in NCHW (_float32_accuracy checks the layout)."""
+    calls = take_gpu_choices(monkeypatch)
     _parity("nyud2", True, torch.float64, 2)
-    _float32_accuracy("pascal5", False)
+    _parity("pascal5", False, torch.float64, 1)
+    _float32_accuracy("pascal5", None, expect_channels_last=False)
+    assert calls["_Aggregation"] >= 2 * 2 + 5 + 5 and calls["_AggregationChannelsLast"] == calls["_Upsample"] == 0, calls
 
 
 @pytest.mark.skipif(not fused_mtl_attn.available_backends()["cpu"][0], reason="the C++ extension is not built")
