@@ -34,11 +34,12 @@ $(GPU_STACK)/.built: $(BUILD_INPUTS) $(GPU_STACK)/.installed
 demo: $(STAMP)
 	$(PY) -m model.demo
 
-# one pytest-xdist worker per logical CPU, tests handed out as workers free up (the suite's longest tests, Dynamo and
-# Triton compiles, are single-threaded Python); TEST_WORKERS=0 runs them in this process
+# one pytest-xdist worker per logical CPU, tests handed out one at a time as workers free up, the longest first
+# (tests/conftest.py; they are single-threaded Python: Dynamo traces, Triton compiles, subprocess suites);
+# TEST_WORKERS=0 runs them in this process
 TEST_WORKERS ?= logical
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist load --maxschedchunk 1
 
 clean:
 	rm -rf build *.egg-info fused_mtl_attn/*.so

@@ -32,7 +32,15 @@ def pytest_sessionstart(session):
         raise pytest.UsageError(f"FUSED_MTL_ATTN_REQUIRE_GPU is set but GPU={HAS_GPU}, unavailable: {missing}")
 
 
+# the files of the longest tests (minutes each: subprocess suites, Dynamo traces) first: `make test` hands tests
+# out one at a time (--maxschedchunk 1), so the workers share these and even out behind them, instead of one worker
+# finishing them alone at the end
+LONGEST_FIRST = ("tests/test_gpu_stack.py", "tests/test_compile.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
     if HAS_GPU:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -428,6 +428,43 @@ def test_fused_matches_reference_with_a_gpus_choices(monkeypatch):
     assert calls["_Aggregation"] >= 2 * 2 + 5 + 5 and calls["_AggregationChannelsLast"] == calls["_Upsample"] == 0, calls
 
 
+@pytest.mark.skipif(not fused_mtl_attn.available_backends()["triton"][0], reason="triton is not installed")
+@pytest.mark.skipif(not fused_mtl_attn.available_backends()["cpu"][0], reason="the C++ extension is not built")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_parity_rehearsed_on_cpu(backend, monkeypatch):
+    """test_fused_matches_reference_on_gpu as far as a CPU goes: a GPU's choices, and the attention of every CTAM
+    and CSAM call through the GPU backend's own kernels, the Triton kernels under the interpreter or the CUDA
+    kernels host-emulated (csrc/cuda/emulation.h, with the cuda backend's autograd): float64 parity over two
+    training steps and in eval mode, so that what the network hands the kernels (pair stacks, ragged CSAM sources,
+    strides) is checked before a GPU runs it."""
+    from fused_mtl_attn import backends
+
+    from .test_cuda_emulated import _scale, _task
+
+    if backend == "triton" and torch.cuda.is_available():
+        pytest.skip("with a GPU the Triton kernels run compiled, not interpreted: the GPU parity tests run them")
+    take_gpu_choices(monkeypatch)
+    if backend == "cuda":
+        kernels = backends.Backend("cuda", lambda: [], lambda q: [], _task,
+                                   lambda q, k, v, offsets: _scale(offsets)(q, k, v))
+    else:
+        kernels = backends._get("triton")
+    calls = {"cross_task": 0, "cross_scale": 0}
+
+    def counted(op):
+        def run(*args):
+            calls[op] += 1
+            return getattr(kernels, op)(*args)
+        return run
+
+    monkeypatch.setitem(backends._loaded, backend, backends.Backend(
+        backend, lambda: [], lambda q: [], counted("cross_task"), counted("cross_scale")))
+    _parity("nyud2", True, torch.float64, 2, backend=backend)
+    _parity("pascal5", False, torch.float64, 1, backend=backend)
+    # nyud2: 4 CTAM scales and 2 tasks' CSAM per forward, over 2 steps; pascal5 likewise, 1 step
+    assert calls["cross_task"] >= 4 * 2 + 4 and calls["cross_scale"] >= 2 * 2 + 5, calls
+
+
 @pytest.mark.skipif(not fused_mtl_attn.available_backends()["cpu"][0], reason="the C++ extension is not built")
 @pytest.mark.parametrize("config", ["nyud2", "pascal5"])
 def test_batch_norm_kernels_in_the_network_match_reference(config, monkeypatch):

@@ -10,8 +10,9 @@ Each file is there for what broke under this stack and passed on the pinned one:
 - test_compile.py (the fused network under torch.compile): 2.11's Dynamo could not sort the deep supervision's
   (scale, maps) pairs, and gave a zero gradient to an autograd.Function output that `.contiguous()` had handed back
   as itself (the aggregation of the depth head, one channel);
-- test_fused_network.py (the fused path against the reference, float64), test_cpp_ops.py (the C++ ops, opcheck
-  among them: how torch registers and checks custom ops changes between releases).
+- test_fused_network.py's tests of the GPU's choices (the fused path against the reference, float64, the attention
+  through each GPU backend's kernels on the CPU), test_cpp_ops.py (the C++ ops, opcheck among them: how torch
+  registers and checks custom ops changes between releases).
 """
 import os
 import re
@@ -27,8 +28,12 @@ STACK = os.path.join(sys.prefix, "gpu-stack")
 SITE, EXT = os.path.join(STACK, "site"), os.path.join(STACK, "ext", "fused_mtl_attn")
 # `make setup`'s stamp in this venv: once it ran, the stack belongs here, so its absence is a failure
 SETUP_STAMP = os.path.join(sys.prefix, ".installed")
-TESTS = ["tests/test_triton.py", "tests/test_triton_compile.py", "tests/test_compile.py",
-         "tests/test_fused_network.py", "tests/test_cpp_ops.py"]
+# in groups, each its own test, so that workers share them; of the network's tests, those of the GPU's choices (the
+# CPU-tuned ones are for the pinned torch)
+TESTS = {"triton": ["tests/test_triton.py", "tests/test_triton_compile.py"],
+         "compile": ["tests/test_compile.py"],
+         "network": ["tests/test_fused_network.py", "-k", "gpu"],
+         "ops": ["tests/test_cpp_ops.py"]}
 # what the copy leaves out: this venv, git's store, builds and outputs (.gitignore's entries)
 NOT_COPIED = (".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", "*.so", ".pytest_cache", "runs", ".whl")
 
@@ -39,7 +44,8 @@ def _pinned() -> dict:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the tests run on its own stack")
-def test_version_sensitive_tests_pass_under_the_gpu_machines_stack(tmp_path):
+@pytest.mark.parametrize("group", TESTS)
+def test_version_sensitive_tests_pass_under_the_gpu_machines_stack(group, tmp_path):
     if not os.path.exists(os.path.join(STACK, ".built")):
         if os.path.exists(SETUP_STAMP):
             pytest.fail(f"{STACK} is missing or unbuilt although `make setup` ran for this venv: rerun `make setup`")
@@ -64,7 +70,7 @@ def test_version_sensitive_tests_pass_under_the_gpu_machines_stack(tmp_path):
         f"{_pinned()} from {SITE}"
     assert cpu_kernels == "True", "the extension built against the GPU machine's torch does not load"
 
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS],
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS[group]],
                          env=env, cwd=copy, capture_output=True, text=True, timeout=2400)
     assert run.returncode == 0, f"{ran}:\n{run.stdout[-8000:]}\n{run.stderr[-2000:]}"
     # skipped tests check nothing: only the GPU-only ones may skip
