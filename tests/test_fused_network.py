@@ -425,10 +425,10 @@ def test_fused_matches_reference_with_a_gpus_choices(monkeypatch):
     _parity("nyud2", True, torch.float64, 2)
     _parity("pascal5", False, torch.float64, 1)
     _float32_accuracy("pascal5", None, expect_channels_last=False)
-    assert calls["_Aggregation"] >= 2 * 2 + 5 + 5 and calls["_AggregationChannelsLast"] == calls["_Upsample"] == 0, calls
+    assert calls["_Aggregation"] >= 2 * 2 + 5 + 5, calls
+    assert calls["_AggregationChannelsLast"] == calls["_Upsample"] == 0, calls
 
 
-@pytest.mark.skipif(not fused_mtl_attn.available_backends()["triton"][0], reason="triton is not installed")
 @pytest.mark.skipif(not fused_mtl_attn.available_backends()["cpu"][0], reason="the C++ extension is not built")
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_parity_rehearsed_on_cpu(backend, monkeypatch):
@@ -443,6 +443,8 @@ def test_gpu_parity_rehearsed_on_cpu(backend, monkeypatch):
 
     if backend == "triton" and torch.cuda.is_available():
         pytest.skip("with a GPU the Triton kernels run compiled, not interpreted: the GPU parity tests run them")
+    if backend == "triton" and not backends.available_backends()["triton"][0]:
+        pytest.skip("triton is not installed")
     take_gpu_choices(monkeypatch)
     if backend == "cuda":
         kernels = backends.Backend("cuda", lambda: [], lambda q: [], _task,

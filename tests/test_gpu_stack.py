@@ -32,7 +32,7 @@ SETUP_STAMP = os.path.join(sys.prefix, ".installed")
 # CPU-tuned ones are for the pinned torch)
 TESTS = {"triton": ["tests/test_triton.py", "tests/test_triton_compile.py"],
          "compile": ["tests/test_compile.py"],
-         "network": ["tests/test_fused_network.py", "-k", "gpu"],
+         "network": ["tests/test_fused_network.py", "-k", "gpus_choices or rehearsed_on_cpu"],
          "ops": ["tests/test_cpp_ops.py"]}
 # what the copy leaves out: this venv, git's store, builds and outputs (.gitignore's entries)
 NOT_COPIED = (".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", "*.so", ".pytest_cache", "runs", ".whl")
