@@ -397,6 +397,19 @@ def test_aggregation_by_channel_blocks_matches_reference(monkeypatch):
     _parity("nyud2", True, torch.float64, 2)
 
 
+def count_applies(monkeypatch, *names):
+    """Count the calls of model.fused_ops' autograd Functions `names` (each .apply wrapped): {name: calls so far}."""
+    import model.fused_ops
+
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        def counted(*args, name=name, apply=getattr(model.fused_ops, name).apply):
+            calls[name] += 1
+            return apply(*args)
+        monkeypatch.setattr(getattr(model.fused_ops, name), "apply", counted)
+    return calls
+
+
 def take_gpu_choices(monkeypatch):
     """Make the fused network choose on this CPU what it chooses on a GPU (fused_ops.cpu_tuned false: NCHW maps,
     batched products, the aggregation by [c, N] blocks rebuilt in backward, F.interpolate), with the extension's
@@ -409,13 +422,7 @@ def take_gpu_choices(monkeypatch):
     for module in list(sys.modules.values()):
         if getattr(module, "cpu_kernels_run", None) is original:
             monkeypatch.setattr(module, "cpu_kernels_run", lambda x: False)
-    calls = {"_Aggregation": 0, "_AggregationChannelsLast": 0, "_Upsample": 0}
-    for name in calls:
-        def counted(*args, name=name, apply=getattr(model.fused_ops, name).apply):
-            calls[name] += 1
-            return apply(*args)
-        monkeypatch.setattr(getattr(model.fused_ops, name), "apply", counted)
-    return calls
+    return count_applies(monkeypatch, "_Aggregation", "_AggregationChannelsLast", "_Upsample")
 
 
 def test_fused_matches_reference_with_a_gpus_choices(monkeypatch):
@@ -571,12 +578,7 @@ def test_aggregation_in_either_layout_matches_reference(channels_last, monkeypat
 
     monkeypatch.setattr(model.fused_ops, "CHANNELS_LAST_AGGREGATION", channels_last)
     monkeypatch.setattr(model.fused_ops, "_channel_block", lambda batch, channels, positions, device: 11)
-    calls = {"_Aggregation": 0, "_AggregationChannelsLast": 0}
-    for name in calls:
-        def counted(*args, name=name, apply=getattr(model.fused_ops, name).apply):
-            calls[name] += 1
-            return apply(*args)
-        monkeypatch.setattr(getattr(model.fused_ops, name), "apply", counted)
+    calls = count_applies(monkeypatch, "_Aggregation", "_AggregationChannelsLast")
     _parity("nyud2", True, torch.float64, 2)
     _parity("pascal3", False, torch.float64, 1)
     used, unused = ("_AggregationChannelsLast", "_Aggregation")[::1 if channels_last else -1]
